@@ -1,0 +1,113 @@
+"Integration: papermill runs of nbs/run_experiment.ipynb on synthetic CIFAR-format data, on CPU."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pandas as pd
+import papermill as pm
+import pytest
+from conftest import NOTEBOOK, ROOT, quick_params
+
+SUMMARY_KEYS = {'best_test_acc', 'final_test_acc', 'teacher_test_acc', 'student_params', 'projector_params',
+                'deploy_params', 'deploy_flops', 'epochs', 'wall_time_s', 'images_per_s', 'status'}
+
+
+def run_notebook(out, **params):
+    return pm.execute_notebook(str(NOTEBOOK), str(out), parameters=params, cwd=str(ROOT), progress_bar=False)
+
+
+def only_run(runs_dir, name):
+    return Path(runs_dir) / name
+
+
+@pytest.mark.parametrize('method', ['scratch', 'kd', 'fitnet', 'simkd'])
+def test_quick_run_writes_all_artifacts(method, synthetic_cifar100, tmp_path_factory):
+    runs = tmp_path_factory.getbasetemp() / 'runs-methods'   # shared: the teacher is trained once, then reused
+    run_notebook(runs / f'{method}.ipynb', **quick_params(synthetic_cifar100, runs, method=method, run_name=method))
+    d = runs / method
+    cfg = json.loads((d / 'config.json').read_text())
+    assert cfg['params']['method'] == method and cfg['torch'] and cfg['device'] == 'cpu'
+    summary = json.loads((d / 'summary.json').read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary['status'] == 'done' and summary['epochs'] == 2
+    assert 0 <= summary['best_test_acc'] <= 100
+    assert (summary['teacher_test_acc'] is None) == (method == 'scratch')
+    assert (summary['projector_params'] > 0) == (method in ('fitnet', 'simkd'))
+    m = pd.read_csv(d / 'metrics.csv')
+    assert list(m.epoch) == [1, 2] and {'lr', 'train_loss', 'test_acc1', 'test_acc5', 'epoch_time_s'} <= set(m.columns)
+    assert (d / 'best.pt').is_file() and (d / 'last.pt').is_file()
+    assert (d / 'notebook.ipynb').is_file()
+    if method != 'scratch':
+        assert len(list((runs / 'teachers').glob('*/best.pt'))) == 1
+
+
+def test_simkd_deploys_student_projector_and_teacher_head(synthetic_cifar100, tmp_path):
+    run_notebook(tmp_path / 'o.ipynb', **quick_params(synthetic_cifar100, tmp_path, run_name='s', epochs=1))
+    s = json.loads((tmp_path / 's' / 'summary.json').read_text())
+    head = 64 * 100 + 100   # resnet8's and resnet14's heads have the same shape (64 -> 100)
+    assert s['deploy_params'] == s['student_params'] - head + s['projector_params'] + head
+
+
+def test_finished_run_is_never_overwritten(synthetic_cifar100, tmp_path):
+    p = quick_params(synthetic_cifar100, tmp_path, method='scratch', run_name='r', epochs=1)
+    run_notebook(tmp_path / 'a.ipynb', **p)
+    first = (tmp_path / 'r' / 'metrics.csv').read_bytes()
+    run_notebook(tmp_path / 'b.ipynb', **p)
+    assert (tmp_path / 'r' / 'metrics.csv').read_bytes() == first
+    assert json.loads((tmp_path / 'r-2' / 'summary.json').read_text())['status'] == 'done'
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(loss='l3'), "loss: unknown 'l3'"),
+    (dict(student='resnet9'), 'resnet8x4'),
+    (dict(epochs=-2), 'epochs'),
+    (dict(projector='identity'), 'identity'),
+    (dict(data_dir='/nonexistent/cifar'), '/nonexistent/cifar'),
+])
+def test_invalid_parameters_fail_before_training(bad, message, synthetic_cifar100, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_notebook(tmp_path / 'bad.ipynb', **{**quick_params(synthetic_cifar100, tmp_path, run_name='bad'), **bad})
+    assert message in str(e.value)
+    assert not (tmp_path / 'bad').exists()      # nothing trained, no run folder
+
+
+def test_checkpoint_of_other_architecture_fails_before_training(synthetic_cifar100, tmp_path):
+    import torch
+    from kd_nb.models import get_model, save_checkpoint
+    save_checkpoint(get_model('resnet8'), tmp_path / 'wrong.pt')
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_notebook(tmp_path / 'bad.ipynb', **quick_params(synthetic_cifar100, tmp_path, run_name='bad',
+                                                            teacher_ckpt=str(tmp_path / 'wrong.pt')))
+    assert 'wrong.pt' in str(e.value)
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_failed_run_records_status_and_error(synthetic_cifar100, tmp_path):
+    # A corrupted cached teacher is only discovered once the run has started.
+    p = quick_params(synthetic_cifar100, tmp_path, run_name='f', epochs=1)
+    tdir = tmp_path / 'teachers' / 'cifar100-resnet14-e1-n0-s0'
+    tdir.mkdir(parents=True)
+    (tdir / 'summary.json').write_text('{"status": "done"}')
+    (tdir / 'best.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(pm.PapermillExecutionError):
+        run_notebook(tmp_path / 'f.ipynb', **p)
+    s = json.loads((tmp_path / 'f' / 'summary.json').read_text())
+    assert s['status'] == 'failed' and 'best.pt' in s['error'] and s['traceback']
+
+
+def test_resume_after_kill_matches_uninterrupted_run(synthetic_cifar100, tmp_path):
+    p = quick_params(synthetic_cifar100, tmp_path, method='simkd', epochs=4, lr_milestones='3')
+    run_notebook(tmp_path / 'full.ipynb', **p, run_name='full')
+    args = [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(tmp_path / 'cut.ipynb'), '--cwd', str(ROOT),
+            '--no-progress-bar'] + sum((['-p', k, str(v)] for k, v in {**p, 'run_name': 'cut'}.items()), [])
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / 'cut' / 'metrics.csv'
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(pd.read_csv(metrics)) >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    done = len(pd.read_csv(metrics))
+    assert 2 <= done < 4, f'the run was not cut mid-way ({done} epochs)'
+    assert json.loads((tmp_path / 'cut' / 'summary.json').read_text())['status'] == 'running'
+    run_notebook(tmp_path / 'cut2.ipynb', **p, run_name='cut')
+    keys = ['epoch', 'lr', 'train_loss', 'train_acc1', 'test_acc1', 'test_acc5', 'test_loss']
+    full, cut = pd.read_csv(tmp_path / 'full' / 'metrics.csv'), pd.read_csv(metrics)
+    pd.testing.assert_frame_equal(cut[keys], full[keys])
+    assert json.loads((tmp_path / 'cut' / 'summary.json').read_text())['status'] == 'done'
