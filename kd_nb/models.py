@@ -153,7 +153,7 @@ class CifarResNet(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 32
+# %% ../nbs/01_models.ipynb 34
 class WideBlock(nn.Module):
     "Pre-activation block of a Wide ResNet."
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
@@ -178,7 +178,7 @@ class WideGroup(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
 
-# %% ../nbs/01_models.ipynb 33
+# %% ../nbs/01_models.ipynb 35
 class WideResNet(CifarNet):
     "WRN-`depth`-`widen`: depth 6n+4, widths (16, 16k, 32k, 64k)."
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
@@ -201,7 +201,7 @@ class WideResNet(CifarNet):
         f3 = self.block2(f2)
         return [f1, f2, f3, self.relu(self.bn1(self.block3(f3)))]
 
-# %% ../nbs/01_models.ipynb 40
+# %% ../nbs/01_models.ipynb 42
 VGG_CONFIGS = MappingProxyType({
     'S': ((64,), (128,), (256,), (512,), (512,)),
     'A': ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -210,7 +210,7 @@ VGG_CONFIGS = MappingProxyType({
     'E': ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 })
 
-# %% ../nbs/01_models.ipynb 41
+# %% ../nbs/01_models.ipynb 43
 def vgg_block(c_in: int, widths: tuple[int, ...]) -> nn.Sequential:
     "conv-BN-ReLU for each width, without the final ReLU."
     layers = []
@@ -243,7 +243,7 @@ class VGG(CifarNet):
         f4 = F.relu(self.block4(self.pool(f3) if big_input else f3))
         return [f1, f2, f3, f4]
 
-# %% ../nbs/01_models.ipynb 45
+# %% ../nbs/01_models.ipynb 47
 class InvertedResidual(nn.Module):
     "Expand (1x1) - depthwise (3x3) - project (1x1, linear), residual when shapes allow."
     def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
@@ -258,7 +258,7 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
-# %% ../nbs/01_models.ipynb 46
+# %% ../nbs/01_models.ipynb 48
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -290,13 +290,13 @@ class MobileNetV2(CifarNet):
         f3 = x = self.blocks[4](self.blocks[3](x))
         return [f1, f2, f3, self.conv2(self.blocks[6](self.blocks[5](x)))]
 
-# %% ../nbs/01_models.ipynb 50
+# %% ../nbs/01_models.ipynb 52
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     "Interleave the channels of `groups` equal channel groups."
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
-# %% ../nbs/01_models.ipynb 53
+# %% ../nbs/01_models.ipynb 55
 class ShuffleV1Block(nn.Module):
     "ShuffleNetV1 unit; stride 2 concatenates an average-pooled shortcut, stride 1 adds the input."
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
@@ -315,7 +315,7 @@ class ShuffleV1Block(nn.Module):
         res = self.shortcut(x)
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
-# %% ../nbs/01_models.ipynb 54
+# %% ../nbs/01_models.ipynb 56
 class ShuffleNetV1(CifarNet):
     "CIFAR ShuffleNetV1: 1x1 stem to 24 channels, three layers of `ShuffleV1Block`."
     head_name = 'linear'
@@ -336,7 +336,7 @@ class ShuffleNetV1(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 58
+# %% ../nbs/01_models.ipynb 62
 class ShuffleV2Block(nn.Module):
     "ShuffleNetV2 basic unit: split, transform one half, concatenate, shuffle."
     def __init__(self, channels: int):
@@ -368,7 +368,7 @@ class ShuffleV2DownBlock(nn.Module):
         right = F.relu(self.bn5(self.conv5(right)))
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
-# %% ../nbs/01_models.ipynb 59
+# %% ../nbs/01_models.ipynb 63
 class ShuffleNetV2(CifarNet):
     "CIFAR ShuffleNetV2; `widths` = three layer widths + final conv width, `depths` = basic units per layer."
     head_name = 'linear'
@@ -389,7 +389,7 @@ class ShuffleNetV2(CifarNet):
         f3 = self.layer3(f2)
         return [f1, f2, f3, F.relu(self.bn2(self.conv2(f3)))]
 
-# %% ../nbs/01_models.ipynb 64
+# %% ../nbs/01_models.ipynb 68
 _resnet, _x2, _x4 = (16, 16, 32, 64), (16, 32, 64, 128), (32, 64, 128, 256)
 
 MODELS = MappingProxyType({
@@ -404,7 +404,7 @@ MODELS = MappingProxyType({
     'ShuffleV2_1_5': partial(ShuffleNetV2, (176, 352, 704, 1024)),
 })
 
-# %% ../nbs/01_models.ipynb 65
+# %% ../nbs/01_models.ipynb 69
 def list_models() -> list[str]:
     "Names accepted by `get_model`."
     return list(MODELS)
@@ -417,7 +417,7 @@ def get_model(name: str, num_classes: int = 100) -> CifarNet:
         raise ValueError(f"num_classes: {num_classes!r} is not a positive int")
     return MODELS[name](num_classes=num_classes)
 
-# %% ../nbs/01_models.ipynb 77
+# %% ../nbs/01_models.ipynb 81
 def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     "Write `{'model': model.state_dict(), **extra}` to `path`."
     path = Path(path)
@@ -425,12 +425,14 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     torch.save({'model': model.state_dict(), **extra}, path)
     return path
 
-# %% ../nbs/01_models.ipynb 78
+# %% ../nbs/01_models.ipynb 82
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file(): raise ValueError(f"path: no checkpoint file at {path}")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError: ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise ValueError(f"path: {path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     for key in ('model', 'state_dict'):
         if isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
@@ -445,7 +447,7 @@ def _listed(keys: list[str], limit: int = 10) -> str:
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return ', '.join(keys[:limit]) + more
 
-# %% ../nbs/01_models.ipynb 79
+# %% ../nbs/01_models.ipynb 83
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     "Load the weights in `path` into `model` (in place) and return it."
     path = Path(path)

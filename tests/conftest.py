@@ -5,7 +5,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'nbs' / 'run_experiment.ipynb'
 REAL_DATA = ROOT.parent / 'shared' / 'data'
-os.environ.setdefault('MPLBACKEND', 'Agg')
 
 
 @pytest.fixture(scope='session')

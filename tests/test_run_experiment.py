@@ -11,7 +11,16 @@ SUMMARY_KEYS = {'best_test_acc', 'final_test_acc', 'teacher_test_acc', 'student_
 
 
 def run_notebook(out, **params):
-    return pm.execute_notebook(str(NOTEBOOK), str(out), parameters=params, cwd=str(ROOT), progress_bar=False)
+    "Run the notebook through papermill's Python API (the output path is passed as papermill's CLI would inject it)."
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return pm.execute_notebook(str(NOTEBOOK), str(out), parameters={**params, 'PAPERMILL_OUTPUT_PATH': str(out)},
+                               cwd=str(ROOT), progress_bar=False)
+
+
+def cli_args(out, **params):
+    "The papermill command line of one run."
+    return [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(out), '--cwd', str(ROOT), '--no-progress-bar'] + \
+        sum((['-p', k, str(v)] for k, v in params.items()), [])
 
 
 def only_run(runs_dir, name):
@@ -58,7 +67,7 @@ def test_finished_run_is_never_overwritten(synthetic_cifar100, tmp_path):
     (dict(loss='l3'), "loss: unknown 'l3'"),
     (dict(student='resnet9'), 'resnet8x4'),
     (dict(epochs=-2), 'epochs'),
-    (dict(projector='identity'), 'identity'),
+    (dict(projector='identity', teacher='resnet8x4'), 'needs equal widths'),
     (dict(data_dir='/nonexistent/cifar'), '/nonexistent/cifar'),
 ])
 def test_invalid_parameters_fail_before_training(bad, message, synthetic_cifar100, tmp_path):
@@ -95,8 +104,7 @@ def test_failed_run_records_status_and_error(synthetic_cifar100, tmp_path):
 def test_resume_after_kill_matches_uninterrupted_run(synthetic_cifar100, tmp_path):
     p = quick_params(synthetic_cifar100, tmp_path, method='simkd', epochs=4, lr_milestones='3')
     run_notebook(tmp_path / 'full.ipynb', **p, run_name='full')
-    args = [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(tmp_path / 'cut.ipynb'), '--cwd', str(ROOT),
-            '--no-progress-bar'] + sum((['-p', k, str(v)] for k, v in {**p, 'run_name': 'cut'}.items()), [])
+    args = cli_args(tmp_path / 'cut.ipynb', **p, run_name='cut')
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / 'cut' / 'metrics.csv'
     deadline = time.time() + 300
@@ -106,8 +114,11 @@ def test_resume_after_kill_matches_uninterrupted_run(synthetic_cifar100, tmp_pat
     done = len(pd.read_csv(metrics))
     assert 2 <= done < 4, f'the run was not cut mid-way ({done} epochs)'
     assert json.loads((tmp_path / 'cut' / 'summary.json').read_text())['status'] == 'running'
-    run_notebook(tmp_path / 'cut2.ipynb', **p, run_name='cut')
+    subprocess.run(cli_args(tmp_path / 'cut2.ipynb', **p, run_name='cut'), check=True, capture_output=True)
     keys = ['epoch', 'lr', 'train_loss', 'train_acc1', 'test_acc1', 'test_acc5', 'test_loss']
     full, cut = pd.read_csv(tmp_path / 'full' / 'metrics.csv'), pd.read_csv(metrics)
     pd.testing.assert_frame_equal(cut[keys], full[keys])
     assert json.loads((tmp_path / 'cut' / 'summary.json').read_text())['status'] == 'done'
+    executed = json.loads((tmp_path / 'cut' / 'notebook.ipynb').read_text())   # found from papermill's command line
+    assert 'learning curves' in ''.join(''.join(c['source']) for c in executed['cells'])
+    assert executed['cells'][-1]['outputs'], 'the copy holds the executed last cell'
