@@ -4,7 +4,8 @@
 
 # %% ../nbs/06_experiment.ipynb 3
 from __future__ import annotations
-import atexit, json, os, platform, shutil, socket, subprocess, sys, time, traceback
+import atexit, fcntl, json, os, platform, shutil, socket, subprocess, sys, time, traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
@@ -19,8 +20,8 @@ from .trainer import TrainConfig, fit, evaluate, recipe_lr
 # %% auto 0
 __all__ = ['PRESETS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'parse_layers', 'project_root', 'project_path', 'pick_device',
            'build_distiller', 'train_config', 'resolve_config', 'write_json', 'environment', 'same_run', 'Run',
-           'open_run', 'watch_failures', 'papermill_output_path', 'keep_notebook', 'teacher_dir', 'prepare_teacher',
-           'finish_run', 'plot_learning_curves']
+           'open_run', 'watch_failures', 'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock',
+           'prepare_teacher', 'finish_run', 'plot_learning_curves']
 
 # %% ../nbs/06_experiment.ipynb 5
 PRESETS = {
@@ -140,7 +141,7 @@ DEFAULT_KNOBS = dict(
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=5e-4, momentum=0.9, train_limit=None,
     test_limit=None, val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', run_name='', runs_dir='runs',
-    progress=True)
+    teachers_dir='', progress=True)
 
 # %% ../nbs/06_experiment.ipynb 19
 def _read_json(path):
@@ -248,7 +249,17 @@ def keep_notebook(run: Run, injected=None):
 
 # %% ../nbs/06_experiment.ipynb 28
 def teacher_dir(cfg: dict) -> Path:
-    return project_path(cfg['runs_dir']) / 'teachers' / f"{cfg['dataset']}-{cfg['teacher']}-e{cfg['epochs']}-n{cfg['train_limit']}-s{cfg['seed']}"
+    "Where the teacher of `cfg` is trained and cached: `<teachers_dir or runs_dir/teachers>/<key>/`."
+    root = project_path(cfg.get('teachers_dir') or Path(cfg['runs_dir']) / 'teachers')
+    return root / f"{cfg['dataset']}-{cfg['teacher']}-e{cfg['epochs']}-n{cfg['train_limit']}-s{cfg['seed']}"
+
+@contextmanager
+def file_lock(path):
+    "Hold an exclusive lock on `path` (created if needed): concurrent runs needing one teacher train it once."
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 def prepare_teacher(cfg: dict, loaders, device, log=print):
     "The frozen teacher of `cfg` on `device`, its test accuracy, and where it came from."
@@ -260,22 +271,24 @@ def prepare_teacher(cfg: dict, loaders, device, log=print):
     else:
         tdir = teacher_dir(cfg); tdir.mkdir(parents=True, exist_ok=True)
         source = str(tdir / 'best.pt')
-        if (_read_json(tdir / 'summary.json') or {}).get('status') == 'done':
-            load_checkpoint(teacher, source)
-            log(f"reusing teacher {source}")
-        else:
-            log(f"training teacher {cfg['teacher']} in {tdir}")
-            torch.manual_seed(cfg['seed'])
-            d = make_distiller('scratch', teacher.to(device))
-            tcfg = TrainConfig(epochs=cfg['epochs'], lr=recipe_lr(cfg['teacher']), momentum=cfg['momentum'],
-                               weight_decay=cfg['weight_decay'], lr_milestones=cfg['lr_milestones'], seed=cfg['seed'],
-                               progress=cfg['progress'])
-            write_json({'params': {**cfg, 'method': 'scratch', 'student': cfg['teacher']}, 'status': 'running'}, tdir / 'summary.json')
-            hist = fit(d, loaders.train, loaders.test, tcfg, tdir, log=log)
-            write_json({'status': 'done', 'best_test_acc': max(r['test_acc1'] for r in hist) if hist else None}, tdir / 'summary.json')
-            if hist: load_checkpoint(teacher, source)
+        with file_lock(tdir / '.lock'): _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log)
     teacher = teacher.to(device).eval()
     return teacher, evaluate(teacher, loaders.test)['test_acc1'], source
+
+def _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log):
+    source = tdir / 'best.pt'
+    if (_read_json(tdir / 'summary.json') or {}).get('status') == 'done':
+        log(f"reusing teacher {source}")
+        return load_checkpoint(teacher, source)
+    log(f"training teacher {cfg['teacher']} in {tdir}")
+    torch.manual_seed(cfg['seed'])
+    tcfg = TrainConfig(epochs=cfg['epochs'], lr=recipe_lr(cfg['teacher']), momentum=cfg['momentum'],
+                       weight_decay=cfg['weight_decay'], lr_milestones=cfg['lr_milestones'], seed=cfg['seed'],
+                       progress=cfg['progress'])
+    write_json({'params': {**cfg, 'method': 'scratch', 'student': cfg['teacher']}, 'status': 'running'}, tdir / 'summary.json')
+    hist = fit(make_distiller('scratch', teacher.to(device)), loaders.train, loaders.test, tcfg, tdir, log=log)
+    write_json({'status': 'done', 'best_test_acc': max((r['test_acc1'] for r in hist), default=None)}, tdir / 'summary.json')
+    return load_checkpoint(teacher, source) if hist else teacher
 
 # %% ../nbs/06_experiment.ipynb 30
 def finish_run(run: Run, cfg: dict, history: list, distiller, teacher_acc=None, teacher_source=None) -> dict:
