@@ -119,7 +119,7 @@ class Distiller(nn.Module):
         per_layer = list(layer_losses) if layer_losses else [None] * len(self.layers)
         if len(per_layer) != len(self.layers):
             raise ValueError(f"layer_losses: {len(per_layer)} names for {len(self.layers)} layers {self.layers}")
-        if self.layers and not feature_names and not any(per_layer):
+        if self.layers and not feature_names and not any(per_layer) and not reuse_head:
             raise ValueError(f"loss: aligned layers {self.layers} need a feature loss; got only {list(self.weights)}")
         if feature_names and not self.layers:
             raise ValueError(f"layers: feature losses {feature_names} need at least one aligned stage (1..4)")
@@ -204,7 +204,7 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
     return Distiller(student, teacher if method != 'scratch' else None, **cfg)
 
-# %% ../nbs/04_distill.ipynb 31
+# %% ../nbs/04_distill.ipynb 39
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):

@@ -15,6 +15,6 @@ def synthetic_cifar100(tmp_path_factory):
 
 def quick_params(data_dir, runs_dir, **overrides):
     "Knobs of a fast CPU run of run_experiment.ipynb on synthetic data."
-    return dict(dataset='cifar100', data_dir=str(data_dir), download=False, teacher='resnet14', student='resnet8',
-                preset='quick', train_limit=0, test_limit=0, device='cpu', runs_dir=str(runs_dir), progress=False,
-                **overrides)
+    return {**dict(dataset='cifar100', data_dir=str(data_dir), download=False, teacher='resnet14', student='resnet8',
+                   preset='quick', train_limit=0, test_limit=0, device='cpu', runs_dir=str(runs_dir), progress=False),
+            **overrides}
