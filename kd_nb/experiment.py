@@ -5,7 +5,7 @@
 # %% ../nbs/06_experiment.ipynb 3
 from __future__ import annotations
 import atexit, fcntl, json, os, platform, shutil, socket, subprocess, sys, time, traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
@@ -15,19 +15,27 @@ from .models import get_model, list_models, load_checkpoint, count_params
 from .losses import LOSSES
 from .projectors import PROJECTORS
 from .distill import METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, deployable
-from .trainer import TrainConfig, fit, evaluate, recipe_lr
+from .trainer import TrainConfig, fit, evaluate, recipe_lr, init_distributed, is_main, broadcast_object, barrier
 
 # %% auto 0
-__all__ = ['PRESETS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'parse_layers', 'project_root', 'project_path', 'pick_device',
-           'build_distiller', 'train_config', 'resolve_config', 'write_json', 'environment', 'same_run', 'Run',
-           'open_run', 'watch_failures', 'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock',
-           'prepare_teacher', 'finish_run', 'plot_learning_curves']
+__all__ = ['PRESETS', 'RECIPE_BATCH', 'LINEAR_LR_PRESETS', 'FAST_PATH_KNOBS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'default_lr',
+           'parse_layers', 'project_root', 'project_path', 'pick_device', 'build_distiller', 'train_config',
+           'resolve_config', 'write_json', 'environment', 'same_run', 'Run', 'open_run', 'watch_failures',
+           'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock', 'prepare_teacher', 'finish_run',
+           'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/06_experiment.ipynb 5
 PRESETS = {
     'paper': dict(epochs=240, batch_size=64, lr_milestones=(150, 180, 210), train_limit=0, test_limit=0),
     'quick': dict(epochs=2, batch_size=64, lr_milestones=(1,), train_limit=1000, test_limit=500),
+    'fast': dict(epochs=240, batch_size=256, lr_milestones=(150, 180, 210), train_limit=0, test_limit=0),
 }
+RECIPE_BATCH = 64              # the batch size the recipe's learning rates were tuned for
+LINEAR_LR_PRESETS = ('fast',)  # presets whose default learning rate scales with batch_size / RECIPE_BATCH
+
+def default_lr(arch: str, batch_size: int, preset: str) -> float:
+    "The learning rate of `arch` when none is given: the recipe's, linearly scaled with the batch in `LINEAR_LR_PRESETS`."
+    return recipe_lr(arch) * (batch_size / RECIPE_BATCH if preset in LINEAR_LR_PRESETS else 1)
 
 # %% ../nbs/06_experiment.ipynb 7
 def _as_list(value, name, cast=str) -> list:
@@ -60,9 +68,13 @@ def project_path(p) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 def pick_device(name='auto') -> torch.device:
+    "The device a run trains on; under torchrun, each process's own GPU (`cuda:LOCAL_RANK`)."
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' asked for but no CUDA device is available; valid here: auto, cpu")
-    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
+    device = torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
+    if device.type == 'cuda' and device.index is None and 'LOCAL_RANK' in os.environ:
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    return device
 
 # %% ../nbs/06_experiment.ipynb 12
 def build_distiller(cfg: dict, student, teacher=None):
@@ -73,16 +85,20 @@ def build_distiller(cfg: dict, student, teacher=None):
                           layer_losses=cfg['layer_losses'] or None, projector=cfg['projector'], factor=int(cfg['factor']),
                           direction=cfg['direction'], loss_options=cfg['loss_options'])
 
+FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'deterministic')
+
 def train_config(cfg: dict) -> TrainConfig:
-    "The trainer's settings from a resolved configuration."
+    "The trainer's settings from a resolved configuration (fast-path switches left out keep the trainer's defaults)."
+    fast = {k: cfg[k] for k in FAST_PATH_KNOBS if cfg.get(k) is not None}
     return TrainConfig(epochs=cfg['epochs'], lr=float(cfg['lr']), momentum=float(cfg['momentum']),
                        weight_decay=float(cfg['weight_decay']), lr_milestones=cfg['lr_milestones'],
-                       seed=int(cfg['seed']), progress=bool(cfg['progress']))
+                       seed=int(cfg['seed']), progress=bool(cfg['progress']), **fast)
 
 # %% ../nbs/06_experiment.ipynb 14
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     k = dict(knobs)
+    for name in ('eval_batch_size', *FAST_PATH_KNOBS): k.setdefault(name, DEFAULT_KNOBS[name])
     _choice(k['dataset'], 'dataset', list(DATASETS))
     _choice(k['preset'], 'preset', list(PRESETS))
     _choice(k['method'], 'method', list(METHOD_DEFAULTS))
@@ -92,12 +108,14 @@ def resolve_config(**knobs) -> dict:
     for name, v in PRESETS[k['preset']].items():
         if k.get(name) in (None, ''): k[name] = v
     k['lr_milestones'] = tuple(_as_list(k['lr_milestones'], 'lr_milestones', int))
-    if k.get('lr') in (None, ''): k['lr'] = recipe_lr(k['student'])
-    for name in ('epochs', 'batch_size', 'train_limit', 'test_limit', 'val_size'):
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'train_limit', 'test_limit', 'val_size'):
         if int(k[name]) < 0: raise ValueError(f"{name}: must be >= 0, got {k[name]}")
         k[name] = int(k[name])
-    if k['batch_size'] == 0: raise ValueError("batch_size: must be >= 1, got 0")
-    TrainConfig(epochs=k['epochs'], lr=float(k['lr']), weight_decay=float(k['weight_decay']), lr_milestones=k['lr_milestones'])
+    for name in ('batch_size', 'eval_batch_size'):
+        if k[name] == 0: raise ValueError(f"{name}: must be >= 1, got 0")
+    if k.get('lr') in (None, ''): k['lr'] = default_lr(k['student'], k['batch_size'], k['preset'])
+    tc = train_config(k)
+    k.update(amp=tc.amp, compile=tc.compile)
     m = METHOD_DEFAULTS[k['method']]
     losses = _as_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
     for n in losses: _choice(n, 'loss', sorted(LOSSES))
@@ -131,7 +149,8 @@ def resolve_config(**knobs) -> dict:
         path = project_path(k['teacher_ckpt'])
         if not path.is_file(): raise ValueError(f"teacher_ckpt: no file at {str(path)!r}")
         load_checkpoint(get_model(k['teacher'], dataset_info(k['dataset']).num_classes), path)
-    build_distiller(k, get_model(k['student']), None if k['method'] == 'scratch' else get_model(k['teacher']))
+    with torch.device('meta'):  # shapes only: checks layers, widths and projectors without memory or arithmetic
+        build_distiller(k, get_model(k['student']), None if k['method'] == 'scratch' else get_model(k['teacher']))
     return k
 
 # %% ../nbs/06_experiment.ipynb 16
@@ -141,9 +160,10 @@ DEFAULT_KNOBS = dict(
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=5e-4, momentum=0.9, train_limit=None,
     test_limit=None, val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', run_name='', runs_dir='runs',
-    teachers_dir='', progress=True)
+    teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
+    compile='auto', deterministic='auto')
 
-# %% ../nbs/06_experiment.ipynb 19
+# %% ../nbs/06_experiment.ipynb 21
 def _read_json(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
@@ -169,11 +189,11 @@ def _auto_name(cfg):
     pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
-# %% ../nbs/06_experiment.ipynb 20
+# %% ../nbs/06_experiment.ipynb 22
 RUN_KEYS = ('dataset', 'teacher', 'teacher_ckpt', 'student', 'method', 'loss', 'loss_weight', 'ce_weight', 'layers',
             'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options', 'preset', 'epochs',
             'batch_size', 'lr', 'lr_milestones', 'weight_decay', 'momentum', 'train_limit', 'test_limit', 'val_size',
-            'fast_data', 'seed')
+            'fast_data', 'seed', 'amp')
 
 def same_run(a: dict, b: dict) -> bool:
     "Whether two resolved configurations describe the same experiment (paths and display knobs aside)."
@@ -219,7 +239,7 @@ def open_run(cfg: dict, runs_dir=None, env=None) -> Run:
     run.update(run_id=run.id, status='running', **{k: cfg[k] for k in RUN_KEYS})
     return run
 
-# %% ../nbs/06_experiment.ipynb 24
+# %% ../nbs/06_experiment.ipynb 26
 def watch_failures(run: Run):
     "In IPython, record any exception raised by a later cell as this run's failure."
     try: ip = get_ipython()  # noqa: F821
@@ -229,7 +249,7 @@ def watch_failures(run: Run):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     ip.set_custom_exc((Exception,), handler)
 
-# %% ../nbs/06_experiment.ipynb 26
+# %% ../nbs/06_experiment.ipynb 28
 def papermill_output_path(injected=None):
     "The output notebook of the papermill process running this kernel, or None outside papermill."
     if injected: return Path(injected)
@@ -247,11 +267,12 @@ def keep_notebook(run: Run, injected=None):
     atexit.register(lambda: src.exists() and shutil.copyfile(src, run.dir / 'notebook.ipynb'))
     return src
 
-# %% ../nbs/06_experiment.ipynb 28
+# %% ../nbs/06_experiment.ipynb 30
 def teacher_dir(cfg: dict) -> Path:
     "Where the teacher of `cfg` is trained and cached: `<teachers_dir or runs_dir/teachers>/<key>/`."
     root = project_path(cfg.get('teachers_dir') or Path(cfg['runs_dir']) / 'teachers')
-    return root / f"{cfg['dataset']}-{cfg['teacher']}-e{cfg['epochs']}-n{cfg['train_limit']}-s{cfg['seed']}"
+    batch = '' if cfg.get('batch_size', RECIPE_BATCH) == RECIPE_BATCH else f"-b{cfg['batch_size']}"  # the recipe's batch keeps the short name
+    return root / f"{cfg['dataset']}-{cfg['teacher']}-e{cfg['epochs']}-n{cfg['train_limit']}{batch}-s{cfg['seed']}"
 
 @contextmanager
 def file_lock(path):
@@ -271,26 +292,26 @@ def prepare_teacher(cfg: dict, loaders, device, log=print):
     else:
         tdir = teacher_dir(cfg); tdir.mkdir(parents=True, exist_ok=True)
         source = str(tdir / 'best.pt')
-        with file_lock(tdir / '.lock'): _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log)
+        # under torchrun, rank 0 holds the lock and decides; all processes train together
+        with file_lock(tdir / '.lock') if is_main() else nullcontext():
+            _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log)
     teacher = teacher.to(device).eval()
     return teacher, evaluate(teacher, loaders.test)['test_acc1'], source
 
 def _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log):
-    source = tdir / 'best.pt'
-    if (_read_json(tdir / 'summary.json') or {}).get('status') == 'done':
+    source, main = tdir / 'best.pt', is_main()
+    if broadcast_object((_read_json(tdir / 'summary.json') or {}).get('status') == 'done' if main else None):
         log(f"reusing teacher {source}")
         return load_checkpoint(teacher, source)
     log(f"training teacher {cfg['teacher']} in {tdir}")
     torch.manual_seed(cfg['seed'])
-    tcfg = TrainConfig(epochs=cfg['epochs'], lr=recipe_lr(cfg['teacher']), momentum=cfg['momentum'],
-                       weight_decay=cfg['weight_decay'], lr_milestones=cfg['lr_milestones'], seed=cfg['seed'],
-                       progress=cfg['progress'])
-    write_json({'params': {**cfg, 'method': 'scratch', 'student': cfg['teacher']}, 'status': 'running'}, tdir / 'summary.json')
+    tcfg = train_config({**cfg, 'lr': default_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])})
+    if main: write_json({'params': {**cfg, 'method': 'scratch', 'student': cfg['teacher']}, 'status': 'running'}, tdir / 'summary.json')
     hist = fit(make_distiller('scratch', teacher.to(device)), loaders.train, loaders.test, tcfg, tdir, log=log)
-    write_json({'status': 'done', 'best_test_acc': max((r['test_acc1'] for r in hist), default=None)}, tdir / 'summary.json')
+    if main: write_json({'status': 'done', 'best_test_acc': max((r['test_acc1'] for r in hist), default=None)}, tdir / 'summary.json')
     return load_checkpoint(teacher, source) if hist else teacher
 
-# %% ../nbs/06_experiment.ipynb 30
+# %% ../nbs/06_experiment.ipynb 33
 def finish_run(run: Run, cfg: dict, history: list, distiller, teacher_acc=None, teacher_source=None) -> dict:
     "Write the finished run's `summary.json` and return it."
     dep = deployable(distiller)
@@ -304,7 +325,7 @@ def finish_run(run: Run, cfg: dict, history: list, distiller, teacher_acc=None, 
     run.update(**summary)
     return run.summary()
 
-# %% ../nbs/06_experiment.ipynb 31
+# %% ../nbs/06_experiment.ipynb 34
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -315,3 +336,62 @@ def plot_learning_curves(run_dir, ax=None):
     a2.set(xlabel='epoch', ylabel='top-1 (%)', title='accuracy'); a2.legend()
     fig.tight_layout()
     return fig
+
+# %% ../nbs/06_experiment.ipynb 36
+def run_experiment(log=print, **knobs) -> dict:
+    "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
+    cfg = resolve_config(**{**DEFAULT_KNOBS, **knobs})
+    dev = pick_device(cfg['device'])
+    rank, size = init_distributed(dev)
+    main, log = rank == 0, log if rank == 0 else (lambda *a, **k: None)
+    if not main: barrier()  # rank 0 downloads the data, if needed, before the others read it
+    loaders = make_loaders(cfg['dataset'], project_path(cfg['data_dir']), batch_size=cfg['batch_size'],
+                           eval_batch_size=cfg['eval_batch_size'], fast=cfg['fast_data'], device=dev, seed=cfg['seed'],
+                           val_size=cfg['val_size'], train_limit=cfg['train_limit'], test_limit=cfg['test_limit'],
+                           download=cfg['download'], num_workers=cfg['num_workers'])
+    if main: barrier()
+    run = open_run(cfg, env={**environment(dev), 'world_size': size}) if main else None
+    run_dir = broadcast_object(str(run.dir) if main else None)
+    log(('resuming ' if main and run.resumed else 'new run ') + run_dir)
+    try:
+        teacher, teacher_acc, source = (None, None, None) if cfg['method'] == 'scratch' else prepare_teacher(cfg, loaders, dev, log)
+        torch.manual_seed(cfg['seed'])
+        distiller = build_distiller(cfg, get_model(cfg['student'], loaders.info.num_classes), teacher).to(dev)
+        history = fit(distiller, loaders.train, loaders.test, train_config(cfg), run_dir, log=log)
+        return finish_run(run, cfg, history, distiller, teacher_acc, source) if main else None
+    except BaseException as e:
+        if main: run.fail(e)
+        raise
+
+def _read_value(text: str):
+    "A command-line value as papermill's `-p` reads it."
+    if text in ('True', 'False', 'None'): return {'True': True, 'False': False, 'None': None}[text]
+    for cast in (int, float):
+        try: return cast(text)
+        except ValueError: pass
+    return text
+
+def parse_knobs(argv) -> dict:
+    "Knobs from `-p NAME VALUE` triples; an unknown name raises a ValueError listing the valid ones."
+    knobs, args = {}, list(argv)
+    while args:
+        flag = args.pop(0)
+        if flag not in ('-p', '--parameters') or len(args) < 2:
+            raise ValueError(f"arguments: expected -p NAME VALUE, got {' '.join([flag, *args[:2]])!r}")
+        name, value = args.pop(0), args.pop(0)
+        if name not in DEFAULT_KNOBS: raise ValueError(f"{name}: unknown knob; valid: {', '.join(DEFAULT_KNOBS)}")
+        knobs[name] = _read_value(value)
+    return knobs
+
+def main(argv=None):
+    "`python -m kd_nb.experiment -p KNOB VALUE ...` (also under torchrun)."
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ('-h', '--help'):
+        print('usage: python -m kd_nb.experiment [-p KNOB VALUE]...\nknobs and defaults:')
+        for k, v in DEFAULT_KNOBS.items(): print(f'  {k} = {v!r}')
+        return None
+    return run_experiment(**parse_knobs(argv))
+
+# %% ../nbs/06_experiment.ipynb 37
+#| eval: false
+if __name__ == '__main__': main()

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, copy, hashlib, itertools, json, os, re, shutil, socket, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Queue
 import torch
@@ -17,8 +17,8 @@ __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'STATES
            'SweepError', 'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'expand',
            'resolve_quietly', 'validate', 'sweep_dir', 'record_path', 'notebook_error', 'launch_alive', 'run_state',
            'PlannedRun', 'plan', 'sweep_status', 'run_notebook_path', 'run_spec', 'papermill_command', 'update_record',
-           'execute_run', 'visible_devices', 'worker_env', 'run_local', 'slurm_parameters', 'run_slurm', 'SweepResult',
-           'run_sweep', 'format_status', 'main']
+           'never_started', 'execute_run', 'visible_devices', 'worker_env', 'run_local', 'slurm_parameters',
+           'run_slurm', 'SweepResult', 'run_sweep', 'format_status', 'main']
 
 # %% ../nbs/07_sweep.ipynb 5
 class SweepError(ValueError):
@@ -114,7 +114,10 @@ def load_sweep(path, overrides=None) -> Sweep:
 
 def as_sweep(sweep, overrides=None) -> Sweep:
     "A `Sweep` from a `Sweep`, a path or a mapping."
-    if isinstance(sweep, Sweep): return sweep
+    if isinstance(sweep, Sweep):
+        if not overrides: return sweep
+        _check_knobs(dict(overrides), 'overrides (--set)', sweep.source)
+        return replace(sweep, overrides={**sweep.overrides, **overrides})
     return parse_sweep(sweep, None, overrides) if isinstance(sweep, dict) else load_sweep(sweep, overrides)
 
 # %% ../nbs/07_sweep.ipynb 12
@@ -125,7 +128,7 @@ def slug(value) -> str:
     if isinstance(value, (list, tuple)): value = '+'.join(map(str, value))
     elif isinstance(value, dict): value = '+'.join(f'{k}.{slug(v)}' if isinstance(v, dict) else f'{k}={slug(v)}' for k, v in value.items())
     elif isinstance(value, float): value = f'{value:g}'
-    s = re.sub(r'[^A-Za-z0-9.+=]+', '.', str(value).replace(',', '+')).strip('.') or 'none'
+    s = re.sub(r'[^A-Za-z0-9_.+=]+', '.', str(value).replace(',', '+')).strip('.') or 'none'
     return s if len(s) <= 40 else f"{s[:32]}.{hashlib.sha1(s.encode()).hexdigest()[:7]}"
 
 def make_run_name(cfg: dict, varied=()) -> str:
@@ -168,12 +171,8 @@ def expand(sweep, overrides=None) -> list[dict]:
 
 # %% ../nbs/07_sweep.ipynb 18
 def resolve_quietly(knobs: dict) -> dict:
-    "`resolve_config` of `knobs` over the notebook's defaults, building the models on the meta device."
-    full = {**DEFAULT_KNOBS, **knobs}
-    try:
-        with torch.device('meta'): return resolve_config(**full)
-    except ValueError: raise
-    except Exception: return resolve_config(**full)
+    "`resolve_config` of `knobs` over the notebook's defaults (it builds the models on the meta device)."
+    return resolve_config(**{**DEFAULT_KNOBS, **knobs})
 
 def validate(sweep, configs=None) -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
@@ -304,17 +303,24 @@ def update_record(path, **fields):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     write_json({**(_read_json(path) or {}), **fields}, path)
 
-def execute_run(spec: dict, on_start=None) -> dict:
+def never_started(nb_path) -> bool:
+    "Whether no cell of the notebook at `nb_path` was executed (e.g. its kernel failed to start)."
+    nb = _read_json(nb_path) or {}
+    return not any(c.get('execution_count') for c in nb.get('cells', []) if c.get('cell_type') == 'code')
+
+def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
     "Run one configuration through papermill; return its name, state and the command's exit code."
     out, log = Path(spec['out']), Path(spec['log'])
     out.parent.mkdir(parents=True, exist_ok=True); log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log, 'ab') as f:
-        f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}\n".encode()); f.flush()
-        proc = subprocess.Popen(papermill_command(spec), cwd=spec['cwd'], stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, **spec.get('env', {})})
-        if on_start: on_start(proc.pid)
-        code = proc.wait()
+    for attempt in range(attempts):   # a kernel that fails to start (e.g. a port taken meanwhile) is started again
+        with open(log, 'ab') as f:
+            f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} attempt {attempt + 1}\n".encode()); f.flush()
+            proc = subprocess.Popen(papermill_command(spec), cwd=spec['cwd'], stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **spec.get('env', {})})
+            if on_start: on_start(proc.pid)
+            code = proc.wait()
+        if code == 0 or not never_started(out): break
     state = run_state(out.parent, {'finished': True})
     if code != 0 and state['status'] != 'failed':
         tail = log.read_text(errors='replace').strip().splitlines()[-3:]
@@ -376,8 +382,6 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
     "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
     import submitit
-    if cluster == 'slurm' and not shutil.which('sbatch'):
-        raise SweepError("cluster: no SLURM here (sbatch not found); use cluster 'local' or 'debug' to try the slurm path")
     ex = submitit.AutoExecutor(folder=Path(folder) / '%j', cluster=cluster)
     ex.update_parameters(**slurm_parameters(options, cluster, name))
     jobs = ex.map_array(execute_run, specs) if array else [ex.submit(execute_run, s) for s in specs]
@@ -426,13 +430,15 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
     if backend not in BACKENDS: raise SweepError(f"backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
     if cluster not in CLUSTERS: raise SweepError(f"cluster: unknown {cluster!r}; valid: {', '.join(CLUSTERS)}")
     if int(workers) < 1: raise SweepError(f"workers: must be >= 1, got {workers}")
+    if backend == 'slurm' and cluster == 'slurm' and not dry_run and not shutil.which('sbatch'):
+        raise SweepError("cluster: no SLURM here (sbatch not found); use cluster 'local' or 'debug' to try the slurm path")
     sweep = as_sweep(sweep, overrides)
     planned = plan(sweep, runs_root)
     todo = [p for p in planned if p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')]
     skipped = {p.name: p.status for p in planned if p not in todo}
     left = [p.name for p in planned if p.status == 'failed' and p not in todo]
     log(f"{sweep.name}: {len(planned)} runs ({_counts(p.status for p in planned)}); "
-        f"{'would launch' if dry_run else 'launching'} {len(todo)}" + (f"; {len(left)} failed left alone (retry_failed)" if left else ''))
+        f"{'would launch' if dry_run else 'launching'} {len(todo)}" + (f"; {len(left)} failed left alone (retry them with --retry-failed)" if left else ''))
     result = SweepResult(sweep.name, [p.name for p in planned], [], skipped)
     if dry_run or not todo:
         if dry_run: result.skipped.update({p.name: 'dry run' for p in todo})

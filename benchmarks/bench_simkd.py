@@ -1,0 +1,459 @@
+"""SimKD training and evaluation speed: a loop written like the original SimKD/RepDistiller code against kd-nb's fast path.
+
+Both run in this one process, on the same device, with the same teacher and student, batch size and data; their timed
+training steps alternate in rounds, so a machine that speeds up or slows down during the run affects both alike.
+
+    python benchmarks/bench_simkd.py                       # GPU: one full epoch each; CPU: 16 steps each
+    python benchmarks/bench_simkd.py --device cpu --steps 16 --teacher resnet32x4 --student resnet8x4
+
+Prints and writes (JSON and CSV, `--out`) for each path: training images/s, evaluation images/s, peak memory, the time
+per training step split into data / teacher forward / student+projector forward+backward / optimizer, and the minutes
+the full recipe (240 epochs of 50,000 training and 10,000 test images) would take at the measured speeds.
+"""
+import argparse, csv, json, os, platform, resource, socket, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import kd_nb
+from kd_nb.data import make_synthetic_cifar, load_cifar, train_transform, test_transform, make_loaders
+from kd_nb.models import get_model
+from kd_nb.projectors import make_projector
+from kd_nb.experiment import DEFAULT_KNOBS, resolve_config, build_distiller, train_config
+from kd_nb.trainer import (TrainStep, make_optimizer, make_aux_optimizer, train_step, amp_dtype, autocast, as_input,
+                           use_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = dict(epochs=240, train_images=50_000, test_images=10_000)
+PHASES = ('data', 'teacher', 'student', 'optimizer')
+
+
+def sync(device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def endless(loader, on_new_epoch=None):
+    "Batches of `loader` without end, a new epoch (new iterator) when one is exhausted."
+    epoch = 0
+    while True:
+        if on_new_epoch is not None: on_new_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (a) the reference: a loop written like SimKD's train_student.py / helper/loops.py (train_distill, validate_distill)
+
+class SimKDModule(nn.Module):
+    "SimKD's `SimKD` module as in the original code: align sizes, project the student, classify with the teacher's head."
+    def __init__(self, s_n, t_n, factor=2):
+        super().__init__()
+        self.transfer = make_projector('simkd', s_n, t_n, factor)  # conv1x1-BN-ReLU, conv3x3-BN-ReLU, conv1x1-BN-ReLU
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+
+    def forward(self, feat_s, feat_t, cls_t):
+        s_H, t_H = feat_s.shape[2], feat_t.shape[2]
+        if s_H > t_H: source, target = F.adaptive_avg_pool2d(feat_s, (t_H, t_H)), feat_t
+        else: source, target = feat_s, F.adaptive_avg_pool2d(feat_t, (s_H, s_H))
+        trans_feat_s = self.transfer(source)
+        pred_feat_s = cls_t(self.avg_pool(trans_feat_s).view(trans_feat_s.size(0), -1))
+        return trans_feat_s, target, pred_feat_s
+
+
+def accuracy(output, target, topk=(1,)):
+    "As the original `helper/util.py`: top-k accuracy (%) of one batch."
+    with torch.no_grad():
+        maxk, batch_size = max(topk), target.size(0)
+        _, pred = output.topk(maxk, 1, True, True)
+        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+        return [correct[:k].reshape(-1).float().sum(0, keepdim=True).mul_(100.0 / batch_size) for k in topk]
+
+
+class KLDiv(nn.Module):
+    "The original `DistillKL`."
+    def __init__(self, T=4): super().__init__(); self.T = T
+    def forward(self, y_s, y_t):
+        p_s, p_t = F.log_softmax(y_s / self.T, dim=1), F.softmax(y_t / self.T, dim=1)
+        return F.kl_div(p_s, p_t, reduction='sum') * (self.T ** 2) / y_s.shape[0]
+
+
+class Reference:
+    "SimKD resnet32x4 -> resnet8x4 as the original code trains it: PIL transforms in DataLoader workers, fp32, NCHW."
+    name = 'reference'
+
+    def __init__(self, teacher, student, data_dir, batch_size, workers, device, lr):
+        self.device = device
+        train_set = load_cifar('cifar100', data_dir, train=True, transform=train_transform('cifar100'), download=False)
+        test_set = load_cifar('cifar100', data_dir, train=False, transform=test_transform('cifar100'), download=False)
+        self.train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
+        self.test_loader = DataLoader(test_set, batch_size=max(1, batch_size // 2), shuffle=False, num_workers=workers // 2)
+        self.model_s, self.model_t = student.to(device), teacher.to(device)
+        c_s, c_t = student.head.in_features, teacher.head.in_features
+        self.simkd = SimKDModule(c_s, c_t, factor=2).to(device)
+        self.criterion_cls, self.criterion_div = nn.CrossEntropyLoss(), KLDiv(4)
+        self.optimizer = torch.optim.SGD(list(self.model_s.parameters()) + list(self.simkd.parameters()), lr=lr,
+                                         momentum=0.9, weight_decay=5e-4)
+        self.gamma, self.alpha, self.beta = 0.0, 0.0, 1.0  # SimKD: --cls 0 --div 0 --beta 1
+        if device.type == 'cuda': torch.backends.cudnn.benchmark = True
+        self.batches = endless(self.train_loader)
+        self.meters = []
+
+    def _feats(self, model, x):
+        f = model.forward_features(x)  # model(input, is_feat=True): the stage maps and the logits
+        return f.stages, model.head(f.embedding)
+
+    def _step(self, input, target, timer=None):
+        self.model_s.train(); self.simkd.train(); self.model_t.eval()
+        mark = timer or (lambda phase: None)
+        feat_s, logit_s = self._feats(self.model_s, input)
+        mark('student')
+        with torch.no_grad():
+            feat_t, logit_t = self._feats(self.model_t, input)
+            feat_t = [f.detach() for f in feat_t]
+        mark('teacher')
+        loss_cls = self.criterion_cls(logit_s, target)
+        loss_div = self.criterion_div(logit_s, logit_t)
+        trans_feat_s, trans_feat_t, pred_feat_s = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
+        logit_s = pred_feat_s
+        loss_kd = F.mse_loss(trans_feat_s, trans_feat_t)
+        loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
+        acc1, acc5 = accuracy(logit_s, target, topk=(1, 5))
+        self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))  # the AverageMeter updates
+        self.optimizer.zero_grad()
+        loss.backward()
+        mark('student')
+        self.optimizer.step()
+        mark('optimizer')
+
+    def _next(self, n=None):
+        input, target = next(self.batches)
+        if n is not None: input, target = input[:n], target[:n]
+        input = input.float()
+        if self.device.type == 'cuda': input, target = input.cuda(self.device), target.cuda(self.device)
+        return input, target
+
+    def train_steps(self, k, last_size=None):
+        for _ in range(k): self._step(*self._next())
+        if last_size: self._step(*self._next(last_size))
+        sync(self.device)
+
+    def split_steps(self, k):
+        "Per-phase seconds of `k` steps, each phase ended by a device synchronization."
+        total = dict.fromkeys(PHASES, 0.0)
+        for _ in range(k):
+            sync(self.device); t = [time.perf_counter()]
+            batch = self._next(); sync(self.device); total['data'] += time.perf_counter() - t[0]; t[0] = time.perf_counter()
+            def timer(phase):
+                sync(self.device); now = time.perf_counter(); total[phase] += now - t[0]; t[0] = now
+            self._step(*batch, timer=timer)
+        return {p: v / k for p, v in total.items()}
+
+    def eval_pass(self):
+        "validate_distill of the original SimKD: student, teacher (for its features) and the SimKD module per batch."
+        self.model_s.eval(); self.simkd.eval()
+        n = 0
+        with torch.no_grad():
+            for input, target in self.test_loader:
+                input = input.float()
+                if self.device.type == 'cuda': input, target = input.cuda(self.device), target.cuda(self.device)
+                feat_s, _ = self._feats(self.model_s, input)
+                feat_t, _ = self._feats(self.model_t, input)
+                feat_t = [f.detach() for f in feat_t]
+                _, _, output = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
+                loss = self.criterion_cls(output, target)
+                acc1, acc5 = accuracy(output, target, topk=(1, 5))
+                self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
+                n += len(target)
+        sync(self.device)
+        return n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (b) kd-nb's fast path, set up as `fit` sets it up for a run with these knobs
+
+class FastPath:
+    name = 'fast'
+
+    def __init__(self, teacher, student, data_dir, batch_size, device, knobs, log):
+        self.device = device
+        self.cfg = resolve_config(**{**DEFAULT_KNOBS, **knobs, 'teacher': teacher, 'student': student,
+                                     'batch_size': batch_size, 'data_dir': str(data_dir), 'download': False,
+                                     'train_limit': 0, 'test_limit': 0})
+        self.tcfg = train_config(self.cfg)
+        self.loaders = make_loaders('cifar100', data_dir, batch_size=batch_size, eval_batch_size=self.cfg['eval_batch_size'],
+                                    fast=True, device=device, seed=0, download=False)
+        self.teacher = get_model(teacher).to(device).eval()
+        torch.manual_seed(0)
+        self.distiller = build_distiller(self.cfg, get_model(student), self.teacher).to(device)
+        seed_everything(0, resolve_deterministic(self.tcfg.deterministic, device))
+        self.amp = amp_dtype(self.tcfg.amp, device)
+        if self.tcfg.channels_last: self.distiller.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(self.distiller_parameters(), self.tcfg, device)
+        self.aux_opt = make_aux_optimizer([], self.tcfg, device)
+        self.eager = TrainStep(self.distiller)
+        self.compiled = use_compile(self.tcfg.compile, device)
+        self.step = CompileFallback(self.eager, log) if self.compiled else self.eager
+        self.batches = endless(self.loaders.train, self.loaders.train.set_epoch)
+        self.sums = None
+
+    def distiller_parameters(self):
+        from kd_nb.distill import student_parameters
+        return student_parameters(self.distiller)
+
+    @property
+    def settings(self):
+        t = self.tcfg
+        fallback = isinstance(self.step, CompileFallback) and self.step.compiled is None
+        return dict(channels_last=t.channels_last, amp=str(self.amp).replace('torch.', '') if self.amp else 'fp32',
+                    fused_optimizer=t.fused_optimizer, optimizer=('fused' if self.opt.defaults.get('fused') else
+                    'foreach' if self.opt.defaults.get('foreach') else 'for-loop'),
+                    compile=bool(self.compiled and not fallback), deterministic=resolve_deterministic(t.deterministic, self.device),
+                    eval_batch_size=self.cfg['eval_batch_size'], data='DeviceLoader (uint8 on the device)')
+
+    def _next(self, n=None):
+        x, y = next(self.batches)
+        if n is not None: x, y = x[:n], y[:n]
+        return as_input(x, self.tcfg.channels_last), y
+
+    def train_steps(self, k, last_size=None):
+        self.distiller.train()
+        for _ in range(k + bool(last_size)):
+            x, y = self._next(last_size if _ == k else None)
+            out = train_step(self.step, x, y, self.opt, self.aux_opt, self.amp)
+            s = torch.stack([out.total.detach().double() * len(y), (out.logits.detach().argmax(1) == y).sum().double()])
+            self.sums = s if self.sums is None else self.sums + s  # fit's on-device running sums
+        sync(self.device)
+
+    def split_steps(self, k):
+        "Per-phase seconds of `k` eager steps; the teacher's forward is timed inside the step."
+        self.distiller.train()
+        total = dict.fromkeys(PHASES, 0.0)
+        teacher_forward = self.teacher.forward_features
+        def timed_teacher(x):
+            sync(self.device); t0 = time.perf_counter()
+            out = teacher_forward(x)
+            sync(self.device); total['teacher'] += time.perf_counter() - t0
+            return out
+        self.teacher.forward_features = timed_teacher
+        try:
+            for _ in range(k):
+                sync(self.device); t0 = time.perf_counter()
+                x, y = self._next(); sync(self.device); t1 = time.perf_counter()
+                with autocast(self.device, self.amp): total_loss, out = self.eager(x, y)
+                self.opt.zero_grad(set_to_none=True); total_loss.backward(); sync(self.device); t2 = time.perf_counter()
+                self.opt.step(); sync(self.device); t3 = time.perf_counter()
+                total['data'] += t1 - t0; total['student'] += t2 - t1; total['optimizer'] += t3 - t2
+        finally:
+            del self.teacher.forward_features
+        total['student'] -= total['teacher']
+        return {p: v / k for p, v in total.items()}
+
+    def eval_pass(self):
+        evaluate(self.distiller, self.loaders.test, channels_last=self.tcfg.channels_last, amp=self.amp)
+        sync(self.device)
+        return self.loaders.test.num_samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def device_name(device):
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or 'cpu'
+
+
+def git_commit():
+    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError): return None
+
+
+class Memory:
+    "Peak memory of each path: CUDA bytes allocated above what was live before its timed work, plus its resident state."
+    def __init__(self, device): self.device, self.peak, self.resident = device, {}, {}
+
+    def allocated(self): return torch.cuda.memory_allocated(self.device) if self.device.type == 'cuda' else 0
+
+    def track(self, name, fn):
+        if self.device.type != 'cuda': return fn()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = self.allocated()
+        out = fn()
+        extra = torch.cuda.max_memory_allocated(self.device) - before
+        self.peak[name] = max(self.peak.get(name, 0), extra + self.resident.get(name, 0))
+        return out
+
+
+def rss_mb(who=resource.RUSAGE_SELF): return resource.getrusage(who).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--steps', type=int, default=None,
+                   help='timed training steps per path; 0: one full epoch (default: 0 on CUDA, 16 on CPU)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--teacher', default='resnet32x4')
+    p.add_argument('--student', default='resnet8x4')
+    p.add_argument('--warmup', type=int, default=None, help='untimed steps per path first (default: 20 on CUDA, 3 on CPU)')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers of the reference (the original code's default is 8)")
+    p.add_argument('--rounds', type=int, default=None,
+                   help='alternating rounds the timed steps are split into (default: one step per round on CPU, 1 on CUDA)')
+    p.add_argument('--split-steps', type=int, default=None, help='extra synchronized steps per path for the time split (default: 20 on CUDA, 3 on CPU)')
+    p.add_argument('--eval-images', type=int, default=None, help='test images per evaluation pass (default: 10000 on CUDA, 512 on CPU)')
+    p.add_argument('--data-dir', default=None, help='a folder with cifar-100-python/ (default: synthetic CIFAR-100-shaped data)')
+    p.add_argument('--amp', default=None, help="the fast path's amp knob (default: the run default, 'auto')")
+    p.add_argument('--compile', default=None, help="the fast path's compile knob (default: 'auto')")
+    p.add_argument('--channels-last', default=None, choices=['True', 'False'], help='the fast path\'s channels_last knob (default: True)')
+    p.add_argument('--out', default=None, help='result JSON path (default: benchmarks/results/<device>-<timestamp>.json); a CSV is written next to it')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = torch.device('cuda' if a.device == 'auto' and torch.cuda.is_available() else 'cpu' if a.device == 'auto' else a.device)
+    gpu = device.type == 'cuda'
+    steps = a.steps if a.steps is not None else (0 if gpu else 16)
+    warmup = a.warmup if a.warmup is not None else (20 if gpu else 3)
+    rounds = 1 if steps == 0 else max(1, min(steps, a.rounds if a.rounds is not None else (1 if gpu else steps)))
+    split_steps = a.split_steps if a.split_steps is not None else (20 if gpu else 3)
+    eval_images = a.eval_images if a.eval_images is not None else (10_000 if gpu else 512)
+    bs = a.batch_size
+    knobs = {k: v for k, v in dict(amp=a.amp, compile=a.compile, device=device.type,
+                                   channels_last=None if a.channels_last is None else a.channels_last == 'True').items() if v is not None}
+    log = lambda *s: print(*s, flush=True)
+
+    tmp = tempfile.TemporaryDirectory()
+    if a.data_dir: data_dir, data = Path(a.data_dir), f'CIFAR-100 from {a.data_dir}'
+    else:
+        n_train = RECIPE['train_images'] if steps == 0 else (warmup + steps + split_steps + 1) * bs
+        data_dir = make_synthetic_cifar(tmp.name, 'cifar100', n_train=n_train, n_test=eval_images, seed=0)
+        data = f'synthetic CIFAR-100-shaped ({n_train} train / {eval_images} test images)'
+    lr = 0.05
+    mem = Memory(device)
+
+    log(f'device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads; data: {data}')
+    before = mem.allocated()
+    torch.manual_seed(0)
+    ref = Reference(get_model(a.teacher), get_model(a.student), data_dir, bs, a.workers, device, lr)
+    mem.resident['reference'] = mem.allocated() - before
+    before = mem.allocated()
+    fast = FastPath(a.teacher, a.student, data_dir, bs, device, knobs, log)
+    mem.resident['fast'] = mem.allocated() - before
+    if a.data_dir and eval_images < len(ref.test_loader.dataset):  # a real test set: evaluate the first `eval_images`
+        sub = list(range(eval_images))
+        ref.test_loader = DataLoader(torch.utils.data.Subset(ref.test_loader.dataset, sub), batch_size=ref.test_loader.batch_size,
+                                     num_workers=ref.test_loader.num_workers)
+        fast.loaders = make_loaders('cifar100', data_dir, batch_size=bs, eval_batch_size=fast.cfg['eval_batch_size'],
+                                    fast=True, device=device, seed=0, download=False, test_limit=eval_images)
+    epoch_steps = len(ref.train_loader)
+    timed = epoch_steps if steps == 0 else steps
+    last = len(ref.train_loader.dataset) % bs if steps == 0 else 0  # the epoch's short last batch
+
+    log(f'warm-up: {warmup} steps per path' + (' (+ one short batch, so compilation is not timed)' if last or fast.compiled else ''))
+    for path in (ref, fast):
+        mem.track(path.name, lambda: path.train_steps(warmup, last_size=last or (bs // 2 if fast.compiled else None)))
+    if steps == 0:  # a full epoch each: start both at an epoch boundary
+        ref.batches, fast.batches = endless(ref.train_loader), endless(fast.loaders.train, fast.loaders.train.set_epoch)
+    times, per_round = {'reference': 0.0, 'fast': 0.0}, {'reference': [], 'fast': []}
+    chunks = [timed // rounds + (i < timed % rounds) for i in range(rounds)]
+    load_before = os.getloadavg()
+    for r, k in enumerate(chunks):
+        for path in ((ref, fast) if r % 2 == 0 else (fast, ref)):  # alternate who goes first: drift hits both alike
+            is_last = steps == 0  # a full epoch ends with its short batch
+            t0 = time.perf_counter()
+            mem.track(path.name, lambda: path.train_steps(k - bool(is_last and last), last_size=last if is_last else None))
+            per_round[path.name].append(time.perf_counter() - t0)
+            times[path.name] += per_round[path.name][-1]
+        log(f'round {r + 1}/{rounds}: {k} step(s) each: reference {per_round["reference"][-1]:.2f}s, fast {per_round["fast"][-1]:.2f}s')
+    images = sum(chunks) * bs - (bs - last if steps == 0 and last else 0)
+    rss_train = rss_mb()
+
+    results = {}
+    for path in (ref, fast):
+        t0 = time.perf_counter()
+        n = mem.track(path.name, path.eval_pass)
+        eval_s = time.perf_counter() - t0
+        split = path.split_steps(split_steps)
+        train_ips = images / times[path.name]
+        eval_ips = n / eval_s
+        minutes = RECIPE['epochs'] * (RECIPE['train_images'] / train_ips + RECIPE['test_images'] / eval_ips) / 60
+        results[path.name] = dict(
+            train_images_per_s=train_ips, train_images=images, train_seconds=times[path.name],
+            eval_images_per_s=eval_ips, eval_images=n, eval_seconds=eval_s,
+            round_seconds=per_round[path.name],
+            split_ms_per_step={p: 1000 * v for p, v in split.items()}, split_steps=split_steps,
+            peak_memory_mb=(mem.peak.get(path.name, 0) / 2**20) if gpu else None,
+            recipe_minutes=minutes)
+    results['reference']['settings'] = dict(data=f'torchvision PIL transforms, DataLoader with {a.workers} workers',
+                                            precision='fp32', memory_format='NCHW (contiguous)', optimizer='SGD (torch default)',
+                                            compile=False, eval_batch_size=ref.test_loader.batch_size,
+                                            eval='student + teacher + SimKD module per batch, as validate_distill')
+    results['fast']['settings'] = fast.settings
+    memory = dict(kind='cuda_max_allocated_per_path' if gpu else 'cpu_max_rss_process',
+                  cpu_max_rss_mb=rss_mb(), cpu_max_rss_after_training_mb=rss_train,
+                  cpu_children_max_rss_mb=rss_mb(resource.RUSAGE_CHILDREN))
+    ref_r, fast_r = results['reference'], results['fast']
+    report = dict(
+        benchmark='simkd', device=device.type, device_name=device_name(device), torch=torch.__version__,
+        kd_nb=kd_nb.__version__, git_commit=git_commit(), host=socket.gethostname(), threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
+        load_average=dict(before=load_before, after=os.getloadavg()),  # other work on the machine during the run
+        config=dict(teacher=a.teacher, student=a.student, batch_size=bs, steps=timed, full_epoch=steps == 0, warmup=warmup,
+                    fast_knobs={k: v for k, v in knobs.items() if k != 'device'},  # empty: the fast path of a default run
+                    rounds=rounds, workers=a.workers, data=data, eval_images=eval_images, lr=lr, recipe=RECIPE,
+                    split='extra eager steps, device synchronized after each phase'),
+        reference=ref_r, fast=fast_r, memory=memory,
+        ratio=dict(train=fast_r['train_images_per_s'] / ref_r['train_images_per_s'],
+                   eval=fast_r['eval_images_per_s'] / ref_r['eval_images_per_s'],
+                   recipe=ref_r['recipe_minutes'] / fast_r['recipe_minutes'],
+                   train_median_of_rounds=statistics.median(a / b for a, b in zip(per_round['reference'], per_round['fast']))))
+
+    out = Path(a.out) if a.out else ROOT / 'benchmarks' / 'results' / f"{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    with open(out.with_suffix('.csv'), 'w', newline='') as f:
+        fields = ['path', 'device', 'device_name', 'teacher', 'student', 'batch_size', 'train_images_per_s', 'eval_images_per_s',
+                  'recipe_minutes', 'peak_memory_mb', *(f'split_{p}_ms' for p in PHASES), 'train_ratio', 'eval_ratio', 'recipe_ratio']
+        w = csv.DictWriter(f, fieldnames=fields); w.writeheader()
+        for name, r in (('reference', ref_r), ('fast', fast_r)):
+            w.writerow(dict(path=name, device=device.type, device_name=report['device_name'], teacher=a.teacher, student=a.student,
+                            batch_size=bs, train_images_per_s=r['train_images_per_s'], eval_images_per_s=r['eval_images_per_s'],
+                            recipe_minutes=r['recipe_minutes'], peak_memory_mb=r['peak_memory_mb'],
+                            **{f'split_{p}_ms': r['split_ms_per_step'][p] for p in PHASES},
+                            train_ratio=report['ratio']['train'], eval_ratio=report['ratio']['eval'], recipe_ratio=report['ratio']['recipe']))
+
+    print_report(report)
+    log(f'written: {out} and {out.with_suffix(".csv")}')
+    tmp.cleanup()
+    return report
+
+
+def print_report(r):
+    c = r['config']
+    print(f"\nSimKD {c['teacher']} -> {c['student']}, batch {c['batch_size']}, {c['steps']} timed steps per path, "
+          f"on {r['device']} ({r['device_name']})")
+    print(f"{'':28}{'reference':>14}{'fast':>14}{'fast/ref':>10}")
+    for key, label, ratio in (('train_images_per_s', 'train images/s', 'train'), ('eval_images_per_s', 'eval images/s', 'eval'),
+                              ('recipe_minutes', 'full recipe (minutes)', 'recipe')):
+        print(f"{label:28}{r['reference'][key]:14.1f}{r['fast'][key]:14.1f}{r['ratio'][ratio]:9.2f}x")
+    print(f"{'train, median of rounds':28}{'':28}{r['ratio']['train_median_of_rounds']:9.2f}x")
+    for p in PHASES:
+        print(f"{'ms/step ' + p:28}{r['reference']['split_ms_per_step'][p]:14.1f}{r['fast']['split_ms_per_step'][p]:14.1f}")
+    if r['device'] == 'cuda':
+        print(f"{'peak memory (MB)':28}{r['reference']['peak_memory_mb']:14.0f}{r['fast']['peak_memory_mb']:14.0f}")
+    else:
+        m = r['memory']
+        print(f"peak RSS of the process: {m['cpu_max_rss_mb']:.0f} MB (both paths; DataLoader workers: {m['cpu_children_max_rss_mb']:.0f} MB)")
+    print(f"fast path: {r['fast']['settings']}")
+    print(f"load average (1, 5, 15 min) before / after: {r['load_average']['before']} / {r['load_average']['after']}")
+
+
+if __name__ == '__main__':
+    main()

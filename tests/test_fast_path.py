@@ -1,0 +1,200 @@
+"The fast training path against a loop written like the original SimKD code, its switches, and the benchmark script."
+import copy, json, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from conftest import ROOT, NOTEBOOK, quick_params
+
+from kd_nb.data import make_loaders, load_cifar, dataset_info
+from kd_nb.models import get_model
+from kd_nb.distill import make_distiller, student_parameters
+from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, as_input, trainable_state
+
+
+class FixedAugmentation(Dataset):
+    "The torchvision PIL pipeline (pad 4, crop 32x32, flip, to tensor, normalize) with given offsets and flips."
+    def __init__(self, ds, dx, dy, flip, info):
+        self.ds, self.dx, self.dy, self.flip = ds, dx.tolist(), dy.tolist(), flip.tolist()
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(info.mean, info.std)])
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        img = T.functional.crop(T.functional.pad(img, 4), self.dy[i], self.dx[i], 32, 32)
+        return self.finish(T.functional.hflip(img) if self.flip[i] else img), y
+
+
+def original_style_simkd(student, teacher, projector, loader, lr):
+    "SimKD trained as the original code does: NCHW fp32, per-parameter SGD, the teacher under no_grad each step."
+    opt = torch.optim.SGD(list(student.parameters()) + list(projector.parameters()), lr=lr, momentum=0.9,
+                          weight_decay=5e-4, foreach=False)
+    student.train(); projector.train(); teacher.eval()
+    losses, sizes = [], []
+    for x, y in loader:
+        feat_s = student.forward_stages(x)
+        with torch.no_grad(): feat_t = [f.detach() for f in teacher.forward_stages(x)]
+        loss = F.mse_loss(projector(feat_s[-1]), feat_t[-1])
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item()); sizes.append(len(y))
+    return losses, sizes
+
+
+@pytest.fixture(scope='module')
+def same_batches(synthetic_cifar100):
+    "The run's DeviceLoader (augmenting on the device) and a PIL DataLoader with the very same order and augmentation."
+    L = make_loaders('cifar100', synthetic_cifar100, batch_size=32, eval_batch_size=64, download=False, seed=0, train_limit=160)
+    L.train.set_epoch(0)
+    order, dx, dy, flip = L.train._draws()
+    info = dataset_info('cifar100')
+    kept = L.train.images  # the train_limit subset, as uint8 (N,3,H,W)
+    ds = load_cifar('cifar100', synthetic_cifar100, train=True, download=False)
+    index = {bytes(torch.from_numpy(img).permute(2, 0, 1).contiguous().numpy()): i for i, img in enumerate(ds.data)}
+    subset = torch.utils.data.Subset(ds, [index[bytes(img.numpy())] for img in kept])
+    pil = FixedAugmentation(subset, dx, dy, flip, info)
+    ref_loader = DataLoader(pil, batch_size=32, sampler=order.tolist(), num_workers=2)
+    xs_fast = torch.cat([x for x, _ in L.train]); xs_ref = torch.cat([x for x, _ in ref_loader])
+    assert (xs_fast - xs_ref).abs().max() < 1e-5            # the same augmented images reach both loops
+    return L, ref_loader
+
+
+def models():
+    torch.manual_seed(0)
+    return make_distiller('simkd', get_model('resnet8'), get_model('resnet14'))
+
+
+def reference_run(d, ref_loader):
+    student, teacher = copy.deepcopy(d.student), copy.deepcopy(d.teacher)
+    projector = copy.deepcopy(d.alignments[0].student_proj)
+    losses, sizes = original_style_simkd(student, teacher, projector, ref_loader, lr=0.05)
+    return losses, sizes, student, projector
+
+
+def test_distill_step_is_the_original_computation(same_batches):
+    "Fed the original pipeline's batches, kd-nb's step with the fast switches off repeats the original loop bit for bit."
+    _, ref_loader = same_batches
+    d = models()
+    losses, _, student, projector = reference_run(d, ref_loader)
+    cfg = TrainConfig(channels_last=False, fused_optimizer=False, amp='off', compile='off')
+    opt, step = make_optimizer(student_parameters(d), cfg, 'cpu'), TrainStep(d)
+    d.train()
+    assert [train_step(step, x, y, opt).total.item() for x, y in ref_loader] == losses
+    for a, b in zip([*d.student.state_dict().values(), *d.alignments[0].student_proj.state_dict().values()],
+                    [*student.state_dict().values(), *projector.state_dict().values()]):
+        assert torch.equal(a, b)
+
+
+def update_gap(mine, ref, init) -> float:
+    "|w_fast - w_ref| / |w_ref - w_0| over all parameters: the disagreement relative to how far training moved them."
+    with torch.no_grad():
+        gap = sum(float((a.double() - b.double()).norm() ** 2) for a, b in zip(mine.parameters(), ref.parameters()))
+        moved = sum(float((b.double() - w.double()).norm() ** 2) for b, w in zip(ref.parameters(), init.parameters()))
+    return (gap / moved) ** 0.5
+
+
+def fast_steps(d, loader, dtype=torch.float32):
+    "The steps fit takes on the run's loader: channels-last model and inputs, foreach SGD, the teacher inside the step."
+    fast = copy.deepcopy(d).to(dtype=dtype, memory_format=torch.channels_last)
+    opt = make_optimizer(student_parameters(fast), TrainConfig(), 'cpu')
+    assert opt.defaults['foreach'] is True
+    step, losses = TrainStep(fast), []
+    fast.train(); loader.set_epoch(0)
+    for x, y in loader:
+        x = as_input(x.to(dtype), True)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        losses.append(train_step(step, x, y, opt).total.item())
+    return losses, fast
+
+
+def test_fast_path_matches_original_style_loop(same_batches):
+    L, ref_loader = same_batches
+    d = models()
+    losses, sizes, student, projector = reference_run(d, ref_loader)
+    fast_losses, fast = fast_steps(d, L.train)
+    assert len(fast_losses) == len(losses) == 5
+    # the inputs differ by float rounding of the normalization (< 1e-5) and the convolutions round differently in
+    # NHWC; batch-norm backward amplifies such rounding step by step, yet the losses agree to 1e-4
+    assert fast_losses == pytest.approx(losses, rel=1e-4)
+    assert abs(fast_losses[-1] - fast_losses[0]) > 1e-3       # the trajectory moves: the comparison is not trivial
+    assert update_gap(fast.student, student, d.student) < 0.05
+
+    # through fit itself: one epoch on the same batches, the same mean loss and the same weights
+    cfg = TrainConfig(epochs=1, lr=0.05, lr_milestones=(), progress=False)
+    d_fit = copy.deepcopy(d)
+    hist = fit(d_fit, L.train, L.test, cfg, log=lambda s: None)
+    assert hist[0]['train_loss'] == pytest.approx(sum(l * b for l, b in zip(losses, sizes)) / sum(sizes), rel=1e-4)
+    assert update_gap(d_fit.student, student, d.student) < 0.05
+    assert update_gap(d_fit.alignments[0].student_proj, projector, d.alignments[0].student_proj) < 0.05
+
+
+def test_fast_path_is_the_same_computation_in_float64(same_batches):
+    "In float64 the rounding vanishes: fast path and original-style loop then agree to 1e-6 after every step."
+    L, ref_loader = same_batches
+    d = models().double()
+    student, teacher = copy.deepcopy(d.student), copy.deepcopy(d.teacher)
+    projector = copy.deepcopy(d.alignments[0].student_proj)
+    losses, _ = original_style_simkd(student, teacher, projector, [(x.double(), y) for x, y in ref_loader], lr=0.05)
+    fast_losses, fast = fast_steps(d, L.train, torch.float64)
+    assert fast_losses == pytest.approx(losses, rel=1e-6)
+    assert update_gap(fast.student, student, d.student) < 1e-5
+
+
+def test_compile_failure_falls_back_to_eager(same_batches, monkeypatch):
+    L, _ = same_batches
+    cfg = dict(epochs=1, lr_milestones=(), progress=False)
+    eager = fit(models(), L.train, L.test, TrainConfig(compile='off', **cfg), log=lambda s: None)
+    def broken(fn, **kw):
+        def compiled(*a, **k): raise RuntimeError('inductor backend unavailable')
+        return compiled
+    monkeypatch.setattr(torch, 'compile', broken)
+    logs = []
+    fallback = fit(models(), L.train, L.test, TrainConfig(compile='on', **cfg), log=logs.append)
+    assert any('running eagerly' in m and 'inductor backend unavailable' in m for m in logs)
+    keys = ('train_loss', 'train_acc1', 'test_acc1', 'test_loss')
+    assert [r[k] for r in fallback for k in keys] == [r[k] for r in eager for k in keys]
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(same_batches):
+    L, _ = same_batches
+    cfg = dict(epochs=1, lr_milestones=(), progress=False)
+    fp32 = fit(models(), L.train, L.test, TrainConfig(amp='off', **cfg), log=lambda s: None)
+    d = models()
+    bf16 = fit(d, L.train, L.test, TrainConfig(amp='bf16', **cfg), log=lambda s: None)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in trainable_state(d).values())
+    assert bf16[0]['train_loss'] == pytest.approx(fp32[0]['train_loss'], rel=0.05)   # bf16 rounding, same computation
+    assert bf16[0]['train_loss'] != fp32[0]['train_loss']                              # and autocast really was on
+
+
+def test_papermill_switches_reach_the_run(synthetic_cifar100, tmp_path):
+    params = quick_params(synthetic_cifar100, tmp_path, method='scratch', student='resnet8', epochs=1, run_name='eager')
+    args = [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(tmp_path / 'o.ipynb'), '--cwd', str(ROOT), '--no-progress-bar']
+    args += sum((['-p', k, str(v)] for k, v in params.items()), [])
+    args += ['-p', 'amp', 'off', '-p', 'compile', 'off', '-p', 'channels_last', 'False', '-p', 'fused_optimizer', 'False',
+             '-p', 'eval_batch_size', '100']
+    subprocess.run(args, check=True, capture_output=True)
+    p = json.loads((tmp_path / 'eager' / 'config.json').read_text())['params']
+    assert (p['amp'], p['compile'], p['channels_last'], p['fused_optimizer'], p['eval_batch_size']) == ('off', 'off', False, False, 100)
+    assert json.loads((tmp_path / 'eager' / 'summary.json').read_text())['status'] == 'done'
+
+
+def test_benchmark_script_writes_all_figures(tmp_path):
+    out = tmp_path / 'bench.json'
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'bench_simkd.py'), '--device', 'cpu', '--steps', '3',
+                        '--batch-size', '16', '--teacher', 'resnet14', '--student', 'resnet8', '--warmup', '1',
+                        '--workers', '0', '--eval-images', '64', '--split-steps', '1', '--out', str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res['device'] == 'cpu' and res['device_name'] and res['config']['teacher'] == 'resnet14'
+    for path in ('reference', 'fast'):
+        figures = res[path]
+        assert figures['train_images_per_s'] > 0 and figures['eval_images_per_s'] > 0 and figures['recipe_minutes'] > 0
+        assert set(figures['split_ms_per_step']) == {'data', 'teacher', 'student', 'optimizer'}
+        assert all(v >= 0 for v in figures['split_ms_per_step'].values())
+    assert res['memory']['kind'] == 'cpu_max_rss_process' and res['memory']['cpu_max_rss_mb'] > 0
+    assert set(res['ratio']) == {'train', 'eval', 'recipe', 'train_median_of_rounds'}
+    assert res['ratio']['train'] == pytest.approx(res['fast']['train_images_per_s'] / res['reference']['train_images_per_s'])
+    rows = out.with_suffix('.csv').read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith('path,device')
+    assert 'train images/s' in r.stdout and 'fast/ref' in r.stdout

@@ -1,0 +1,178 @@
+"Integration: sweeps of run_experiment.ipynb on CPU and synthetic data: local workers, no repeated work, retries, the slurm path."
+import json, os, shutil, subprocess, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import pytest
+import yaml
+from kd_nb.losses import list_losses
+from kd_nb.sweep import SweepError, expand, load_sweep, main, run_sweep, sweep_status, validate
+from conftest import ROOT
+
+TINY = dict(dataset='cifar100', teacher='resnet14', student='resnet8', preset='quick', epochs=1, train_limit=0,
+            test_limit=0, device='cpu', progress=False)
+QUIET = lambda *args: None
+_SHARED = {}
+
+
+def write_sweep(path, **content):
+    Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
+    return Path(path)
+
+
+def data_overrides(data_dir): return {'data_dir': str(data_dir), 'download': False}
+
+
+def run_quick_sweep(data_dir, base_tmp):
+    """The 12-run sweep shared by the sweep and report tests: the four methods and two SimKD variants, two seeds,
+    run once per test session with two local workers (a second caller gets the first call's result)."""
+    if 'quick' not in _SHARED:
+        root = Path(base_tmp) / 'quick-sweep'
+        root.mkdir(exist_ok=True)
+        path = write_sweep(root / 'tiny.yaml', name='tiny', base=TINY, axes={'method': ['scratch', 'kd', 'fitnet', 'simkd']},
+                           runs=[{'loss': 'cosine'}, {'layers': '3,4', 'layer_weights': 'increasing'}], seeds=[0, 1])
+        t0 = time.time()
+        result = run_sweep(path, root / 'runs', workers=2, overrides=data_overrides(data_dir), log=QUIET)
+        _SHARED['quick'] = SimpleNamespace(path=path, runs=root / 'runs', dir=root / 'runs' / 'tiny', result=result,
+                                           seconds=time.time() - t0, data=data_dir)
+    return _SHARED['quick']
+
+
+@pytest.fixture(scope='session')
+def quick_sweep(synthetic_cifar100, tmp_path_factory):
+    return run_quick_sweep(synthetic_cifar100, tmp_path_factory.getbasetemp())
+
+
+def summaries(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in Path(sweep_dir).glob('*/summary.json')}
+
+
+def test_quick_sweep_completes_with_two_workers(quick_sweep):
+    r = quick_sweep.result
+    assert len(r.planned) == 12 and sorted(r.launched) == sorted(r.planned) and r.failed == []
+    assert [o['status'] for o in r.outcomes] == ['done'] * 12
+    assert 'simkd-resnet14-resnet8-loss_cosine-s1' in r.planned and 'scratch-resnet8-s0' in r.planned
+    assert 'simkd-resnet14-resnet8-layers_3+4-layer_weights_increasing-s0' in r.planned
+    s = summaries(quick_sweep.dir)
+    assert sorted(s) == sorted(r.planned) and {v['status'] for v in s.values()} == {'done'}
+    assert s['simkd-resnet14-resnet8-loss_cosine-s1']['loss'] == 'cosine' and s['kd-resnet14-resnet8-s1']['seed'] == 1
+    for name in r.planned:
+        d = quick_sweep.dir / name
+        assert (d / 'notebook.ipynb').is_file() and (d / 'metrics.csv').is_file()
+        assert (quick_sweep.dir / '_sweep' / f'{name}.log').is_file()
+        assert json.loads((d / 'config.json').read_text())['params']['teachers_dir'] == str(quick_sweep.runs / 'teachers')
+    assert sorted(p.name for p in (quick_sweep.runs / 'teachers').iterdir()) == \
+        ['cifar100-resnet14-e1-n0-s0', 'cifar100-resnet14-e1-n0-s1']          # one teacher per seed, shared by the runs
+    assert not (quick_sweep.dir / 'teachers').exists()
+    print(f'12-run sweep with 2 workers: {quick_sweep.seconds:.0f}s')
+
+
+def test_rerun_does_no_work(quick_sweep):
+    before = {p: p.stat().st_mtime_ns for p in quick_sweep.dir.glob('*/*') if p.is_file()}
+    r = run_sweep(quick_sweep.path, quick_sweep.runs, workers=2, overrides=data_overrides(quick_sweep.data), log=QUIET)
+    assert r.launched == [] and r.outcomes == [] and set(r.skipped.values()) == {'done'}
+    assert {p: p.stat().st_mtime_ns for p in quick_sweep.dir.glob('*/*') if p.is_file()} == before
+
+
+def test_status_reports_every_run_done(quick_sweep):
+    rows = sweep_status(quick_sweep.path, quick_sweep.runs)
+    assert len(rows) == 12 and {r['status'] for r in rows} == {'done'}
+    assert all(0 <= r['best_test_acc'] <= 100 and r['epochs_done'] == r['epochs'] == 1 and r['wall_time_s'] > 0 for r in rows)
+    out = subprocess.run(['kd-sweep', 'status', str(quick_sweep.path), '--runs', str(quick_sweep.runs)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith('12 runs: 12 done') and 'scratch-resnet8-s1' in out
+
+
+def test_interrupted_run_resumes_and_failed_run_is_retried_only_with_retry_failed(quick_sweep, tmp_path):
+    runs = tmp_path / 'runs'
+    shutil.copytree(quick_sweep.runs, runs)
+    name, cut = 'simkd-resnet14-resnet8-s0', 'kd-resnet14-resnet8-s1'
+    summary_path = runs / 'tiny' / name / 'summary.json'
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, 'status': 'failed', 'error': 'RuntimeError: node lost'}))
+    # a run whose process died while it was running (its launch record names a process that is gone)
+    gone = subprocess.Popen([sys.executable, '-c', 'pass']); gone.wait()
+    cut_summary = runs / 'tiny' / cut / 'summary.json'
+    cut_summary.write_text(json.dumps({**json.loads(cut_summary.read_text()), 'status': 'running'}))
+    record = runs / 'tiny' / '_sweep' / f'{cut}.json'
+    record.write_text(json.dumps({**json.loads(record.read_text()), 'pid': gone.pid, 'finished': None}))
+    states = {row['run']: row['status'] for row in sweep_status(quick_sweep.path, runs)}
+    assert states[name] == 'failed' and states[cut] == 'interrupted'
+    args = dict(overrides=data_overrides(quick_sweep.data), log=QUIET)
+    r = run_sweep(quick_sweep.path, runs, **args)
+    assert r.launched == [cut] and r.skipped[name] == 'failed' and [o['status'] for o in r.outcomes] == ['done']
+    assert json.loads(cut_summary.read_text())['status'] == 'done' and not (runs / 'tiny' / f'{cut}-2').exists()
+    assert {row['run']: row['status'] for row in sweep_status(quick_sweep.path, runs)}[name] == 'failed'
+    # retried (through submitit's debug executor): the run resumes in its own folder from its last checkpoint
+    r = run_sweep(quick_sweep.path, runs, retry_failed=True, backend='slurm', cluster='debug', **args)
+    assert r.launched == [name] and [o['status'] for o in r.outcomes] == ['done']
+    after = json.loads(summary_path.read_text())
+    assert after['status'] == 'done' and after['error'] is None and after['best_test_acc'] == summary['best_test_acc']
+    assert not (runs / 'tiny' / f'{name}-2').exists()
+    assert json.loads((runs / 'tiny' / '_sweep' / f'{name}.json').read_text())['cluster'] == 'debug'
+
+
+def test_slurm_backend_with_submitit_local_executor(synthetic_cifar100, tmp_path):
+    path = write_sweep(tmp_path / 'alone.yaml', base={**TINY, 'method': 'scratch'}, seeds=[0, 1])
+    runs = tmp_path / 'runs'
+    r = run_sweep(path, runs, backend='slurm', cluster='local', slurm={'cpus': 1, 'time': 20},
+                  overrides=data_overrides(synthetic_cifar100), log=QUIET)
+    assert r.launched == ['scratch-resnet8-s0', 'scratch-resnet8-s1'] and len(r.jobs) == 2
+    assert [o['status'] for o in r.outcomes] == ['done', 'done']
+    assert {row['status'] for row in sweep_status(path, runs)} == {'done'}
+    slurm_files = [p.name for p in (runs / 'alone' / '_slurm').rglob('*') if p.is_file()]
+    assert any(n.endswith('_log.out') for n in slurm_files) and any(n.endswith('_result.pkl') for n in slurm_files)
+    record = json.loads((runs / 'alone' / '_sweep' / 'scratch-resnet8-s1.json').read_text())
+    assert record['backend'] == 'slurm' and record['cluster'] == 'local' and record['returncode'] == 0
+    again = run_sweep(path, runs, backend='slurm', cluster='local', overrides=data_overrides(synthetic_cifar100), log=QUIET)
+    assert again.launched == [] and again.jobs == []
+
+
+@pytest.mark.parametrize('content, message', [
+    (dict(base={**TINY, 'lossx': 'l1'}), "base: unknown knob 'lossx'"),
+    (dict(base=TINY, axes={'loss': ['l1', 'l3']}), "run 'simkd-resnet14-resnet8-loss_l3-s0': loss: unknown 'l3'"),
+    (dict(base=TINY, axes={'method': ['kd', 'crd']}), "method: unknown 'crd'"),
+    (dict(base=TINY, runs=[{'layers': '3,5'}]), 'layers: stage(s) [5] out of range'),
+    (dict(base={**TINY, 'teacher': 'resnet8x4'}, grids=[{'projector': ['linear', 'identity']}]), "projector 'identity' needs equal widths"),
+])
+def test_invalid_sweep_fails_before_launching(content, message, tmp_path, capsys):
+    path = write_sweep(tmp_path / 'broken.yaml', **content)
+    with pytest.raises(SweepError) as e:
+        run_sweep(path, tmp_path / 'runs', log=QUIET)
+    assert message in str(e.value) and 'broken.yaml' in str(e.value)
+    assert not (tmp_path / 'runs').exists()
+    assert main(['run', str(path), '--runs', str(tmp_path / 'runs')]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / 'runs').exists()
+
+
+def test_dry_run_validates_and_launches_nothing(tmp_path, capsys):
+    path = write_sweep(tmp_path / 'dry.yaml', base=TINY, axes={'loss': ['l1', 'cosine']}, seeds=[0, 1, 2])
+    assert main(['run', str(path), '--runs', str(tmp_path / 'runs'), '--dry-run']) == 0
+    assert 'dry: 6 runs (6 pending); would launch 6' in capsys.readouterr().out
+    assert not (tmp_path / 'runs' / 'dry').exists() or not any((tmp_path / 'runs' / 'dry').iterdir())
+
+
+SHIPPED = {'baseline': 36, 'losses': 36, 'layers': 39, 'projectors': 51, 'direction': 27,
+           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 51, 'direction_quick': 27}
+
+
+@pytest.mark.parametrize('name', sorted(SHIPPED))
+def test_shipped_sweeps_expand_and_validate(name):
+    sweep = load_sweep(ROOT / 'sweeps' / f'{name}.yaml')
+    configs = expand(sweep)
+    assert sweep.name == name and sweep.seeds == [0, 1, 2] and len(configs) == SHIPPED[name]
+    resolved = validate(sweep, configs)
+    assert len({c['run_name'] for c in configs}) == len(configs)
+    quick = name.endswith('_quick')
+    assert {c['preset'] for c in resolved} == {'quick' if quick else 'paper'}
+    if name.startswith('losses'):
+        assert sorted({c['loss'] for c in resolved}) == sorted(list_losses())
+    if name.startswith('projectors'):
+        assert {(c['projector'], c['factor']) for c in resolved if c['projector'] == 'simkd'} == {('simkd', f) for f in (1, 2, 4, 8)}
+        assert {c['projector'] for c in resolved} == {'identity', 'linear', 'simkd', 'mlp', 'dwsep', 'conv3x3'}
+    if name.startswith('direction'):
+        assert {c['direction'] for c in resolved} == {'up', 'down', 'middle'}
+    if name.startswith('layers'):
+        assert {tuple(c['layers']) for c in resolved} == {(4,), (3, 4), (2, 3, 4), (1, 2, 3, 4)}
+        assert {c['layer_weights'] for c in resolved} == {'uniform', 'increasing', 'decreasing', 'last_only'}
+    if name.startswith('baseline'):
+        assert {c['method'] for c in resolved} == {'scratch', 'kd', 'fitnet', 'simkd'}
