@@ -223,18 +223,11 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
-def _flops(fn, shape, device) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter: fn(torch.zeros(shape, device=device))
-    return counter.get_total_flops()
-
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
-    device = next(s.parameters()).device
-    distiller.eval()
     proj_params = sum(count_params(a.student_proj) for a in distiller.alignments)
-    proj_flops = sum(_flops(a.student_side, (1, *a.s_shape), device) for a in distiller.alignments)
+    proj_flops = sum(count_flops(a.student_proj, (1, a.s_shape[0], *a.hw)) for a in distiller.alignments)
     if distiller.reuse_head:
         al = distiller.alignments[-1]
         head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
@@ -242,6 +235,6 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
         params = count_params(s) - count_params(s.head) + count_params(al.student_proj) + count_params(head)
     else:
         module, params = s, count_params(s)
-    flops = _flops(module, (1, 3, input_size, input_size), device)
-    distiller.train(was_training)
+    flops = count_flops(module, (1, 3, input_size, input_size))
+    distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
