@@ -6,8 +6,8 @@
 __all__ = ['SYNTHETIC_MANIFEST', 'DATASETS', 'SYNTHETIC_CLASSES', 'DatasetInfo', 'ManifestChecked', 'SyntheticCIFAR10',
            'SyntheticCIFAR100', 'dataset_info', 'Py2Str', 'Py2Pickler', 'py2_pickle', 'synthetic_images',
            'class_patterns', 'make_synthetic_cifar', 'load_cifar', 'train_transform', 'test_transform', 'crop_flip',
-           'normalize_uint8', 'derive_seed', 'epoch_generator', 'DeviceLoader', 'SeededTransform', 'PILLoader',
-           'split_indices', 'Loaders', 'make_loaders']
+           'normalize_uint8', 'derive_seed', 'epoch_generator', 'EpochBatches', 'DeviceLoader', 'SeededTransform',
+           'PILLoader', 'split_indices', 'Loaders', 'make_loaders']
 
 # %% ../nbs/00_data.ipynb 3
 import hashlib, json, math, pickle, struct
@@ -211,7 +211,17 @@ def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f'{name}: must be an int >= {minimum}, got {value!r}')
 
-class DeviceLoader:
+class EpochBatches:
+    "What both loaders share: batches per epoch, the epoch counter and the epoch's sample order"
+    def __len__(self): return (self.num_samples // self.batch_size if self.drop_last
+                               else math.ceil(self.num_samples / self.batch_size))
+    def set_epoch(self, epoch):
+        _check_int('epoch', epoch, 0)
+        self.epoch = epoch
+    def _order(self, g):
+        return torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+
+class DeviceLoader(EpochBatches):
     "Batches of a uint8 image tensor kept on `device`, augmented there (random crop + flip), normalized"
     def __init__(self, images, labels, batch_size, mean, std, train, device='cpu', seed=0, drop_last=False,
                  shuffle=None, augment=None, padding=4, flip=True):
@@ -230,16 +240,11 @@ class DeviceLoader:
 
     @property
     def num_samples(self): return len(self.images)
-    def __len__(self): return (self.num_samples // self.batch_size if self.drop_last
-                               else math.ceil(self.num_samples / self.batch_size))
-    def set_epoch(self, epoch):
-        _check_int('epoch', epoch, 0)
-        self.epoch = epoch
 
     def _draws(self):
         "Order and per-sample (dx, dy, flip) of the current epoch, on the device"
         n, g = self.num_samples, epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = self._order(g)
         dx, dy = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
         flip = (torch.rand(n, generator=g) < 0.5) & self.flip
         return [t.to(self.device) for t in (order, dx, dy, flip)]
@@ -264,7 +269,7 @@ class SeededTransform(Dataset):
             torch.manual_seed(derive_seed(self.seed, self.epoch, i))
             return self.transform(img), y
 
-class PILLoader:
+class PILLoader(EpochBatches):
     "Batches of (PIL image, label) `dataset` through `transform` in a `DataLoader`, moved to `device`"
     def __init__(self, dataset, batch_size, transform, train, device='cpu', seed=0, num_workers=2, drop_last=False,
                  shuffle=None):
@@ -277,15 +282,13 @@ class PILLoader:
 
     @property
     def num_samples(self): return len(self.items)
-    def __len__(self): return (self.num_samples // self.batch_size if self.drop_last
-                               else math.ceil(self.num_samples / self.batch_size))
     def set_epoch(self, epoch):
-        _check_int('epoch', epoch, 0)
-        self.epoch = self.items.epoch = epoch
+        super().set_epoch(epoch)
+        self.items.epoch = epoch
 
     def __iter__(self):
-        g, n = epoch_generator(self.seed, self.epoch), self.num_samples
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        g = epoch_generator(self.seed, self.epoch)
+        order = self._order(g)
         dl = DataLoader(self.items, self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
                         drop_last=self.drop_last, pin_memory=self.device.type == 'cuda', generator=g)
         for x, y in dl: yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
