@@ -20,7 +20,7 @@ from .trainer import TrainConfig, fit, evaluate, recipe_lr, init_distributed, is
 # %% auto 0
 __all__ = ['PRESETS', 'RECIPE_BATCH', 'LINEAR_LR_PRESETS', 'FAST_PATH_KNOBS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'default_lr',
            'parse_layers', 'project_root', 'project_path', 'pick_device', 'build_distiller', 'train_config',
-           'resolve_config', 'write_json', 'environment', 'same_run', 'Run', 'open_run', 'watch_failures',
+           'resolve_config', 'read_json', 'write_json', 'environment', 'same_run', 'Run', 'open_run', 'watch_failures',
            'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock', 'prepare_teacher', 'finish_run',
            'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
@@ -164,7 +164,8 @@ DEFAULT_KNOBS = dict(
     compile='auto', deterministic='auto')
 
 # %% ../nbs/06_experiment.ipynb 21
-def _read_json(path):
+def read_json(path):
+    "The JSON object in `path`, or None when the file is missing or unreadable."
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
 
@@ -208,7 +209,7 @@ class Run:
     resumed: bool
     started: float = field(default_factory=time.time)
 
-    def summary(self) -> dict: return _read_json(self.dir / 'summary.json') or {}
+    def summary(self) -> dict: return read_json(self.dir / 'summary.json') or {}
     def update(self, **fields): write_json({**self.summary(), **fields}, self.dir / 'summary.json')
 
     def fail(self, error: BaseException):
@@ -225,14 +226,14 @@ def open_run(cfg: dict, runs_dir=None, env=None) -> Run:
     for i in range(1, 10_000):
         rid = base if i == 1 else f"{base}-{i}"
         d = root / rid
-        old = _read_json(d / 'config.json')
+        old = read_json(d / 'config.json')
         if old is None:
             if d.exists() and any(p.name != 'notebook.ipynb' for p in d.iterdir()): continue
             try: d.mkdir(parents=True, exist_ok=d.exists())
             except FileExistsError: continue
             run = Run(d, rid, resumed=False)
             break
-        if (_read_json(d / 'summary.json') or {}).get('status') != 'done' and same_run(old['params'], cfg):
+        if (read_json(d / 'summary.json') or {}).get('status') != 'done' and same_run(old['params'], cfg):
             run = Run(d, rid, resumed=True)
             break
     write_json({'run_id': run.id, 'params': cfg, **(env or {}), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}, run.dir / 'config.json')
@@ -300,7 +301,7 @@ def prepare_teacher(cfg: dict, loaders, device, log=print):
 
 def _train_or_reuse_teacher(cfg, teacher, tdir, loaders, device, log):
     source, main = tdir / 'best.pt', is_main()
-    if broadcast_object((_read_json(tdir / 'summary.json') or {}).get('status') == 'done' if main else None):
+    if broadcast_object((read_json(tdir / 'summary.json') or {}).get('status') == 'done' if main else None):
         log(f"reusing teacher {source}")
         return load_checkpoint(teacher, source)
     log(f"training teacher {cfg['teacher']} in {tdir}")

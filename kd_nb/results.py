@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math
 from functools import lru_cache
 from pathlib import Path
-from .experiment import DEFAULT_KNOBS, project_root, project_path
+from .experiment import DEFAULT_KNOBS, project_root, project_path, read_json
 from .sweep import run_state, resolve_quietly
 
 # %% auto 0
@@ -16,13 +16,9 @@ __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'PAPER_COLUMNS', 'is_run_dir', 'find_run_d
            'write_redirect']
 
 # %% ../nbs/08_results.ipynb 5
-def _read_json(path):
-    try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError): return None
-
 def is_run_dir(d: Path) -> bool:
     d = Path(d)
-    return (d / 'config.json').is_file() or (d / 'notebook.ipynb').is_file() or 'run_id' in (_read_json(d / 'summary.json') or {})
+    return (d / 'config.json').is_file() or (d / 'notebook.ipynb').is_file() or 'run_id' in (read_json(d / 'summary.json') or {})
 
 def find_run_dirs(runs_dir) -> list[Path]:
     "Every run folder under `runs_dir`, in sorted order (the teachers' cache and `_*` folders skipped)."
@@ -56,9 +52,9 @@ def _recipe(p: dict) -> str:
 def read_run(d, runs_dir) -> dict:
     "The row of run folder `d` (see above)."
     d, root = Path(d), project_path(runs_dir)
-    cfg = _read_json(d / 'config.json') or {}
-    params, summary = cfg.get('params', {}), _read_json(d / 'summary.json') or {}
-    record = _read_json(d.parent / '_sweep' / f'{d.name}.json')
+    cfg = read_json(d / 'config.json') or {}
+    params, summary = cfg.get('params', {}), read_json(d / 'summary.json') or {}
+    record = read_json(d.parent / '_sweep' / f'{d.name}.json')
     rel = d.relative_to(root)
     row = {**params, **{k: cfg[k] for k in ENV_KEYS if k in cfg}, **summary}
     row.update(run_state(d, record))
@@ -122,7 +118,7 @@ def load_metrics(runs_dir='runs'):
         m = pd.read_csv(d / 'metrics.csv')
         rel = d.relative_to(project_path(runs_dir))
         m.insert(0, 'run', rel.as_posix()); m.insert(1, 'sweep', rel.parts[-2] if len(rel.parts) > 1 else '')
-        m.insert(2, 'run_id', (_read_json(d / 'summary.json') or {}).get('run_id', d.name))
+        m.insert(2, 'run_id', (read_json(d / 'summary.json') or {}).get('run_id', d.name))
         frames.append(m)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['run', 'sweep', 'run_id', 'epoch', 'test_acc1'])
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Queue
 import torch
-from .experiment import DEFAULT_KNOBS, RUN_KEYS, resolve_config, same_run, project_root, project_path, write_json
+from .experiment import DEFAULT_KNOBS, RUN_KEYS, resolve_config, same_run, project_root, project_path, read_json, write_json
 
 # %% auto 0
 __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'STATES', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS',
@@ -190,16 +190,12 @@ def validate(sweep, configs=None) -> list[dict]:
 # %% ../nbs/07_sweep.ipynb 22
 STATES = ('pending', 'running', 'interrupted', 'done', 'failed')
 
-def _read_json(path):
-    try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError): return None
-
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
 def notebook_error(path) -> str | None:
     "The first error output of an executed notebook, as `Name: message`."
-    nb = _read_json(path) or {}
+    nb = read_json(path) or {}
     for cell in nb.get('cells', []):
         for out in cell.get('outputs', []):
             if out.get('output_type') == 'error': return f"{out.get('ename')}: {out.get('evalue')}"
@@ -230,7 +226,7 @@ def launch_alive(record: dict | None) -> bool:
 def run_state(run_dir, record: dict | None = None) -> dict:
     "State and key figures of one run folder (`record`: how it was launched, if it was)."
     run_dir = Path(run_dir)
-    s = _read_json(run_dir / 'summary.json') or {}
+    s = read_json(run_dir / 'summary.json') or {}
     status, error = s.get('status'), s.get('error')
     if status is None:
         error = notebook_error(run_dir / 'notebook.ipynb') or (record or {}).get('error')
@@ -239,7 +235,7 @@ def run_state(run_dir, record: dict | None = None) -> dict:
     if status == 'running' and not launch_alive(record): status = 'interrupted'
     metrics = run_dir / 'metrics.csv'
     epochs_done = max(0, len(metrics.read_text().strip().splitlines()) - 1) if metrics.is_file() else 0
-    planned = (_read_json(run_dir / 'config.json') or {}).get('params', {}).get('epochs')
+    planned = (read_json(run_dir / 'config.json') or {}).get('params', {}).get('epochs')
     return dict(status=status, best_test_acc=s.get('best_test_acc'), final_test_acc=s.get('final_test_acc'),
                 epochs_done=epochs_done, epochs=planned or s.get('epochs'), wall_time_s=s.get('wall_time_s'), error=error)
 
@@ -264,12 +260,12 @@ def plan(sweep, runs_root='runs') -> list[PlannedRun]:
     planned = []
     for cfg, res in zip(configs, validate(sweep, configs)):
         d = root / cfg['run_name']
-        old = (_read_json(d / 'config.json') or {}).get('params')
+        old = (read_json(d / 'config.json') or {}).get('params')
         if old is not None and not same_run(old, res):
             diff = {k: (old.get(k), res.get(k)) for k in RUN_KEYS if _config_key(old.get(k)) != _config_key(res.get(k))}
             raise SweepError(f"{sweep.source}: run {cfg['run_name']!r}: {d} holds a run with other knobs "
                              f"(old, new: {diff}); move that folder away or give the sweep another name")
-        planned.append(PlannedRun(cfg['run_name'], cfg, res, d, run_state(d, _read_json(record_path(root, cfg['run_name'])))))
+        planned.append(PlannedRun(cfg['run_name'], cfg, res, d, run_state(d, read_json(record_path(root, cfg['run_name'])))))
     return planned
 
 def sweep_status(sweep, runs_root='runs') -> list[dict]:
@@ -301,11 +297,11 @@ def papermill_command(spec: dict) -> list[str]:
 # %% ../nbs/07_sweep.ipynb 31
 def update_record(path, **fields):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    write_json({**(_read_json(path) or {}), **fields}, path)
+    write_json({**(read_json(path) or {}), **fields}, path)
 
 def never_started(nb_path) -> bool:
     "Whether no cell of the notebook at `nb_path` was executed (e.g. its kernel failed to start)."
-    nb = _read_json(nb_path) or {}
+    nb = read_json(nb_path) or {}
     return not any(c.get('execution_count') for c in nb.get('cells', []) if c.get('cell_type') == 'code')
 
 def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
