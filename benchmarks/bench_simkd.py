@@ -10,7 +10,7 @@ Prints and writes (JSON and CSV, `--out`) for each path: training images/s, eval
 per training step split into data / teacher forward / student+projector forward+backward / optimizer, and the minutes
 the full recipe (240 epochs of 50,000 training and 10,000 test images) would take at the measured speeds.
 """
-import argparse, csv, json, os, platform, resource, socket, statistics, subprocess, sys, tempfile, time
+import argparse, csv, json, os, resource, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from kd_nb.models import get_model
 from kd_nb.projectors import make_projector
 from kd_nb.experiment import DEFAULT_KNOBS, resolve_config, build_distiller, train_config
 from kd_nb.trainer import (TrainStep, make_optimizer, make_aux_optimizer, train_step, amp_dtype, autocast, as_input,
-                           use_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic)
+                           use_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic, device_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(epochs=240, train_images=50_000, test_images=10_000)
@@ -258,15 +258,6 @@ class FastPath:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-def device_name(device):
-    if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or 'cpu'
-
 
 def git_commit():
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None

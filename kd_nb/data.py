@@ -103,9 +103,10 @@ def synthetic_images(labels, patterns, rng):
     x = contrast * (windows - 0.5) + 0.5 + brightness + rng.normal(0, 0.1, windows.shape)
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
-def class_patterns(num_classes, rng, grid=5, size=40):
-    "A fixed random low-frequency RGB pattern per class, (num_classes, 3, size, size) in [0, 1]"
+def class_patterns(num_classes, rng, grid=5, size=40, spread=1.0):
+    "A fixed random low-frequency RGB pattern per class, (num_classes, 3, size, size) in [0, 1], `spread` x as far from their mean as drawn"
     coarse = torch.from_numpy(rng.uniform(0.1, 0.9, (num_classes, 3, grid, grid)))
+    coarse = coarse.mean(0) + spread * (coarse - coarse.mean(0))
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode='bilinear', align_corners=False).numpy()
 
 # %% ../nbs/00_data.ipynb 19
@@ -129,13 +130,14 @@ def _meta_pickle(info):
     coarse = [Py2Str(f'superclass_{k:02d}'.encode()) for k in range(info.num_classes // 5)]
     return {Py2Str(b'fine_label_names'): names, Py2Str(b'coarse_label_names'): coarse}
 
-def make_synthetic_cifar(root, dataset='cifar100', n_train=1000, n_test=200, seed=0) -> Path:
-    "Write a learnable synthetic `dataset` in the official on-disk format under `root`; return `root`"
+def make_synthetic_cifar(root, dataset='cifar100', n_train=1000, n_test=200, seed=0, spread=1.0) -> Path:
+    "Write a learnable synthetic `dataset` in the official on-disk format under `root`; return `root`. `spread` < 1 brings the classes closer (harder)"
     info = dataset_info(dataset)
     for name, n in (('n_train', n_train), ('n_test', n_test)):
         if not isinstance(n, int) or n < 1: raise ValueError(f'{name}: must be an int >= 1, got {n!r}')
+    if not 0 < spread <= 1: raise ValueError(f'spread: must be in (0, 1], got {spread!r}')
     rng = np.random.default_rng(seed)
-    patterns = class_patterns(info.num_classes, rng)
+    patterns = class_patterns(info.num_classes, rng, spread=spread)
     folder = Path(root)/info.base_folder
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (('train', n_train), ('test', n_test)):
@@ -144,7 +146,7 @@ def make_synthetic_cifar(root, dataset='cifar100', n_train=1000, n_test=200, see
             py2_pickle(entry, folder/fname)
     py2_pickle(_meta_pickle(info), folder/info.meta_file)
     md5 = {f: hashlib.md5((folder/f).read_bytes()).hexdigest() for f in info.files}
-    (folder/SYNTHETIC_MANIFEST).write_text(json.dumps({'dataset': dataset, 'seed': seed, 'md5': md5}, indent=1))
+    (folder/SYNTHETIC_MANIFEST).write_text(json.dumps({'dataset': dataset, 'seed': seed, 'spread': spread, 'md5': md5}, indent=1))
     return Path(root)
 
 # %% ../nbs/00_data.ipynb 30

@@ -15,7 +15,8 @@ from .models import get_model, list_models, load_checkpoint, count_params
 from .losses import LOSSES
 from .projectors import PROJECTORS
 from .distill import METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, deployable
-from .trainer import TrainConfig, fit, evaluate, recipe_lr, init_distributed, is_main, broadcast_object, barrier
+from .trainer import (TrainConfig, fit, evaluate, recipe_lr, init_distributed, is_main, broadcast_object, barrier,
+                           amp_dtype, precision_name, device_name, native_bf16)
 
 # %% auto 0
 __all__ = ['PRESETS', 'RECIPE_BATCH', 'LINEAR_LR_PRESETS', 'FAST_PATH_KNOBS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'default_lr',
@@ -179,12 +180,12 @@ def _git_commit():
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
-def environment(device) -> dict:
-    "Library versions, commit, device and host of this run."
+def environment(device, amp='auto') -> dict:
+    "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                 numpy=numpy.__version__, kd_nb=kd_nb.__version__, git_commit=_git_commit(), host=socket.gethostname(),
-                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu')
+                device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)))
 
 def _auto_name(cfg):
     pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
@@ -351,7 +352,7 @@ def run_experiment(log=print, **knobs) -> dict:
                            val_size=cfg['val_size'], train_limit=cfg['train_limit'], test_limit=cfg['test_limit'],
                            download=cfg['download'], num_workers=cfg['num_workers'])
     if main: barrier()
-    run = open_run(cfg, env={**environment(dev), 'world_size': size}) if main else None
+    run = open_run(cfg, env={**environment(dev, cfg['amp']), 'world_size': size}) if main else None
     run_dir = broadcast_object(str(run.dir) if main else None)
     log(('resuming ' if main and run.resumed else 'new run ') + run_dir)
     try:

@@ -11,9 +11,9 @@ from .experiment import DEFAULT_KNOBS, project_root, project_path, read_json
 from .sweep import run_state, resolve_quietly
 
 # %% auto 0
-__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'PAPER_COLUMNS', 'is_run_dir', 'find_run_dirs', 'read_run', 'method_recipe', 'varied_knobs',
-           'load_runs', 'load_metrics', 'mean_std', 'aggregate', 'paper_table', 'notebook_to_html', 'render_report',
-           'write_redirect']
+__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'PAPER_COLUMNS', 'RECIPE_TRAINING', 'is_run_dir', 'find_run_dirs', 'read_run',
+           'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics', 'mean_std', 'aggregate', 'paper_table',
+           'execution', 'speed_table', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/08_results.ipynb 5
 def is_run_dir(d: Path) -> bool:
@@ -37,7 +37,7 @@ RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'recipe', 'method'
                'variant', 'label', 'varied', 'loss', 'layers', 'layer_weights', 'projector', 'factor', 'direction', 'seed',
                'best_test_acc', 'final_test_acc', 'teacher_test_acc', 'teacher_source', 'epochs', 'epochs_done',
                'student_params', 'projector_params', 'deploy_params', 'deploy_flops', 'wall_time_s', 'error', 'path')
-ENV_KEYS = ('torch', 'torchvision', 'kd_nb', 'git_commit', 'host', 'device', 'device_name', 'started')
+ENV_KEYS = ('torch', 'torchvision', 'kd_nb', 'git_commit', 'host', 'device', 'device_name', 'precision', 'started')
 
 def _flat(v):
     if isinstance(v, (list, tuple)): return ','.join(f'{x:g}' if isinstance(x, float) else str(x) for x in v)
@@ -169,6 +169,50 @@ def paper_table(df, metric='best_test_acc'):
     return pd.DataFrame(rows, columns=['dataset', 'recipe', 'teacher → student', *PAPER_COLUMNS]).set_index(['dataset', 'recipe', 'teacher → student'])
 
 # %% ../nbs/08_results.ipynb 27
+RECIPE_TRAINING = ('paper', 'quick')  # presets that keep the recipe's batch and learning rate
+
+def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
+
+def execution(row) -> str:
+    "How a run executed its recipe, in words: data path, precision, memory format, optimizer, compilation."
+    precision = row.get('precision')
+    if not isinstance(precision, str): precision = {'off': 'fp32', 'bf16': 'bf16'}.get(row.get('amp'), f"amp {row.get('amp')}")
+    return ', '.join(['device data' if _on(row.get('fast_data')) else 'PIL workers', precision,
+                      'NHWC' if _on(row.get('channels_last')) else 'NCHW',
+                      'fused SGD' if _on(row.get('fused_optimizer')) else 'SGD loop', f"compile {row.get('compile')}"])
+
+def _is_reference(row) -> bool:
+    return not _on(row.get('fast_data')) and execution(row).split(', ')[1] == 'fp32'
+
+def speed_table(df, metric='best_test_acc'):
+    "Finished configurations trained under more than one preset or execution path, side by side (see above)."
+    import pandas as pd
+    d = df[(df.status == 'done') & df[metric].notna()].copy()
+    cols = ['dataset', 'pair', 'label', 'preset', 'batch_size', 'lr', 'execution', 'n', 'mean ± std', 'Δ top-1',
+            'Δ per seed', 'images/s', 'speed-up', 'wall time (h)']
+    if d.empty: return pd.DataFrame(columns=cols)
+    d['execution'] = [execution(r) for r in d.to_dict('records')]
+    d['baseline_rank'] = [(0 if _is_reference(r) else 1) if r.get('preset') in RECIPE_TRAINING else 2 for r in d.to_dict('records')]
+    config, setting = ['dataset', 'pair', 'label', 'epochs', 'train_limit'], ['preset', 'batch_size', 'lr', 'execution']
+    out = []
+    for _, g in d.groupby(config, dropna=False, sort=True):
+        if len(g[setting].drop_duplicates()) < 2: continue
+        a = aggregate(g, by=setting, metric=metric, keep=['dataset', 'pair', 'label'])
+        extra = g.groupby(setting, dropna=False).agg(images=('images_per_s', 'mean'), wall=('wall_time_s', 'mean'),
+                                                     rank=('baseline_rank', 'min')).reset_index()
+        a = a.merge(extra, on=setting).sort_values(['rank', 'batch_size', 'execution']).reset_index(drop=True)
+        a['Δ top-1'] = [f'{m - a["mean"][0]:+.2f}' if i else 'baseline' for i, m in enumerate(a['mean'])]
+        by_seed = [g.merge(a.loc[[i], setting], on=setting).groupby('seed')[metric].mean() for i in range(len(a))]
+        diffs = [(s - by_seed[0]).dropna() for s in by_seed]  # the same seed on both sides: the same teacher and data order
+        a['Δ per seed'] = ['baseline' if i == 0 else mean_std(d.mean(), d.std(), len(d)) + f' ({len(d)})' if len(d) else '—'
+                          for i, d in enumerate(diffs)]
+        a['images/s'], a['speed-up'] = a.images.round(0), (a.images / a.images[0]).map(lambda r: f'{r:.2f}x')
+        a['wall time (h)'] = (a.wall / 3600).round(2)
+        out.append(a[cols])
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+# %% ../nbs/08_results.ipynb 31
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`)."
     import nbformat

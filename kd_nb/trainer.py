@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_trainer.ipynb 3
 from __future__ import annotations
-import contextlib, csv, os, random, time
+import contextlib, csv, os, platform, random, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np
@@ -17,11 +17,11 @@ from .distill import Distiller, student_parameters, aux_parameters, aux_loss
 
 # %% auto 0
 __all__ = ['LOW_LR_STUDENTS', 'AMP_MODES', 'COMPILE_MODES', 'TrainConfig', 'recipe_lr', 'seed_everything',
-           'resolve_deterministic', 'amp_dtype', 'autocast', 'as_input', 'make_optimizer', 'make_aux_optimizer',
-           'use_compile', 'CompileFallback', 'world', 'is_main', 'init_distributed', 'shard', 'all_reduce_sum',
-           'broadcast_object', 'barrier', 'trained_modules', 'TrainStep', 'sync_buffers', 'average_gradients',
-           'topk_correct', 'evaluate', 'trainable_state', 'load_trainable_state', 'atomic_save', 'write_metrics',
-           'train_step', 'fit']
+           'resolve_deterministic', 'native_bf16', 'amp_dtype', 'precision_name', 'device_name', 'autocast', 'as_input',
+           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'world', 'is_main',
+           'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'trained_modules', 'TrainStep',
+           'sync_buffers', 'average_gradients', 'topk_correct', 'evaluate', 'trainable_state', 'load_trainable_state',
+           'atomic_save', 'write_metrics', 'train_step', 'fit']
 
 # %% ../nbs/05_trainer.ipynb 5
 LOW_LR_STUDENTS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2', 'ShuffleV2_1_5')
@@ -48,7 +48,7 @@ class TrainConfig:
     progress: bool = True     # a progress bar per epoch
     deterministic: bool | str = 'auto'  # 'auto': deterministic on CPU, cuDNN autotuning on CUDA
     channels_last: bool = True  # NHWC memory format for models and inputs
-    amp: str = 'auto'           # 'auto' (bf16 on CUDA), 'bf16', 'off'
+    amp: str = 'auto'           # 'auto' (bf16 where the device has native bf16), 'bf16', 'off'
     fused_optimizer: bool = True  # fused SGD on CUDA, foreach elsewhere; False: per-parameter loop
     compile: str = 'auto'       # 'auto' (CUDA only), 'on', 'off'
 
@@ -84,12 +84,36 @@ def resolve_deterministic(deterministic, device) -> bool:
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
 # %% ../nbs/05_trainer.ipynb 12
+def native_bf16(device) -> bool:
+    "Whether `device` computes bf16 in hardware: a CUDA GPU of compute capability >= 8.0, or a CPU with AVX512-BF16 or AMX."
+    device = torch.device(device)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available(): return False
+        try: return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: return torch.cuda.get_device_capability(device)[0] >= 8  # torch without the keyword
+    if device.type == 'cpu':
+        checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')  # torch.cpu's CPUID probes
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
 def amp_dtype(amp, device) -> torch.dtype | None:
-    "The autocast dtype of `amp` on `device`: bf16 for 'bf16', and for 'auto' on a bf16-capable CUDA device; else None."
-    amp, device = _mode(amp, 'amp', AMP_MODES), torch.device(device)
-    if amp == 'bf16': return torch.bfloat16
-    auto = amp == 'auto' and device.type == 'cuda' and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if auto else None
+    "The autocast dtype of `amp` on `device`: bf16 for 'bf16', and for 'auto' where `native_bf16(device)`; else None (fp32)."
+    amp = _mode(amp, 'amp', AMP_MODES)
+    return torch.bfloat16 if amp == 'bf16' or (amp == 'auto' and native_bf16(device)) else None
+
+def precision_name(dtype) -> str:
+    "'bf16' or 'fp32': the compute precision an `amp_dtype` result stands for."
+    return 'bf16' if dtype == torch.bfloat16 else 'fp32'
+
+def device_name(device) -> str:
+    "The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    try:
+        names = [l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')]
+        if names: return names[0]
+    except OSError: pass
+    return platform.processor() or platform.machine() or 'cpu'
 
 def autocast(device, dtype):
     "Autocast to `dtype` on `device`'s type, or nothing when `dtype` is None."

@@ -76,9 +76,10 @@ def test_only_rank_zero_writes(two_processes):
 def emulate_two_processes(distiller, loader, test_loader, epochs, milestones):
     """The DDP steps in one process: each half-batch through the same weights, gradients averaged, batch-norm
     statistics of the first half kept (DDP broadcasts rank 0's buffers before every step)."""
-    from kd_nb.trainer import TrainConfig, make_optimizer, seed_everything, evaluate, trained_modules
+    from kd_nb.trainer import TrainConfig, make_optimizer, seed_everything, evaluate, trained_modules, amp_dtype, autocast
     from kd_nb.distill import student_parameters
     cfg = TrainConfig(epochs=epochs, lr_milestones=milestones)
+    amp = amp_dtype(cfg.amp, 'cpu')  # the default precision, as the torchrun processes use it
     seed_everything(0, True)
     distiller.to(memory_format=torch.channels_last)
     opt = make_optimizer(student_parameters(distiller), cfg, 'cpu')
@@ -93,13 +94,13 @@ def emulate_two_processes(distiller, loader, test_loader, epochs, milestones):
             start = [b.clone() for b in buffers]
             for xs, ys in reversed(list(zip(x.tensor_split(2), y.tensor_split(2)))):   # rank 1, then rank 0
                 for b, s in zip(buffers, start): b.copy_(s)
-                out = distiller.step(xs.contiguous(memory_format=torch.channels_last), ys)
+                with autocast('cpu', amp): out = distiller.step(xs.contiguous(memory_format=torch.channels_last), ys)
                 (out.total / 2).backward()
                 loss_sum += out.total.item() * len(ys); correct += int((out.logits.argmax(1) == ys).sum()); n += len(ys)
             opt.step()
         sched.step()
         history.append({'train_loss': loss_sum / n, 'train_acc1': 100 * correct / n,
-                        **evaluate(distiller, test_loader, channels_last=True)})
+                        **evaluate(distiller, test_loader, channels_last=True, amp=amp)})
     return history
 
 

@@ -93,6 +93,14 @@ def update_gap(mine, ref, init) -> float:
     return (gap / moved) ** 0.5
 
 
+def update_cosine(mine, ref, init) -> float:
+    "Cosine between the two runs' weight updates w - w_0 over all parameters."
+    with torch.no_grad():
+        a = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(mine.parameters(), init.parameters())])
+        b = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(ref.parameters(), init.parameters())])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
 def fast_steps(d, loader, dtype=torch.float32):
     "The steps fit takes on the run's loader: channels-last model and inputs, foreach SGD, the teacher inside the step."
     fast = copy.deepcopy(d).to(dtype=dtype, memory_format=torch.channels_last)
@@ -119,13 +127,28 @@ def test_fast_path_matches_original_style_loop(same_batches):
     assert abs(fast_losses[-1] - fast_losses[0]) > 1e-3       # the trajectory moves: the comparison is not trivial
     assert update_gap(fast.student, student, d.student) < 0.05
 
-    # through fit itself: one epoch on the same batches, the same mean loss and the same weights
-    cfg = TrainConfig(epochs=1, lr=0.05, lr_milestones=(), progress=False)
+    # through fit itself, in fp32: one epoch on the same batches, the same mean loss and the same weights
+    cfg = TrainConfig(epochs=1, lr=0.05, lr_milestones=(), progress=False, amp='off')
     d_fit = copy.deepcopy(d)
     hist = fit(d_fit, L.train, L.test, cfg, log=lambda s: None)
     assert hist[0]['train_loss'] == pytest.approx(sum(l * b for l, b in zip(losses, sizes)) / sum(sizes), rel=1e-4)
     assert update_gap(d_fit.student, student, d.student) < 0.05
     assert update_gap(d_fit.alignments[0].student_proj, projector, d.alignments[0].student_proj) < 0.05
+
+
+def test_bf16_default_stays_close_to_the_fp32_loop(same_batches):
+    "bf16 autocast (the default where the hardware has it) follows the fp32 original-style loop: its rounding, not another computation."
+    L, ref_loader = same_batches
+    d = models()
+    losses, sizes, student, projector = reference_run(d, ref_loader)
+    d_bf16 = copy.deepcopy(d)
+    hist = fit(d_bf16, L.train, L.test, TrainConfig(epochs=1, lr=0.05, lr_milestones=(), progress=False, amp='bf16'),
+               log=lambda s: None)
+    mean_loss = sum(l * b for l, b in zip(losses, sizes)) / sum(sizes)
+    assert hist[0]['train_loss'] == pytest.approx(mean_loss, rel=1e-2)
+    assert hist[0]['train_loss'] != pytest.approx(mean_loss, rel=1e-6)   # it did compute in bf16
+    assert update_cosine(d_bf16.student, student, d.student) > 0.95              # the weights move the same way
+    assert all(p.dtype == torch.float32 for p in d_bf16.parameters())     # fp32 master weights
 
 
 def test_fast_path_is_the_same_computation_in_float64(same_batches):

@@ -58,7 +58,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     assert len(images) >= 4                                              # loss, layers, cost, learning curves
     text = text_of(nb)
     assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'best variant' in text and 'FitNet' in text
-    assert text.count(NONE_YET) == 2                                     # no projector or direction runs in this sweep
+    assert text.count(NONE_YET) == 3                                     # no projector, direction or speed-setting runs
     assert 'No incomplete or failed runs' in text
     html = out.read_text()
     assert '<table' in html and 'best variant' in html and 'resnet14 → resnet8' in html
@@ -70,7 +70,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
-    assert text.count(NONE_YET) == 7 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
+    assert text.count(NONE_YET) == 8 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
@@ -89,7 +89,7 @@ def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     nb = execute_summary(runs, tmp_path / 'out.ipynb')
     text = text_of(nb)
     assert '4 runs, 2 finished' in text
-    assert text.count(NONE_YET) == 5                                     # only scratch runs finished: no table, no studies
+    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: no table, no studies
     assert 'RuntimeError: CUDA out of memory' in text and 'ValueError: data_dir: no CIFAR-100 here' in text
     assert len([o for o in outputs(nb) if 'image/png' in o.get('data', {})]) == 2   # cost and learning curves
 

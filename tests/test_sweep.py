@@ -152,7 +152,8 @@ def test_dry_run_validates_and_launches_nothing(tmp_path, capsys):
 
 
 SHIPPED = {'baseline': 36, 'losses': 36, 'layers': 39, 'projectors': 51, 'direction': 27,
-           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 51, 'direction_quick': 27}
+           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 51, 'direction_quick': 27,
+           'fast_path': 9, 'fast_path_quick': 9}
 
 
 @pytest.mark.parametrize('name', sorted(SHIPPED))
@@ -163,6 +164,13 @@ def test_shipped_sweeps_expand_and_validate(name):
     resolved = validate(sweep, configs)
     assert len({c['run_name'] for c in configs}) == len(configs)
     quick = name.endswith('_quick')
+    if name.startswith('fast_path'):  # the recipe on two execution paths, and at batch 256 with a scaled learning rate
+        by_batch = sorted({(c['preset'], c['batch_size'], c['lr'], c['epochs'], c['train_limit']) for c in resolved})
+        recipe = ('quick', 64, 0.05, 12, 5000) if quick else ('paper', 64, 0.05, 240, 0)
+        assert by_batch == sorted([recipe, ('fast', 256, 0.2, *recipe[3:])])
+        paths = {(c['fast_data'], c['amp'], c['channels_last'], c['fused_optimizer'], c['compile']) for c in resolved}
+        assert paths == {(True, 'auto', True, True, 'auto'), (False, 'off', False, False, 'off')}
+        return
     assert {c['preset'] for c in resolved} == {'quick' if quick else 'paper'}
     if name.startswith('losses'):
         assert sorted({c['loss'] for c in resolved}) == sorted(list_losses())
