@@ -195,7 +195,7 @@ class FastPath:
         self.aux_opt = make_aux_optimizer([], self.tcfg, device)
         self.eager = TrainStep(self.distiller)
         self.compiled = use_compile(self.tcfg.compile, device)
-        self.step = CompileFallback(self.eager, log) if self.compiled else self.eager
+        self.step = CompileFallback(self.eager, log, mode=self.tcfg.compile_mode) if self.compiled else self.eager
         self.batches = endless(self.loaders.train, self.loaders.train.set_epoch)
         self.sums = None
 
@@ -210,7 +210,8 @@ class FastPath:
         return dict(channels_last=t.channels_last, amp=str(self.amp).replace('torch.', '') if self.amp else 'fp32',
                     fused_optimizer=t.fused_optimizer, optimizer=('fused' if self.opt.defaults.get('fused') else
                     'foreach' if self.opt.defaults.get('foreach') else 'for-loop'),
-                    compile=bool(self.compiled and not fallback), deterministic=resolve_deterministic(t.deterministic, self.device),
+                    compile=bool(self.compiled and not fallback), compile_mode=t.compile_mode if self.compiled else None,
+                    deterministic=resolve_deterministic(t.deterministic, self.device),
                     eval_batch_size=self.cfg['eval_batch_size'], data='DeviceLoader (uint8 on the device)')
 
     def _next(self, n=None):
@@ -301,6 +302,7 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', default=None, help='a folder with cifar-100-python/ (default: synthetic CIFAR-100-shaped data)')
     p.add_argument('--amp', default=None, help="the fast path's amp knob (default: the run default, 'auto')")
     p.add_argument('--compile', default=None, help="the fast path's compile knob (default: 'auto')")
+    p.add_argument('--compile-mode', default=None, help="the fast path's compile_mode knob, e.g. reduce-overhead (default: 'default')")
     p.add_argument('--channels-last', default=None, choices=['True', 'False'], help='the fast path\'s channels_last knob (default: True)')
     p.add_argument('--out', default=None, help='result JSON path (default: benchmarks/results/<device>-<timestamp>.json); a CSV is written next to it')
     return p.parse_args(argv)
@@ -316,7 +318,7 @@ def main(argv=None):
     split_steps = a.split_steps if a.split_steps is not None else (20 if gpu else 3)
     eval_images = a.eval_images if a.eval_images is not None else (10_000 if gpu else 512)
     bs = a.batch_size
-    knobs = {k: v for k, v in dict(amp=a.amp, compile=a.compile, device=device.type,
+    knobs = {k: v for k, v in dict(amp=a.amp, compile=a.compile, compile_mode=a.compile_mode, device=device.type,
                                    channels_last=None if a.channels_last is None else a.channels_last == 'True').items() if v is not None}
     log = lambda *s: print(*s, flush=True)
 

@@ -86,7 +86,7 @@ def build_distiller(cfg: dict, student, teacher=None):
                           layer_losses=cfg['layer_losses'] or None, projector=cfg['projector'], factor=int(cfg['factor']),
                           direction=cfg['direction'], loss_options=cfg['loss_options'])
 
-FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'deterministic')
+FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
     "The trainer's settings from a resolved configuration (fast-path switches left out keep the trainer's defaults)."
@@ -162,7 +162,7 @@ DEFAULT_KNOBS = dict(
     batch_size=None, lr=None, lr_milestones=None, weight_decay=5e-4, momentum=0.9, train_limit=None,
     test_limit=None, val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
-    compile='auto', deterministic='auto')
+    compile='auto', compile_mode='default', deterministic='auto')
 
 # %% ../nbs/06_experiment.ipynb 21
 def read_json(path):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .distill import Distiller, student_parameters, aux_parameters, aux_loss
 
 # %% auto 0
-__all__ = ['LOW_LR_STUDENTS', 'AMP_MODES', 'COMPILE_MODES', 'TrainConfig', 'recipe_lr', 'seed_everything',
+__all__ = ['LOW_LR_STUDENTS', 'AMP_MODES', 'COMPILE_MODES', 'TORCH_COMPILE_MODES', 'TrainConfig', 'recipe_lr', 'seed_everything',
            'resolve_deterministic', 'native_bf16', 'amp_dtype', 'precision_name', 'device_name', 'autocast', 'as_input',
            'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'world', 'is_main',
            'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'trained_modules', 'TrainStep',
@@ -27,6 +27,7 @@ __all__ = ['LOW_LR_STUDENTS', 'AMP_MODES', 'COMPILE_MODES', 'TrainConfig', 'reci
 LOW_LR_STUDENTS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2', 'ShuffleV2_1_5')
 AMP_MODES = ('auto', 'off', 'bf16')
 COMPILE_MODES = ('auto', 'off', 'on')
+TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 def _mode(value, name, valid, when_true=None):
     "`value` checked against `valid`; booleans read as 'off' (False) and `when_true` (True)."
@@ -51,6 +52,7 @@ class TrainConfig:
     amp: str = 'auto'           # 'auto' (bf16 where the device has native bf16), 'bf16', 'off'
     fused_optimizer: bool = True  # fused SGD on CUDA, foreach elsewhere; False: per-parameter loop
     compile: str = 'auto'       # 'auto' (CUDA only), 'on', 'off'
+    compile_mode: str = 'default'  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
 
     def __post_init__(self):
         if int(self.epochs) < 0: raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
@@ -62,6 +64,7 @@ class TrainConfig:
         self.lr_milestones, self.epochs = ms, int(self.epochs)
         self.amp = _mode(self.amp, 'amp', AMP_MODES)
         self.compile = _mode(self.compile, 'compile', COMPILE_MODES, when_true='on')
+        self.compile_mode = _mode(self.compile_mode, 'compile_mode', TORCH_COMPILE_MODES)
         if self.deterministic not in (True, False, 'auto'):
             raise ValueError(f"deterministic: unknown {self.deterministic!r}; valid: auto, True, False")
         for name in ('channels_last', 'fused_optimizer'):
@@ -350,7 +353,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     if size > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == 'cuda' else None,
                                                    find_unused_parameters=True)
-    if use_compile(cfg.compile, device): step = CompileFallback(step, log)
+    if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     for epoch in range(start, cfg.epochs):
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]['lr']
