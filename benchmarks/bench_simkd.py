@@ -10,7 +10,7 @@ Prints and writes (JSON and CSV, `--out`) for each path: training images/s, eval
 per training step split into data / teacher forward / student+projector forward+backward / optimizer, and the minutes
 the full recipe (240 epochs of 50,000 training and 10,000 test images) would take at the measured speeds.
 """
-import argparse, csv, json, os, resource, socket, statistics, subprocess, sys, tempfile, time
+import argparse, csv, json, os, resource, socket, statistics, tempfile, time
 from pathlib import Path
 
 import torch
@@ -22,9 +22,9 @@ import kd_nb
 from kd_nb.data import make_synthetic_cifar, load_cifar, train_transform, test_transform, make_loaders
 from kd_nb.models import get_model
 from kd_nb.projectors import make_projector
-from kd_nb.experiment import DEFAULT_KNOBS, resolve_config, build_distiller, train_config
+from kd_nb.experiment import DEFAULT_KNOBS, resolve_config, build_distiller, train_config, git_commit
 from kd_nb.trainer import (TrainStep, make_optimizer, make_aux_optimizer, train_step, amp_dtype, autocast, as_input,
-                           use_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic, device_name)
+                           maybe_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic, device_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(epochs=240, train_images=50_000, test_images=10_000)
@@ -194,8 +194,8 @@ class FastPath:
         self.opt = make_optimizer(self.distiller_parameters(), self.tcfg, device)
         self.aux_opt = make_aux_optimizer([], self.tcfg, device)
         self.eager = TrainStep(self.distiller)
-        self.compiled = use_compile(self.tcfg.compile, device)
-        self.step = CompileFallback(self.eager, log, mode=self.tcfg.compile_mode) if self.compiled else self.eager
+        self.step = maybe_compile(self.eager, self.tcfg, device, log)
+        self.compiled = self.step is not self.eager
         self.batches = endless(self.loaders.train, self.loaders.train.set_epoch)
         self.sums = None
 
@@ -259,11 +259,6 @@ class FastPath:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-def git_commit():
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError): return None
-
 
 class Memory:
     "Peak memory of each path: CUDA bytes allocated above what was live before its timed work, plus its resident state."
@@ -395,7 +390,7 @@ def main(argv=None):
     ref_r, fast_r = results['reference'], results['fast']
     report = dict(
         benchmark='simkd', device=device.type, device_name=device_name(device), torch=torch.__version__,
-        kd_nb=kd_nb.__version__, git_commit=git_commit(), host=socket.gethostname(), threads=torch.get_num_threads(),
+        kd_nb=kd_nb.__version__, git_commit=git_commit(ROOT), host=socket.gethostname(), threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
         load_average=dict(before=load_before, after=os.getloadavg()),  # other work on the machine during the run
         config=dict(teacher=a.teacher, student=a.student, batch_size=bs, steps=timed, full_epoch=steps == 0, warmup=warmup,

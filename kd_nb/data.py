@@ -106,7 +106,8 @@ def synthetic_images(labels, patterns, rng):
 def class_patterns(num_classes, rng, grid=5, size=40, spread=1.0):
     "A fixed random low-frequency RGB pattern per class, (num_classes, 3, size, size) in [0, 1], `spread` x as far from their mean as drawn"
     coarse = torch.from_numpy(rng.uniform(0.1, 0.9, (num_classes, 3, grid, grid)))
-    coarse = coarse.mean(0) + spread * (coarse - coarse.mean(0))
+    mean = coarse.mean(0)
+    coarse = mean + spread * (coarse - mean)
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode='bilinear', align_corners=False).numpy()
 
 # %% ../nbs/00_data.ipynb 19

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import atexit, fcntl, json, os, platform, shutil, socket, subprocess, sys, time, traceback
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import kd_nb
@@ -21,9 +21,9 @@ from .trainer import (TrainConfig, fit, evaluate, recipe_lr, init_distributed, i
 # %% auto 0
 __all__ = ['PRESETS', 'RECIPE_BATCH', 'LINEAR_LR_PRESETS', 'FAST_PATH_KNOBS', 'DEFAULT_KNOBS', 'RUN_KEYS', 'default_lr',
            'parse_layers', 'project_root', 'project_path', 'pick_device', 'build_distiller', 'train_config',
-           'resolve_config', 'read_json', 'write_json', 'environment', 'same_run', 'Run', 'open_run', 'watch_failures',
-           'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock', 'prepare_teacher', 'finish_run',
-           'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
+           'resolve_config', 'read_json', 'write_json', 'git_commit', 'environment', 'same_run', 'Run', 'open_run',
+           'watch_failures', 'papermill_output_path', 'keep_notebook', 'teacher_dir', 'file_lock', 'prepare_teacher',
+           'finish_run', 'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/06_experiment.ipynb 5
 PRESETS = {
@@ -176,15 +176,16 @@ def write_json(obj, path):
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
-def _git_commit():
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
+def git_commit(root=None) -> str | None:
+    "The commit checked out in `root` (default: the project root), or None outside a git checkout."
+    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root or project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
 def environment(device, amp='auto') -> dict:
     "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                numpy=numpy.__version__, kd_nb=kd_nb.__version__, git_commit=_git_commit(), host=socket.gethostname(),
+                numpy=numpy.__version__, kd_nb=kd_nb.__version__, git_commit=git_commit(), host=socket.gethostname(),
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)))
 
 def _auto_name(cfg):

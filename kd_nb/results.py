@@ -8,7 +8,7 @@ import json, math
 from functools import lru_cache
 from pathlib import Path
 from .experiment import DEFAULT_KNOBS, project_root, project_path, read_json
-from .sweep import run_state, resolve_quietly
+from .sweep import run_state, resolve_quietly, record_path
 
 # %% auto 0
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'PAPER_COLUMNS', 'RECIPE_TRAINING', 'is_run_dir', 'find_run_dirs', 'read_run',
@@ -54,7 +54,7 @@ def read_run(d, runs_dir) -> dict:
     d, root = Path(d), project_path(runs_dir)
     cfg = read_json(d / 'config.json') or {}
     params, summary = cfg.get('params', {}), read_json(d / 'summary.json') or {}
-    record = read_json(d.parent / '_sweep' / f'{d.name}.json')
+    record = read_json(record_path(d.parent, d.name))
     rel = d.relative_to(root)
     row = {**params, **{k: cfg[k] for k in ENV_KEYS if k in cfg}, **summary}
     row.update(run_state(d, record))
@@ -173,16 +173,18 @@ RECIPE_TRAINING = ('paper', 'quick')  # presets that keep the recipe's batch and
 
 def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
 
+def _precision(row) -> str:
+    "The precision a run recorded, or what its `amp` knob implies where it recorded none."
+    p = row.get('precision')
+    return p if isinstance(p, str) else {'off': 'fp32', 'bf16': 'bf16'}.get(row.get('amp'), f"amp {row.get('amp')}")
+
 def execution(row) -> str:
     "How a run executed its recipe, in words: data path, precision, memory format, optimizer, compilation."
-    precision = row.get('precision')
-    if not isinstance(precision, str): precision = {'off': 'fp32', 'bf16': 'bf16'}.get(row.get('amp'), f"amp {row.get('amp')}")
-    return ', '.join(['device data' if _on(row.get('fast_data')) else 'PIL workers', precision,
+    return ', '.join(['device data' if _on(row.get('fast_data')) else 'PIL workers', _precision(row),
                       'NHWC' if _on(row.get('channels_last')) else 'NCHW',
                       'fused SGD' if _on(row.get('fused_optimizer')) else 'SGD loop', f"compile {row.get('compile')}"])
 
-def _is_reference(row) -> bool:
-    return not _on(row.get('fast_data')) and execution(row).split(', ')[1] == 'fp32'
+def _is_reference(row) -> bool: return not _on(row.get('fast_data')) and _precision(row) == 'fp32'
 
 def speed_table(df, metric='best_test_acc'):
     "Finished configurations trained under more than one preset or execution path, side by side (see above)."
@@ -191,8 +193,9 @@ def speed_table(df, metric='best_test_acc'):
     cols = ['dataset', 'pair', 'label', 'preset', 'batch_size', 'lr', 'execution', 'n', 'mean ± std', 'Δ top-1',
             'Δ per seed', 'images/s', 'speed-up', 'wall time (h)']
     if d.empty: return pd.DataFrame(columns=cols)
-    d['execution'] = [execution(r) for r in d.to_dict('records')]
-    d['baseline_rank'] = [(0 if _is_reference(r) else 1) if r.get('preset') in RECIPE_TRAINING else 2 for r in d.to_dict('records')]
+    records = d.to_dict('records')
+    d['execution'] = [execution(r) for r in records]
+    d['baseline_rank'] = [(0 if _is_reference(r) else 1) if r.get('preset') in RECIPE_TRAINING else 2 for r in records]
     config, setting = ['dataset', 'pair', 'label', 'epochs', 'train_limit'], ['preset', 'batch_size', 'lr', 'execution']
     out = []
     for _, g in d.groupby(config, dropna=False, sort=True):
@@ -204,8 +207,8 @@ def speed_table(df, metric='best_test_acc'):
         a['Δ top-1'] = [f'{m - a["mean"][0]:+.2f}' if i else 'baseline' for i, m in enumerate(a['mean'])]
         by_seed = [g.merge(a.loc[[i], setting], on=setting).groupby('seed')[metric].mean() for i in range(len(a))]
         diffs = [(s - by_seed[0]).dropna() for s in by_seed]  # the same seed on both sides: the same teacher and data order
-        a['Δ per seed'] = ['baseline' if i == 0 else mean_std(d.mean(), d.std(), len(d)) + f' ({len(d)})' if len(d) else '—'
-                          for i, d in enumerate(diffs)]
+        a['Δ per seed'] = ['baseline' if i == 0 else mean_std(x.mean(), x.std(), len(x)) + f' ({len(x)})' if len(x) else '—'
+                          for i, x in enumerate(diffs)]
         a['images/s'], a['speed-up'] = a.images.round(0), (a.images / a.images[0]).map(lambda r: f'{r:.2f}x')
         a['wall time (h)'] = (a.wall / 3600).round(2)
         out.append(a[cols])

@@ -482,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
                      help='slurm: wait for the jobs (default: only with --cluster local or debug)')
     run.add_argument('--retry-failed', action='store_true', help='also run the failed runs again')
     run.add_argument('--dry-run', action='store_true', help='validate and show what would be launched')
-    st = sub.add_parser('status', parents=[common], help='state of every run of a sweep')
+    sub.add_parser('status', parents=[common], help='state of every run of a sweep')
     ls = sub.add_parser('list', parents=[common], help='the runs a sweep expands to, validated')
     ls.add_argument('--full', action='store_true', help='print every knob of every run (JSON)')
     rep = sub.add_parser('report', help='the summary notebook of a runs folder, executed, as one HTML file')

@@ -5,7 +5,7 @@
 # %% ../nbs/05_trainer.ipynb 3
 from __future__ import annotations
 import contextlib, csv, os, platform, random, time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ from .distill import Distiller, student_parameters, aux_parameters, aux_loss
 # %% auto 0
 __all__ = ['LOW_LR_STUDENTS', 'AMP_MODES', 'COMPILE_MODES', 'TORCH_COMPILE_MODES', 'TrainConfig', 'recipe_lr', 'seed_everything',
            'resolve_deterministic', 'native_bf16', 'amp_dtype', 'precision_name', 'device_name', 'autocast', 'as_input',
-           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'world', 'is_main',
-           'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'trained_modules', 'TrainStep',
-           'sync_buffers', 'average_gradients', 'topk_correct', 'evaluate', 'trainable_state', 'load_trainable_state',
-           'atomic_save', 'write_metrics', 'train_step', 'fit']
+           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'maybe_compile', 'world',
+           'is_main', 'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'trained_modules',
+           'TrainStep', 'sync_buffers', 'average_gradients', 'topk_correct', 'evaluate', 'trainable_state',
+           'load_trainable_state', 'atomic_save', 'write_metrics', 'train_step', 'fit']
 
 # %% ../nbs/05_trainer.ipynb 5
 LOW_LR_STUDENTS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2', 'ShuffleV2_1_5')
@@ -167,6 +167,10 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
+def maybe_compile(step, cfg: TrainConfig, device, log=print):
+    "`step` through `CompileFallback` in `cfg.compile_mode` where `cfg.compile` asks for compilation on `device`; else `step` itself."
+    return CompileFallback(step, log, mode=cfg.compile_mode) if use_compile(cfg.compile, device) else step
+
 # %% ../nbs/05_trainer.ipynb 21
 def world() -> tuple[int, int]:
     "(rank, world size) of this process in the initialized process group; (0, 1) without one."
@@ -241,11 +245,10 @@ def average_gradients(params):
             if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(size)
 
 # %% ../nbs/05_trainer.ipynb 27
-def topk_correct(logits, y, ks=(1, 5)) -> list[int]:
-    "Number of samples whose label is among the top-k logits, for each k."
-    top = logits.topk(max(ks), dim=1).indices
-    hit = top == y[:, None]
-    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
+    "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
+    hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
 @torch.inference_mode()
 def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dict:
@@ -259,9 +262,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
         x, y = as_input(shard(x, rank, size), channels_last), shard(y, rank, size)
         with autocast(x.device, amp): logits = model(x)
         logits = logits.float()
-        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        s = torch.stack([hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
-                         F.cross_entropy(logits, y, reduction='sum').double()])
+        s = torch.cat([topk_correct(logits, y).double(), F.cross_entropy(logits, y, reduction='sum').double()[None]])
         sums = s if sums is None else sums + s
     model.train(was_training)
     c1, c5, loss = all_reduce_sum(sums).tolist()
@@ -353,7 +354,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     if size > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == 'cuda' else None,
                                                    find_unused_parameters=True)
-    if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
+    step = maybe_compile(step, cfg, device, log)
     for epoch in range(start, cfg.epochs):
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]['lr']
