@@ -14,17 +14,15 @@ import argparse, csv, json, os, resource, socket, statistics, tempfile, time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import kd_nb
 from kd_nb.data import make_synthetic_cifar, load_cifar, train_transform, test_transform, make_loaders
 from kd_nb.models import get_model
-from kd_nb.projectors import make_projector
-from kd_nb.experiment import DEFAULT_KNOBS, resolve_config, build_distiller, train_config, git_commit
-from kd_nb.trainer import (TrainStep, make_optimizer, make_aux_optimizer, train_step, amp_dtype, autocast, as_input,
-                           maybe_compile, CompileFallback, evaluate, seed_everything, resolve_deterministic, device_name)
+from kd_nb.reference import ReferenceSimKD
+from kd_nb.experiment import resolve_config, build_distiller, train_config, git_commit
+from kd_nb.hardware import autocast, as_input, device_name
+from kd_nb.trainer import prepare, train_step, evaluate, resolve_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(epochs=240, train_images=50_000, test_images=10_000)
@@ -45,43 +43,11 @@ def endless(loader, on_new_epoch=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# (a) the reference: a loop written like SimKD's train_student.py / helper/loops.py (train_distill, validate_distill)
-
-class SimKDModule(nn.Module):
-    "SimKD's `SimKD` module as in the original code: align sizes, project the student, classify with the teacher's head."
-    def __init__(self, s_n, t_n, factor=2):
-        super().__init__()
-        self.transfer = make_projector('simkd', s_n, t_n, factor)  # conv1x1-BN-ReLU, conv3x3-BN-ReLU, conv1x1-BN-ReLU
-        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
-
-    def forward(self, feat_s, feat_t, cls_t):
-        s_H, t_H = feat_s.shape[2], feat_t.shape[2]
-        if s_H > t_H: source, target = F.adaptive_avg_pool2d(feat_s, (t_H, t_H)), feat_t
-        else: source, target = feat_s, F.adaptive_avg_pool2d(feat_t, (s_H, s_H))
-        trans_feat_s = self.transfer(source)
-        pred_feat_s = cls_t(self.avg_pool(trans_feat_s).view(trans_feat_s.size(0), -1))
-        return trans_feat_s, target, pred_feat_s
-
-
-def accuracy(output, target, topk=(1,)):
-    "As the original `helper/util.py`: top-k accuracy (%) of one batch."
-    with torch.no_grad():
-        maxk, batch_size = max(topk), target.size(0)
-        _, pred = output.topk(maxk, 1, True, True)
-        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
-        return [correct[:k].reshape(-1).float().sum(0, keepdim=True).mul_(100.0 / batch_size) for k in topk]
-
-
-class KLDiv(nn.Module):
-    "The original `DistillKL`."
-    def __init__(self, T=4): super().__init__(); self.T = T
-    def forward(self, y_s, y_t):
-        p_s, p_t = F.log_softmax(y_s / self.T, dim=1), F.softmax(y_t / self.T, dim=1)
-        return F.kl_div(p_s, p_t, reduction='sum') * (self.T ** 2) / y_s.shape[0]
-
+# (a) the reference: kd_nb.reference.ReferenceSimKD (a loop written like SimKD's train_student.py / helper/loops.py)
+#     fed by torchvision PIL transforms in DataLoader workers, as the original code is
 
 class Reference:
-    "SimKD resnet32x4 -> resnet8x4 as the original code trains it: PIL transforms in DataLoader workers, fp32, NCHW."
+    "SimKD trained as the original code trains it: PIL transforms in DataLoader workers, fp32, NCHW, default SGD."
     name = 'reference'
 
     def __init__(self, teacher, student, data_dir, batch_size, workers, device, lr):
@@ -90,54 +56,23 @@ class Reference:
         test_set = load_cifar('cifar100', data_dir, train=False, transform=test_transform('cifar100'), download=False)
         self.train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
         self.test_loader = DataLoader(test_set, batch_size=max(1, batch_size // 2), shuffle=False, num_workers=workers // 2)
-        self.model_s, self.model_t = student.to(device), teacher.to(device)
-        c_s, c_t = student.head.in_features, teacher.head.in_features
-        self.simkd = SimKDModule(c_s, c_t, factor=2).to(device)
-        self.criterion_cls, self.criterion_div = nn.CrossEntropyLoss(), KLDiv(4)
-        self.optimizer = torch.optim.SGD(list(self.model_s.parameters()) + list(self.simkd.parameters()), lr=lr,
-                                         momentum=0.9, weight_decay=5e-4)
-        self.gamma, self.alpha, self.beta = 0.0, 0.0, 1.0  # SimKD: --cls 0 --div 0 --beta 1
+        self.loop = ReferenceSimKD(student.to(device), teacher.to(device), lr=lr)
         if device.type == 'cuda': torch.backends.cudnn.benchmark = True
         self.batches = endless(self.train_loader)
-        self.meters = []
 
-    def _feats(self, model, x):
-        f = model.forward_features(x)  # model(input, is_feat=True): the stage maps and the logits
-        return f.stages, model.head(f.embedding)
-
-    def _step(self, input, target, timer=None):
-        self.model_s.train(); self.simkd.train(); self.model_t.eval()
-        mark = timer or (lambda phase: None)
-        feat_s, logit_s = self._feats(self.model_s, input)
-        mark('student')
-        with torch.no_grad():
-            feat_t, logit_t = self._feats(self.model_t, input)
-            feat_t = [f.detach() for f in feat_t]
-        mark('teacher')
-        loss_cls = self.criterion_cls(logit_s, target)
-        loss_div = self.criterion_div(logit_s, logit_t)
-        trans_feat_s, trans_feat_t, pred_feat_s = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
-        logit_s = pred_feat_s
-        loss_kd = F.mse_loss(trans_feat_s, trans_feat_t)
-        loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
-        acc1, acc5 = accuracy(logit_s, target, topk=(1, 5))
-        self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))  # the AverageMeter updates
-        self.optimizer.zero_grad()
-        loss.backward()
-        mark('student')
-        self.optimizer.step()
-        mark('optimizer')
-
-    def _next(self, n=None):
-        input, target = next(self.batches)
-        if n is not None: input, target = input[:n], target[:n]
+    def _to_device(self, input, target):
         input = input.float()
         if self.device.type == 'cuda': input, target = input.cuda(self.device), target.cuda(self.device)
         return input, target
 
+    def _next(self, n=None):
+        input, target = next(self.batches)
+        if n is not None: input, target = input[:n], target[:n]
+        return self._to_device(input, target)
+
     def train_steps(self, k, last_size=None):
-        for _ in range(k): self._step(*self._next())
-        if last_size: self._step(*self._next(last_size))
+        for _ in range(k): self.loop.step(*self._next())
+        if last_size: self.loop.step(*self._next(last_size))
         sync(self.device)
 
     def split_steps(self, k):
@@ -146,27 +81,14 @@ class Reference:
         for _ in range(k):
             sync(self.device); t = [time.perf_counter()]
             batch = self._next(); sync(self.device); total['data'] += time.perf_counter() - t[0]; t[0] = time.perf_counter()
-            def timer(phase):
+            def mark(phase):
                 sync(self.device); now = time.perf_counter(); total[phase] += now - t[0]; t[0] = now
-            self._step(*batch, timer=timer)
+            self.loop.step(*batch, mark=mark)
         return {p: v / k for p, v in total.items()}
 
     def eval_pass(self):
         "validate_distill of the original SimKD: student, teacher (for its features) and the SimKD module per batch."
-        self.model_s.eval(); self.simkd.eval()
-        n = 0
-        with torch.no_grad():
-            for input, target in self.test_loader:
-                input = input.float()
-                if self.device.type == 'cuda': input, target = input.cuda(self.device), target.cuda(self.device)
-                feat_s, _ = self._feats(self.model_s, input)
-                feat_t, _ = self._feats(self.model_t, input)
-                feat_t = [f.detach() for f in feat_t]
-                _, _, output = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
-                loss = self.criterion_cls(output, target)
-                acc1, acc5 = accuracy(output, target, topk=(1, 5))
-                self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
-                n += len(target)
+        n = self.loop.evaluate(self._to_device(x, y) for x, y in self.test_loader)
         sync(self.device)
         return n
 
@@ -179,7 +101,7 @@ class FastPath:
 
     def __init__(self, teacher, student, data_dir, batch_size, device, knobs, log):
         self.device = device
-        self.cfg = resolve_config(**{**DEFAULT_KNOBS, **knobs, 'teacher': teacher, 'student': student,
+        self.cfg = resolve_config(**{**knobs, 'teacher': teacher, 'student': student,
                                      'batch_size': batch_size, 'data_dir': str(data_dir), 'download': False,
                                      'train_limit': 0, 'test_limit': 0})
         self.tcfg = train_config(self.cfg)
@@ -188,29 +110,19 @@ class FastPath:
         self.teacher = get_model(teacher).to(device).eval()
         torch.manual_seed(0)
         self.distiller = build_distiller(self.cfg, get_model(student), self.teacher).to(device)
-        seed_everything(0, resolve_deterministic(self.tcfg.deterministic, device))
-        self.amp = amp_dtype(self.tcfg.amp, device)
-        if self.tcfg.channels_last: self.distiller.to(memory_format=torch.channels_last)
-        self.opt = make_optimizer(self.distiller_parameters(), self.tcfg, device)
-        self.aux_opt = make_aux_optimizer([], self.tcfg, device)
-        self.eager = TrainStep(self.distiller)
-        self.step = maybe_compile(self.eager, self.tcfg, device, log)
-        self.compiled = self.step is not self.eager
+        self.prepared = prepare(self.distiller, self.tcfg, device, log)   # what fit sets up, in fit's order
+        self.amp, self.opt, self.aux_opt = self.prepared.amp, self.prepared.opt, self.prepared.aux_opt
+        self.eager, self.step, self.compiled = self.prepared.eager, self.prepared.step, self.prepared.compiled
         self.batches = endless(self.loaders.train, self.loaders.train.set_epoch)
         self.sums = None
-
-    def distiller_parameters(self):
-        from kd_nb.distill import student_parameters
-        return student_parameters(self.distiller)
 
     @property
     def settings(self):
         t = self.tcfg
-        fallback = isinstance(self.step, CompileFallback) and self.step.compiled is None
         return dict(channels_last=t.channels_last, amp=str(self.amp).replace('torch.', '') if self.amp else 'fp32',
                     fused_optimizer=t.fused_optimizer, optimizer=('fused' if self.opt.defaults.get('fused') else
                     'foreach' if self.opt.defaults.get('foreach') else 'for-loop'),
-                    compile=bool(self.compiled and not fallback), compile_mode=t.compile_mode if self.compiled else None,
+                    compile=self.compiled, compile_mode=t.compile_mode if self.compiled else None,
                     deterministic=resolve_deterministic(t.deterministic, self.device),
                     eval_batch_size=self.cfg['eval_batch_size'], data='DeviceLoader (uint8 on the device)')
 

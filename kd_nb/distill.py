@@ -10,39 +10,55 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import CifarNet, feature_shapes, count_params, count_flops
-from .losses import LOSSES, get_loss
-from .projectors import make_projector
+from .losses import LOSSES, check_loss, get_loss
+from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'schedule_weights', 'Alignment', 'StepOutput', 'Distiller',
-           'predict', 'distill_step', 'aux_parameters', 'aux_loss', 'student_parameters', 'make_distiller',
-           'ReusedHeadStudent', 'Deployment', 'deployable']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'default_loss_weights', 'schedule_weights', 'Alignment',
+           'StepOutput', 'Distiller', 'predict', 'distill_step', 'aux_parameters', 'aux_loss', 'trained_modules',
+           'student_parameters', 'make_distiller', 'ReusedHeadStudent', 'Deployment', 'deployable']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
     'scratch': dict(ce_weight=1.0, losses=(), layers=(), projector='simkd', reuse_head=False),
     'kd':      dict(ce_weight=0.1, losses=(('kl', 0.9),), layers=(), projector='simkd', reuse_head=False),
-    'fitnet':  dict(ce_weight=1.0, losses=(('l2', 100.0),), layers=(3,), projector='conv3x3', reuse_head=False),
+    'fitnet':  dict(ce_weight=1.0, losses=(('l2', 100.0),), layers=(3,), projector='convreg', reuse_head=False),
     'simkd':   dict(ce_weight=0.0, losses=(('l2', 1.0),), layers=(4,), projector='simkd', reuse_head=True),
 }
 DIRECTIONS = ('up', 'down', 'middle')
 LAYER_SCHEDULES = ('uniform', 'increasing', 'decreasing', 'last_only')
 
 # %% ../nbs/04_distill.ipynb 7
-def schedule_weights(schedule, n_layers: int) -> list[float]:
-    "Per-layer weights for `n_layers` aligned stages from a schedule name or an explicit list."
-    if not isinstance(schedule, str):
-        ws = [float(w) for w in schedule]
-        if len(ws) != n_layers:
-            raise ValueError(f"layer_weights: got {len(ws)} weights {ws} for {n_layers} aligned layers")
-        return ws
-    if schedule == 'uniform':    return [1.0] * n_layers
-    if schedule == 'increasing': return [(i + 1) / n_layers for i in range(n_layers)]
-    if schedule == 'decreasing': return [(n_layers - i) / n_layers for i in range(n_layers)]
-    if schedule == 'last_only':  return [0.0] * (n_layers - 1) + [1.0]
-    raise ValueError(f"layer_weights: unknown schedule {schedule!r}; valid: {', '.join(LAYER_SCHEDULES)} or a list of numbers")
+def default_loss_weights(method, losses) -> list[float]:
+    "Weights of the loss names `losses` under `method`: its own losses keep its weights, every other loss its `default_weight`."
+    if method is not None and method not in METHOD_DEFAULTS:
+        raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
+    if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names, got the string {losses!r}")
+    own = dict(METHOD_DEFAULTS[method]['losses']) if method is not None else {}
+    weights = []
+    for name in losses:
+        check_loss(name)
+        weights.append(float(own[name] if name in own else LOSSES[name].default_weight))
+    return weights
 
-# %% ../nbs/04_distill.ipynb 10
+# %% ../nbs/04_distill.ipynb 12
+_RAW_SCHEDULES = {'uniform': lambda i, n: 1.0, 'increasing': lambda i, n: i + 1.0,
+                  'decreasing': lambda i, n: float(n - i), 'last_only': lambda i, n: float(i == n - 1)}
+
+def schedule_weights(schedule, n_layers: int) -> list[float]:
+    "Per-layer weights for `n_layers` aligned stages: a schedule name (normalized to sum to 1) or an explicit list, as given."
+    if isinstance(schedule, str):
+        if schedule not in LAYER_SCHEDULES:
+            raise ValueError(f"layer_weights: unknown schedule {schedule!r}; valid: {', '.join(LAYER_SCHEDULES)} or a list of numbers")
+        raw = [_RAW_SCHEDULES[schedule](i, n_layers) for i in range(n_layers)]
+        return [r / sum(raw) for r in raw]
+    try: ws = [float(w) for w in schedule]
+    except (TypeError, ValueError): raise ValueError(f"layer_weights: expected a schedule name or a list of numbers, got {schedule!r}") from None
+    if len(ws) != n_layers: raise ValueError(f"layer_weights: got {len(ws)} weights {ws} for {n_layers} aligned layers")
+    if not all(w >= 0 for w in ws): raise ValueError(f"layer_weights: weights must be numbers >= 0, got {ws}")
+    return ws
+
+# %% ../nbs/04_distill.ipynb 15
 def _pool_to(x, hw):
     return x if tuple(x.shape[-2:]) == tuple(hw) else F.adaptive_avg_pool2d(x, hw)
 
@@ -50,20 +66,29 @@ def _smaller(a, b): return a if a[0] * a[1] <= b[0] * b[1] else b
 
 class Alignment(nn.Module):
     "Student stage `stage` (shape `s_shape`) and the teacher's (`t_shape`) projected to one width and size."
-    def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up'):
+    def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up', target=True):
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction: unknown {direction!r}; valid: {', '.join(DIRECTIONS)}")
+        check_projector(projector, factor)
         (c_s, *hw_s), (c_t, *hw_t) = s_shape, t_shape
-        self.stage, self.direction, self.s_shape = stage, direction, tuple(s_shape)
+        hw_s, hw_t, cls = tuple(hw_s), tuple(hw_t), PROJECTORS[projector]
+        self.stage, self.direction, self.s_shape, self.target = stage, direction, tuple(s_shape), bool(target)
         self.width = {'up': c_t, 'down': c_s, 'middle': (c_s + c_t) // 2}[direction]
-        self.hw = tuple(_smaller(hw_s, hw_t))
-        self.student_proj = nn.Identity() if direction == 'down' else make_projector(projector, c_s, self.width, factor)
-        self.teacher_proj = None if direction == 'up' else make_projector(projector, c_t, self.width, factor)
-        self.norm = None if direction == 'up' else nn.BatchNorm2d(self.width, affine=False)
+        if direction == 'up' and getattr(cls, 'resizes', False) and cls.supports(hw_s, hw_t):
+            self.in_hw, self.hw = hw_s, hw_t   # the student at its own size, regressed to the teacher's
+        else:
+            self.in_hw = self.hw = tuple(_smaller(hw_s, hw_t))
+        self.student_proj = (nn.Identity() if direction == 'down' else
+                             make_projector(projector, c_s, self.width, factor, self.in_hw, self.hw))
+        trainable_target = self.target and direction != 'up'
+        self.teacher_proj = make_projector(projector, c_t, self.width, factor, self.hw, self.hw) if trainable_target else None
+        self.norm = nn.BatchNorm2d(self.width, affine=False) if trainable_target else None
 
-    def student_side(self, f_s): return self.student_proj(_pool_to(f_s, self.hw))
+    def student_side(self, f_s): return self.student_proj(_pool_to(f_s, self.in_hw))
     def teacher_side(self, f_t):
+        "The target from the teacher's map: pooled, and projected by the trainable `teacher_proj` in down/middle."
+        if not self.target: raise ValueError(f"Alignment of stage {self.stage} was built with target=False: it has no teacher side")
         t = _pool_to(f_t, self.hw)
         return t if self.teacher_proj is None else self.teacher_proj(t)
 
@@ -75,7 +100,7 @@ class Alignment(nn.Module):
 
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
-# %% ../nbs/04_distill.ipynb 16
+# %% ../nbs/04_distill.ipynb 23
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term and the aligned feature pairs."
@@ -86,31 +111,41 @@ class StepOutput:
     @property
     def total(self): return sum(self.terms.values())
 
-def _loss_class(name):
-    if name not in LOSSES: get_loss(name)  # raises the registry's error naming the valid losses
-    return LOSSES[name]
+def _loss_pairs(losses, method=None) -> list:
+    "`(name, weight)` pairs from loss names or pairs; a missing weight (a bare name, or None) from `default_loss_weights`."
+    if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names or (name, weight) pairs, got the string {losses!r}")
+    pairs = []
+    for item in losses:
+        item = (item, None) if isinstance(item, str) else item
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"losses: each entry must be a loss name or a (name, weight) pair, got {item!r}")
+        check_loss(item[0])
+        pairs.append(tuple(item))
+    filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
+    return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
 def _make_loss(name, channels, options):
     kwargs = dict(options.get(name, {}))
-    if 'channels' in inspect.signature(_loss_class(name)).parameters: kwargs.setdefault('channels', channels)
+    if 'channels' in inspect.signature(LOSSES[name]).parameters: kwargs.setdefault('channels', channels)
     return get_loss(name, **kwargs)
 
-# %% ../nbs/04_distill.ipynb 17
+# %% ../nbs/04_distill.ipynb 24
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
                  layers=(), layer_weights='uniform', layer_losses=None, projector='simkd', factor=2,
-                 direction='up', reuse_head=False, loss_options=None, input_size=32):
+                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None):
         super().__init__()
-        self.student, self.teacher, self.ce_weight = student, teacher, float(ce_weight)
+        self.student, self.teacher, self.ce_weight, self.method = student, teacher, float(ce_weight), method
+        losses = _loss_pairs(losses, method)
         if teacher is None and (losses or layers or reuse_head):
             raise ValueError("teacher: needed for distillation losses, layers or reuse_head; only method 'scratch' trains without one")
         if teacher is not None: teacher.requires_grad_(False).eval()
         options, self.weights = loss_options or {}, {}
         self.logit_losses, feature_names = nn.ModuleDict(), []
         for name, w in losses:
-            self.weights[name] = float(w)
-            if _loss_class(name).kind == 'logits': self.logit_losses[name] = get_loss(name, **options.get(name, {}))
+            self.weights[name] = w
+            if LOSSES[name].kind == 'logits': self.logit_losses[name] = get_loss(name, **options.get(name, {}))
             else: feature_names.append(name)
         self.layers = tuple(int(k) for k in layers)
         bad = [k for k in self.layers if not 1 <= k <= 4]
@@ -119,6 +154,8 @@ class Distiller(nn.Module):
         per_layer = list(layer_losses) if layer_losses else [None] * len(self.layers)
         if len(per_layer) != len(self.layers):
             raise ValueError(f"layer_losses: {len(per_layer)} names for {len(self.layers)} layers {self.layers}")
+        for n in per_layer:
+            if n: check_loss(n, knob='layer_losses')
         if self.layers and not feature_names and not any(per_layer) and not reuse_head:
             raise ValueError(f"loss: aligned layers {self.layers} need a feature loss; got only {list(self.weights)}")
         if feature_names and not self.layers:
@@ -126,15 +163,20 @@ class Distiller(nn.Module):
         if reuse_head and (not self.layers or self.layers[-1] != 4):
             raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {self.layers}")
         self.layer_weights = schedule_weights(layer_weights, len(self.layers)) if self.layers else []
-        self.alignments, self.feature_losses = nn.ModuleList(), nn.ModuleList()
+        if (feature_names or any(per_layer)) and not any(self.layer_weights):
+            raise ValueError(f"layer_weights: all weights of layers {self.layers} are 0, so no feature loss would apply")
+        self.alignments, self.feature_losses, self.alignment_weights = nn.ModuleList(), nn.ModuleList(), []
         if self.layers:
             shapes_s, shapes_t = feature_shapes(student, input_size), feature_shapes(teacher, input_size)
-        for k, only in zip(self.layers, per_layer):
-            al = Alignment(k, shapes_s[k - 1], shapes_t[k - 1], projector, factor, direction)
-            names = [only] if only else feature_names
+        for k, lam, only in zip(self.layers, self.layer_weights, per_layer):
+            names = ([only] if only else feature_names) if lam else []
+            if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
+            al = Alignment(k, shapes_s[k - 1], shapes_t[k - 1], projector, factor, direction, target=bool(names))
             self.alignments.append(al)
+            self.alignment_weights.append(lam)
             self.feature_losses.append(nn.ModuleDict({n: _make_loss(n, al.width, options) for n in names}))
-            for n in names: self.weights.setdefault(n, 1.0)
+            for n in names:
+                if n not in self.weights: self.weights[n] = default_loss_weights(method, [n])[0]
         self.reuse_head, self.direction = reuse_head, direction
         # The teacher head reads teacher-width features; other directions train a linear head of their own by CE.
         self.own_head = None
@@ -151,9 +193,10 @@ class Distiller(nn.Module):
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y): return distill_step(self, x, y)
 
-# %% ../nbs/04_distill.ipynb 19
+# %% ../nbs/04_distill.ipynb 26
 @torch.no_grad()
 def _teacher_outputs(teacher, x, need_logits):
+    "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss."
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
@@ -165,21 +208,22 @@ def predict(self: Distiller, feats, s_last=None):
     return head(F.adaptive_avg_pool2d(s_last, 1).flatten(1))
 
 def distill_step(self: Distiller, x, y) -> StepOutput:
-    "Losses and prediction for one batch; the teacher runs once, without gradient."
+    "Losses and prediction for one batch; the teacher runs once, without gradient (its projectors keep theirs)."
     fs = self.student.forward_features(x)
     ft, zt = _teacher_outputs(self.teacher, x, bool(self.logit_losses)) if self.teacher is not None else (None, None)
-    sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1])) for al in self.alignments]
+    sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if losses else None)
+             for al, losses in zip(self.alignments, self.feature_losses)]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
     if self.ce_weight: out.terms['ce'] = self.ce_weight * F.cross_entropy(out.logits.float(), y)
     for name, loss in self.logit_losses.items(): out.terms[name] = self.weights[name] * loss(out.logits, zt)
-    for al, lam, (s, t), losses in zip(self.alignments, self.layer_weights, sides, self.feature_losses):
-        if lam == 0: continue
+    for al, lam, (s, t), losses in zip(self.alignments, self.alignment_weights, sides, self.feature_losses):
+        if not losses: continue  # the reused head's stage without a feature loss: prediction only
         s, t = al.match(s, t)
         out.aligned.append((s, t, losses))
         for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t)
     return out
 
-# %% ../nbs/04_distill.ipynb 21
+# %% ../nbs/04_distill.ipynb 28
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives, not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if getattr(l, 'has_aux_step', False)
@@ -191,20 +235,26 @@ def aux_loss(out: StepOutput):
              if getattr(l, 'has_aux_step', False)]
     return sum(terms) if terms else None
 
-def student_parameters(distiller: Distiller) -> list:
-    "What the main optimizer trains: student, projectors, own head; never the teacher or auxiliary parts."
+def trained_modules(distiller: Distiller) -> list:
+    "The distiller's parts that the main optimizer trains: all but the teacher and the losses' own-optimizer parts."
     aux = {id(p) for p in aux_parameters(distiller)}
-    return [p for n, p in distiller.named_parameters() if p.requires_grad and not n.startswith('teacher.') and id(p) not in aux]
+    mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses')]
+    return mods + [l for losses in distiller.feature_losses for l in losses.values()
+                   if not any(id(p) in aux for p in l.parameters())]
 
-# %% ../nbs/04_distill.ipynb 23
+def student_parameters(distiller: Distiller) -> list:
+    "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
+    return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
+
+# %% ../nbs/04_distill.ipynb 32
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
-    "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword."
+    "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return Distiller(student, teacher if method != 'scratch' else None, **cfg)
+    return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 39
+# %% ../nbs/04_distill.ipynb 60
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -227,7 +277,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
     proj_params = sum(count_params(a.student_proj) for a in distiller.alignments)
-    proj_flops = sum(count_flops(a.student_proj, (1, a.s_shape[0], *a.hw)) for a in distiller.alignments)
+    proj_flops = sum(count_flops(a.student_proj, (1, a.s_shape[0], *a.in_hw)) for a in distiller.alignments)
     if distiller.reuse_head:
         al = distiller.alignments[-1]
         head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head

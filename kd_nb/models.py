@@ -4,10 +4,10 @@
 
 # %% auto 0
 __all__ = ['VGG_CONFIGS', 'MODELS', 'Features', 'CifarNet', 'count_params', 'count_flops', 'feature_shapes', 'init_weights',
-           'conv3x3', 'conv1x1', 'ResNetBlock', 'CifarResNet', 'WideBlock', 'WideGroup', 'WideResNet', 'vgg_block',
-           'VGG', 'InvertedResidual', 'conv_bn_relu', 'MobileNetV2', 'channel_shuffle', 'ShuffleV1Block',
-           'ShuffleNetV1', 'ShuffleV2Block', 'ShuffleV2DownBlock', 'ShuffleNetV2', 'list_models', 'get_model',
-           'save_checkpoint', 'load_checkpoint']
+           'conv3x3', 'conv1x1', 'ResNetBlock', 'CifarResNet', 'BottleneckBlock', 'BottleneckResNet', 'WideBlock',
+           'WideGroup', 'WideResNet', 'vgg_block', 'VGG', 'InvertedResidual', 'conv_bn_relu', 'MobileNetV2',
+           'channel_shuffle', 'ShuffleV1Block', 'ShuffleNetV1', 'ShuffleV2Block', 'ShuffleV2DownBlock', 'ShuffleNetV2',
+           'list_models', 'check_model', 'get_model', 'save_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/01_models.ipynb 3
 import pickle
@@ -39,6 +39,7 @@ class Features:
 class CifarNet(nn.Module):
     "Base class: `forward_stages` gives 4 maps; the last is average pooled and fed to `head`."
     head_name = 'fc'
+    arch: str | None = None  # zoo name, set by `get_model`
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward_stages")
@@ -153,7 +154,51 @@ class CifarResNet(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 34
+# %% ../nbs/01_models.ipynb 36
+class BottleneckBlock(nn.Module):
+    "1x1 reduce to `width`, 3x3 (strided), 1x1 expand to 4 `width`; identity or 1x1 (`shortcut`) shortcut."
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1):
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1, self.bn1 = conv1x1(c_in, width), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = conv1x1(width, c_out), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+# %% ../nbs/01_models.ipynb 37
+class BottleneckResNet(CifarNet):
+    "3x3 stem and four layers of bottleneck blocks (widths 64-512); `num_blocks` (3, 4, 6, 3) is ResNet-50."
+    head_name = 'linear'
+
+    def __init__(self, num_blocks: tuple[int, int, int, int] = (3, 4, 6, 3), num_classes: int = 100):
+        super().__init__()
+        if len(num_blocks) != 4 or min(num_blocks) < 1:
+            raise ValueError(f"num_blocks: {num_blocks!r} is not 4 positive block counts; e.g. (3, 4, 6, 3) (ResNet-50)")
+        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
+        c_in = 64
+        for i, (n, w) in enumerate(zip(num_blocks, (64, 128, 256, 512)), start=1):
+            stride = 1 if i == 1 else 2
+            blocks = [BottleneckBlock(c_in if j == 0 else 4 * w, w, stride if j == 0 else 1) for j in range(n)]
+            setattr(self, f'layer{i}', nn.Sequential(*blocks))
+            c_in = 4 * w
+        self.linear = nn.Linear(c_in, num_classes)
+        init_weights(self)
+
+    def forward_stages(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4): stages.append(x := layer(x))
+        return stages
+
+# %% ../nbs/01_models.ipynb 44
 class WideBlock(nn.Module):
     "Pre-activation block of a Wide ResNet."
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
@@ -178,7 +223,7 @@ class WideGroup(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
 
-# %% ../nbs/01_models.ipynb 35
+# %% ../nbs/01_models.ipynb 45
 class WideResNet(CifarNet):
     "WRN-`depth`-`widen`: depth 6n+4, widths (16, 16k, 32k, 64k)."
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
@@ -201,7 +246,7 @@ class WideResNet(CifarNet):
         f3 = self.block2(f2)
         return [f1, f2, f3, self.relu(self.bn1(self.block3(f3)))]
 
-# %% ../nbs/01_models.ipynb 42
+# %% ../nbs/01_models.ipynb 52
 VGG_CONFIGS = MappingProxyType({
     'S': ((64,), (128,), (256,), (512,), (512,)),
     'A': ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -210,7 +255,7 @@ VGG_CONFIGS = MappingProxyType({
     'E': ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 })
 
-# %% ../nbs/01_models.ipynb 43
+# %% ../nbs/01_models.ipynb 53
 def vgg_block(c_in: int, widths: tuple[int, ...]) -> nn.Sequential:
     "conv-BN-ReLU for each width, without the final ReLU."
     layers = []
@@ -243,7 +288,7 @@ class VGG(CifarNet):
         f4 = F.relu(self.block4(self.pool(f3) if big_input else f3))
         return [f1, f2, f3, f4]
 
-# %% ../nbs/01_models.ipynb 47
+# %% ../nbs/01_models.ipynb 57
 class InvertedResidual(nn.Module):
     "Expand (1x1) - depthwise (3x3) - project (1x1, linear), residual when shapes allow."
     def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
@@ -258,7 +303,7 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
-# %% ../nbs/01_models.ipynb 48
+# %% ../nbs/01_models.ipynb 58
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -290,13 +335,13 @@ class MobileNetV2(CifarNet):
         f3 = x = self.blocks[4](self.blocks[3](x))
         return [f1, f2, f3, self.conv2(self.blocks[6](self.blocks[5](x)))]
 
-# %% ../nbs/01_models.ipynb 52
+# %% ../nbs/01_models.ipynb 64
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     "Interleave the channels of `groups` equal channel groups."
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
-# %% ../nbs/01_models.ipynb 55
+# %% ../nbs/01_models.ipynb 67
 class ShuffleV1Block(nn.Module):
     "ShuffleNetV1 unit; stride 2 concatenates an average-pooled shortcut, stride 1 adds the input."
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
@@ -315,7 +360,7 @@ class ShuffleV1Block(nn.Module):
         res = self.shortcut(x)
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
-# %% ../nbs/01_models.ipynb 56
+# %% ../nbs/01_models.ipynb 68
 class ShuffleNetV1(CifarNet):
     "CIFAR ShuffleNetV1: 1x1 stem to 24 channels, three layers of `ShuffleV1Block`."
     head_name = 'linear'
@@ -336,7 +381,7 @@ class ShuffleNetV1(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 62
+# %% ../nbs/01_models.ipynb 74
 class ShuffleV2Block(nn.Module):
     "ShuffleNetV2 basic unit: split, transform one half, concatenate, shuffle."
     def __init__(self, channels: int):
@@ -368,7 +413,7 @@ class ShuffleV2DownBlock(nn.Module):
         right = F.relu(self.bn5(self.conv5(right)))
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
-# %% ../nbs/01_models.ipynb 63
+# %% ../nbs/01_models.ipynb 75
 class ShuffleNetV2(CifarNet):
     "CIFAR ShuffleNetV2; `widths` = three layer widths + final conv width, `depths` = basic units per layer."
     head_name = 'linear'
@@ -389,35 +434,44 @@ class ShuffleNetV2(CifarNet):
         f3 = self.layer3(f2)
         return [f1, f2, f3, F.relu(self.bn2(self.conv2(f3)))]
 
-# %% ../nbs/01_models.ipynb 68
+# %% ../nbs/01_models.ipynb 80
 _resnet, _x2, _x4 = (16, 16, 32, 64), (16, 32, 64, 128), (32, 64, 128, 256)
 
 MODELS = MappingProxyType({
-    **{f'resnet{d}': partial(CifarResNet, d, _resnet) for d in (8, 14, 20, 32, 44, 56, 110)},
-    'resnet8x4': partial(CifarResNet, 8, _x4), 'resnet32x4': partial(CifarResNet, 32, _x4),
+    **{f'resnet{d}': partial(CifarResNet, d, _resnet) for d in (8, 14, 20, 32, 38, 44, 56, 110, 116)},
+    **{f'resnet{d}x4': partial(CifarResNet, d, _x4) for d in (8, 14, 32, 38)},
     **{f'resnet{d}x2': partial(CifarResNet, d, _x2) for d in (14, 38, 110)},
+    'ResNet50': partial(BottleneckResNet, (3, 4, 6, 3)),
     **{f'wrn_{d}_{k}': partial(WideResNet, d, k) for d in (16, 40) for k in (1, 2)},
     **{f'vgg{d}': partial(VGG, cfg) for d, cfg in zip((8, 11, 13, 16, 19), 'SABDE')},
     'MobileNetV2': partial(MobileNetV2, 6, 0.5),
+    'MobileNetV2_1_0': partial(MobileNetV2, 6, 1.0),
     'ShuffleV1': ShuffleNetV1,
     'ShuffleV2': ShuffleNetV2,
     'ShuffleV2_1_5': partial(ShuffleNetV2, (176, 352, 704, 1024)),
 })
 
-# %% ../nbs/01_models.ipynb 69
+# %% ../nbs/01_models.ipynb 81
 def list_models() -> list[str]:
     "Names accepted by `get_model`."
     return list(MODELS)
 
+def check_model(name: str, knob: str = 'model') -> str:
+    "`name` if it is a zoo model; otherwise a `ValueError` starting with `knob` and listing the valid names."
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"{knob}: unknown {name!r}; valid: {', '.join(MODELS)}")
+    return name
+
 def get_model(name: str, num_classes: int = 100) -> CifarNet:
     "A freshly initialised zoo model `name` with a `num_classes`-way head."
-    if name not in MODELS:
-        raise ValueError(f"name: unknown model {name!r}; valid: {', '.join(MODELS)}")
+    check_model(name, 'name')
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: {num_classes!r} is not a positive int")
-    return MODELS[name](num_classes=num_classes)
+    model = MODELS[name](num_classes=num_classes)
+    model.arch = name
+    return model
 
-# %% ../nbs/01_models.ipynb 81
+# %% ../nbs/01_models.ipynb 93
 def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     "Write `{'model': model.state_dict(), **extra}` to `path`."
     path = Path(path)
@@ -425,20 +479,20 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     torch.save({'model': model.state_dict(), **extra}, path)
     return path
 
-# %% ../nbs/01_models.ipynb 82
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file(): raise ValueError(f"path: no checkpoint file at {path}")
+# %% ../nbs/01_models.ipynb 94
+def _read_state_dict(path: Path, knob: str = 'path') -> dict[str, Tensor]:
+    if not path.is_file(): raise ValueError(f"{knob}: no checkpoint file at {path}")
     try:
         try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError: ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise ValueError(f"path: {path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{knob}: {path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     for key in ('model', 'state_dict'):
         if isinstance(ckpt, Mapping) and isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f"path: {path} holds a {type(ckpt).__name__}, not a state dict or {{'model': state_dict}}")
+        raise ValueError(f"{knob}: {path} holds a {type(ckpt).__name__}, not a state dict or {{'model': state_dict}}")
     if ckpt and all(k.startswith('module.') for k in ckpt):
         ckpt = {k[len('module.'):]: v for k, v in ckpt.items()}
     return dict(ckpt)
@@ -447,11 +501,11 @@ def _listed(keys: list[str], limit: int = 10) -> str:
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return ', '.join(keys[:limit]) + more
 
-# %% ../nbs/01_models.ipynb 83
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    "Load the weights in `path` into `model` (in place) and return it."
+# %% ../nbs/01_models.ipynb 95
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, knob: str = 'path') -> nn.Module:
+    "Load the weights in `path` into `model` (in place) and return it; errors start with `knob`."
     path = Path(path)
-    state, own = _read_state_dict(path), model.state_dict()
+    state, own = _read_state_dict(path, knob), model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -460,6 +514,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
                 for what, keys in (('missing', missing if strict else []), ('unexpected', unexpected if strict else []),
                                    ('shape-mismatched (checkpoint vs model)', mismatched)) if keys]
     if problems:
-        raise ValueError(f"path: {path} does not fit {type(model).__name__}; " + '; '.join(problems))
+        arch = getattr(model, 'arch', None) or type(model).__name__
+        raise ValueError(f"{knob}: {path} does not fit {arch}; " + '; '.join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
     return model

@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['FACTORS', 'PROJECTORS', 'align_spatial', 'SimKDProjector', 'IdentityProjector', 'LinearProjector', 'Conv3x3Projector',
-           'DWSepProjector', 'MLPProjector', 'list_projectors', 'make_projector']
+           'DWSepProjector', 'MLPProjector', 'ConvRegProjector', 'list_projectors', 'check_projector', 'make_projector']
 
 # %% ../nbs/03_projectors.ipynb 4
 import numbers
@@ -55,7 +55,7 @@ class SimKDProjector(nn.Module):
 
     def forward(self, x): return self.transfer(x)
 
-# %% ../nbs/03_projectors.ipynb 23
+# %% ../nbs/03_projectors.ipynb 24
 class IdentityProjector(nn.Identity):
     "No projection; only valid when the student and teacher widths are equal."
     def __init__(self, in_channels, out_channels, factor=2):
@@ -91,19 +91,68 @@ class MLPProjector(nn.Module):
 
     def forward(self, x): return self.mlp(x.mean((2, 3)))[:, :, None, None]
 
-# %% ../nbs/03_projectors.ipynb 30
+# %% ../nbs/03_projectors.ipynb 31
+def _regressor_conv(in_channels, out_channels, in_size, out_size):
+    "ConvReg's convolution from an `in_size` map to an `out_size` map (both `(H, W)`)."
+    (hs, ws), (ht, wt) = in_size, out_size
+    if (hs, ws) == (2 * ht, 2 * wt): return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+    if (2 * hs, 2 * ws) == (ht, wt): return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
+    if hs >= ht and ws >= wt: return nn.Conv2d(in_channels, out_channels, kernel_size=(1 + hs - ht, 1 + ws - wt))
+    raise ValueError(f"convreg: cannot map a {hs}x{ws} map to {ht}x{wt}; valid: out_size half of in_size, twice in_size, "
+                     f"or no larger than in_size in both dims")
+
+class ConvRegProjector(nn.Module):
+    "FitNet's hint regressor (`ConvReg` of RepDistiller, mdistiller, SimKD): a conv with bias chosen by the two sizes, BN, ReLU."
+    resizes = True  # maps an `in_size` map to an `out_size` map; the other projectors keep the size
+
+    def __init__(self, in_channels, out_channels, factor=2, in_size=None, out_size=None):
+        super().__init__()
+        in_size = tuple(in_size or out_size or (1, 1))
+        self.in_size, self.out_size = in_size, tuple(out_size or in_size)
+        self.conv = _regressor_conv(in_channels, out_channels, self.in_size, self.out_size)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    @staticmethod
+    def supports(in_size, out_size) -> bool:
+        "Whether a regressor from an `in_size` map to an `out_size` map exists."
+        try: _regressor_conv(1, 1, tuple(in_size), tuple(out_size))
+        except ValueError: return False
+        return True
+
+    def forward(self, x): return self.relu(self.bn(self.conv(x)))
+
+# %% ../nbs/03_projectors.ipynb 39
 PROJECTORS = {'simkd': SimKDProjector, 'identity': IdentityProjector, 'linear': LinearProjector,
-              'conv3x3': Conv3x3Projector, 'dwsep': DWSepProjector, 'mlp': MLPProjector}
+              'conv3x3': Conv3x3Projector, 'dwsep': DWSepProjector, 'mlp': MLPProjector, 'convreg': ConvRegProjector}
 
 def list_projectors():
     "Names accepted by `make_projector`."
     return list(PROJECTORS)
 
-def make_projector(name, in_channels, out_channels, factor=2):
-    "Projector `name` mapping (B, in_channels, H, W) to (B, out_channels, H', W'); `factor` sets bottleneck width `out_channels // factor`."
+def check_projector(name, factor=2, knob='projector'):
+    "Raise `ValueError` unless `name` is a registered projector and `factor` one of `FACTORS`."
     if not isinstance(name, str) or name not in PROJECTORS:
-        raise ValueError(f"projector: unknown {name!r}; valid: {', '.join(PROJECTORS)}")
+        raise ValueError(f"{knob}: unknown {name!r}; valid: {', '.join(PROJECTORS)}")
+    _check_factor(factor)
+
+def _check_size(size, arg):
+    if size is None: return None
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
+        raise ValueError(f"{arg}: must be (H, W), two positive ints, got {size!r}")
+    return tuple(int(v) for v in size)
+
+def make_projector(name, in_channels, out_channels, factor=2, in_size=None, out_size=None):
+    "Projector `name` from (B, in_channels, *in_size) to (B, out_channels, *out_size); `factor` sets bottleneck width `out_channels // factor`."
+    check_projector(name, factor)
     for arg, v in (('in_channels', in_channels), ('out_channels', out_channels)):
         if not _is_int(v) or v < 1: raise ValueError(f"{arg}: must be a positive int, got {v!r}")
-    _check_factor(factor)
-    return PROJECTORS[name](int(in_channels), int(out_channels), factor=int(factor))
+    in_size, out_size = _check_size(in_size, 'in_size'), _check_size(out_size, 'out_size')
+    cls = PROJECTORS[name]
+    if getattr(cls, 'resizes', False):
+        return cls(int(in_channels), int(out_channels), factor=int(factor), in_size=in_size, out_size=out_size)
+    if in_size is not None and out_size is not None and in_size != out_size:
+        resizing = ', '.join(n for n, c in PROJECTORS.items() if getattr(c, 'resizes', False))
+        raise ValueError(f"out_size: projector {name!r} keeps the spatial size, got in_size={in_size} out_size={out_size}; "
+                         f"valid: out_size equal to in_size, or a projector that resizes ({resizing})")
+    return cls(int(in_channels), int(out_channels), factor=int(factor))

@@ -5,20 +5,23 @@ import pytest
 import torch
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # papermill or torchrun runs: `pytest -m 'not slow'` leaves them out
+
 WORKER = textwrap.dedent('''
     import sys, torch
     from pathlib import Path
-    import kd_nb.trainer as tr
-    from kd_nb.trainer import TrainConfig, fit, trainable_state, world
+    import kd_nb.trainer as tr, kd_nb.runs as runs
+    from kd_nb.trainer import TrainConfig, fit, trainable_state
+    from kd_nb.hardware import world
     from kd_nb.experiment import run_experiment
     from kd_nb.models import get_model
     from kd_nb.distill import make_distiller
     from kd_nb.data import make_loaders
     out, data = Path(sys.argv[1]), sys.argv[2]
     writes = []  # every checkpoint and metrics file this process writes
-    for name in ('atomic_save', 'write_metrics'):
-        original = getattr(tr, name)
-        setattr(tr, name, lambda obj, path, _o=original: (writes.append(str(path)), _o(obj, path)))
+    for module, name in ((tr, 'atomic_save'), (runs, 'write_metrics')):
+        original = getattr(module, name)
+        setattr(module, name, lambda obj, path, _o=original: (writes.append(str(path)), _o(obj, path)))
     L = make_loaders('cifar100', data, batch_size=32, eval_batch_size=64, download=False, seed=0)
     torch.manual_seed(0)
     d = make_distiller('simkd', get_model('resnet8'), get_model('resnet14'))
@@ -45,6 +48,11 @@ def two_processes(synthetic_cifar100, tmp_path_factory):
     return out
 
 
+def files(folder):
+    "The files of a run folder, the TensorBoard event files and the lock aside."
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(('events.', '.')))
+
+
 def ranks(out):
     return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
 
@@ -63,11 +71,12 @@ def test_only_rank_zero_writes(two_processes):
     r0, r1 = ranks(two_processes)
     assert r1['writes'] == [] and r1['summary'] is None
     assert sorted({Path(p).name for p in r0['writes']}) == ['best.pt', 'last.pt', 'metrics.csv']
-    assert sorted(p.name for p in (two_processes / 'fit').iterdir()) == ['best.pt', 'last.pt', 'metrics.csv']
+    assert files(two_processes / 'fit') == ['best.pt', 'last.pt', 'metrics.csv']
+    assert len(list((two_processes / 'fit').glob('events.*'))) == 1          # TensorBoard scalars, from rank 0 alone
     runs = two_processes / 'runs'
     assert sorted(p.name for p in runs.iterdir()) == ['ddp', 'teachers']     # one run folder, one teacher
-    assert [p.name for p in (runs / 'teachers').iterdir()] == ['cifar100-resnet14-e1-n0-s0']
-    assert sorted(p.name for p in (runs / 'ddp').iterdir()) == ['best.pt', 'config.json', 'last.pt', 'metrics.csv', 'summary.json']
+    assert [p.name for p in (runs / 'teachers').iterdir()] == ['cifar100-resnet14-e1-n0-s0-synthetic']
+    assert files(runs / 'ddp') == ['best.pt', 'config.json', 'last.pt', 'metrics.csv', 'summary.json']
     summary = json.loads((runs / 'ddp' / 'summary.json').read_text())
     assert summary['status'] == 'done' and summary['epochs'] == 1 and summary == r0['summary']
     assert json.loads((runs / 'ddp' / 'config.json').read_text())['world_size'] == 2
@@ -76,8 +85,9 @@ def test_only_rank_zero_writes(two_processes):
 def emulate_two_processes(distiller, loader, test_loader, epochs, milestones):
     """The DDP steps in one process: each half-batch through the same weights, gradients averaged, batch-norm
     statistics of the first half kept (DDP broadcasts rank 0's buffers before every step)."""
-    from kd_nb.trainer import TrainConfig, make_optimizer, seed_everything, evaluate, trained_modules, amp_dtype, autocast
-    from kd_nb.distill import student_parameters
+    from kd_nb.trainer import TrainConfig, make_optimizer, seed_everything, evaluate
+    from kd_nb.hardware import amp_dtype, autocast
+    from kd_nb.distill import student_parameters, trained_modules
     cfg = TrainConfig(epochs=epochs, lr_milestones=milestones)
     amp = amp_dtype(cfg.amp, 'cpu')  # the default precision, as the torchrun processes use it
     seed_everything(0, True)

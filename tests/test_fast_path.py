@@ -1,9 +1,8 @@
-"The fast training path against a loop written like the original SimKD code, its switches, and the benchmark script."
+"The fast training path against the loop written like the original SimKD code (kd_nb.reference), its switches, and the benchmark script."
 import copy, json, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from conftest import ROOT, NOTEBOOK, quick_params
@@ -11,7 +10,9 @@ from conftest import ROOT, NOTEBOOK, quick_params
 from kd_nb.data import make_loaders, load_cifar, dataset_info
 from kd_nb.models import get_model
 from kd_nb.distill import make_distiller, student_parameters
-from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, as_input, trainable_state
+from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, trainable_state
+from kd_nb.hardware import as_input
+from kd_nb.reference import ReferenceSimKD
 
 
 class FixedAugmentation(Dataset):
@@ -24,21 +25,6 @@ class FixedAugmentation(Dataset):
         img, y = self.ds[i]
         img = T.functional.crop(T.functional.pad(img, 4), self.dy[i], self.dx[i], 32, 32)
         return self.finish(T.functional.hflip(img) if self.flip[i] else img), y
-
-
-def original_style_simkd(student, teacher, projector, loader, lr):
-    "SimKD trained as the original code does: NCHW fp32, per-parameter SGD, the teacher under no_grad each step."
-    opt = torch.optim.SGD(list(student.parameters()) + list(projector.parameters()), lr=lr, momentum=0.9,
-                          weight_decay=5e-4, foreach=False)
-    student.train(); projector.train(); teacher.eval()
-    losses, sizes = [], []
-    for x, y in loader:
-        feat_s = student.forward_stages(x)
-        with torch.no_grad(): feat_t = [f.detach() for f in teacher.forward_stages(x)]
-        loss = F.mse_loss(projector(feat_s[-1]), feat_t[-1])
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item()); sizes.append(len(y))
-    return losses, sizes
 
 
 @pytest.fixture(scope='module')
@@ -64,11 +50,19 @@ def models():
     return make_distiller('simkd', get_model('resnet8'), get_model('resnet14'))
 
 
-def reference_run(d, ref_loader):
-    student, teacher = copy.deepcopy(d.student), copy.deepcopy(d.teacher)
-    projector = copy.deepcopy(d.alignments[0].student_proj)
-    losses, sizes = original_style_simkd(student, teacher, projector, ref_loader, lr=0.05)
-    return losses, sizes, student, projector
+def reference_run(d, batches):
+    "The original-style SimKD loop (kd_nb.reference) from the weights of `d`: its losses, batch sizes, student and projector."
+    ref = ReferenceSimKD(copy.deepcopy(d.student), copy.deepcopy(d.teacher), lr=0.05,
+                         transfer=copy.deepcopy(d.alignments[0].student_proj))
+    losses, sizes = [], []
+    for x, y in batches:
+        losses.append(ref.step(x, y)); sizes.append(len(y))
+    return losses, sizes, ref.model_s, ref.simkd.transfer
+
+
+def body(model):
+    "A model's weights without its classifier (the original loop decays SimKD's unused student classifier)."
+    return [v for k, v in model.state_dict().items() if not k.startswith(model.head_name)]
 
 
 def test_distill_step_is_the_original_computation(same_batches):
@@ -80,24 +74,30 @@ def test_distill_step_is_the_original_computation(same_batches):
     opt, step = make_optimizer(student_parameters(d), cfg, 'cpu'), TrainStep(d)
     d.train()
     assert [train_step(step, x, y, opt).total.item() for x, y in ref_loader] == losses
-    for a, b in zip([*d.student.state_dict().values(), *d.alignments[0].student_proj.state_dict().values()],
-                    [*student.state_dict().values(), *projector.state_dict().values()]):
+    for a, b in zip([*body(d.student), *d.alignments[0].student_proj.state_dict().values()],
+                    [*body(student), *projector.state_dict().values()]):
         assert torch.equal(a, b)
+
+
+def trained(model):
+    "The parameters both loops train the same way (a student's classifier aside)."
+    head = getattr(model, 'head_name', None)
+    return [p for n, p in model.named_parameters() if not (head and n.startswith(head))]
 
 
 def update_gap(mine, ref, init) -> float:
     "|w_fast - w_ref| / |w_ref - w_0| over all parameters: the disagreement relative to how far training moved them."
     with torch.no_grad():
-        gap = sum(float((a.double() - b.double()).norm() ** 2) for a, b in zip(mine.parameters(), ref.parameters()))
-        moved = sum(float((b.double() - w.double()).norm() ** 2) for b, w in zip(ref.parameters(), init.parameters()))
+        gap = sum(float((a.double() - b.double()).norm() ** 2) for a, b in zip(trained(mine), trained(ref)))
+        moved = sum(float((b.double() - w.double()).norm() ** 2) for b, w in zip(trained(ref), trained(init)))
     return (gap / moved) ** 0.5
 
 
 def update_cosine(mine, ref, init) -> float:
     "Cosine between the two runs' weight updates w - w_0 over all parameters."
     with torch.no_grad():
-        a = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(mine.parameters(), init.parameters())])
-        b = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(ref.parameters(), init.parameters())])
+        a = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(trained(mine), trained(init))])
+        b = torch.cat([(p.double() - w.double()).flatten() for p, w in zip(trained(ref), trained(init))])
     return float(a @ b / (a.norm() * b.norm()))
 
 
@@ -155,9 +155,7 @@ def test_fast_path_is_the_same_computation_in_float64(same_batches):
     "In float64 the rounding vanishes: fast path and original-style loop then agree to 1e-6 after every step."
     L, ref_loader = same_batches
     d = models().double()
-    student, teacher = copy.deepcopy(d.student), copy.deepcopy(d.teacher)
-    projector = copy.deepcopy(d.alignments[0].student_proj)
-    losses, _ = original_style_simkd(student, teacher, projector, [(x.double(), y) for x, y in ref_loader], lr=0.05)
+    losses, _, student, _ = reference_run(d, [(x.double(), y) for x, y in ref_loader])
     fast_losses, fast = fast_steps(d, L.train, torch.float64)
     assert fast_losses == pytest.approx(losses, rel=1e-6)
     assert update_gap(fast.student, student, d.student) < 1e-5
@@ -189,18 +187,21 @@ def test_bf16_autocast_keeps_fp32_master_weights(same_batches):
     assert bf16[0]['train_loss'] != fp32[0]['train_loss']                              # and autocast really was on
 
 
+@pytest.mark.slow
 def test_papermill_switches_reach_the_run(synthetic_cifar100, tmp_path):
     params = quick_params(synthetic_cifar100, tmp_path, method='scratch', student='resnet8', epochs=1, run_name='eager')
     args = [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(tmp_path / 'o.ipynb'), '--cwd', str(ROOT), '--no-progress-bar']
     args += sum((['-p', k, str(v)] for k, v in params.items()), [])
-    args += ['-p', 'amp', 'off', '-p', 'compile', 'off', '-p', 'channels_last', 'False', '-p', 'fused_optimizer', 'False',
-             '-p', 'eval_batch_size', '100']
+    args += ['-p', 'amp', 'off', '-p', 'compile', 'off', '-p', 'channels_last', 'false', '-p', 'fused_optimizer', 'False',
+             '-p', 'eval_batch_size', '100', '-p', 'fast_data', 'no', '-p', 'num_workers', '0']
     subprocess.run(args, check=True, capture_output=True)
     p = json.loads((tmp_path / 'eager' / 'config.json').read_text())['params']
-    assert (p['amp'], p['compile'], p['channels_last'], p['fused_optimizer'], p['eval_batch_size']) == ('off', 'off', False, False, 100)
+    assert (p['amp'], p['compile'], p['channels_last'], p['fused_optimizer'], p['eval_batch_size'], p['fast_data']) == \
+        ('off', 'off', False, False, 100, False)
     assert json.loads((tmp_path / 'eager' / 'summary.json').read_text())['status'] == 'done'
 
 
+@pytest.mark.slow
 def test_benchmark_script_writes_all_figures(tmp_path):
     out = tmp_path / 'bench.json'
     r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'bench_simkd.py'), '--device', 'cpu', '--steps', '3',

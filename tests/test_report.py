@@ -4,7 +4,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 from kd_nb.results import load_runs, load_metrics, aggregate, paper_table
-from kd_nb.sweep import main
+from kd_nb.cli import sweep_main as main
 from conftest import ROOT
 from test_sweep import run_quick_sweep
 
@@ -35,6 +35,7 @@ def text_of(nb):
     return '\n'.join(parts)
 
 
+@pytest.mark.slow
 def test_results_of_the_quick_sweep(quick_runs):
     runs = load_runs(quick_runs)
     assert len(runs) == 12 and set(runs.status) == {'done'} and set(runs.sweep) == {'tiny'}, runs[['run', 'status', 'error']]
@@ -49,6 +50,7 @@ def test_results_of_the_quick_sweep(quick_runs):
     assert len(metrics) == 12 and set(metrics.epoch) == {1}
 
 
+@pytest.mark.slow
 def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_path):
     out = tmp_path / 'report' / 'index.html'
     assert main(['report', '--runs', str(quick_runs), '--out', str(out), '--title', 'Quick sweep']) == 0
@@ -67,6 +69,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     assert 'load_runs(' not in html                                      # code hidden
 
 
+@pytest.mark.slow
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
@@ -74,6 +77,7 @@ def test_summary_on_empty_runs_dir(tmp_path):
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
+@pytest.mark.slow
 def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     runs = tmp_path / 'runs'
     for name in ('scratch-resnet8-s0', 'scratch-resnet8-s1'):
@@ -99,8 +103,8 @@ def test_quarto_project_publishes_components_and_report(tmp_path):
     q = yaml.safe_load((ROOT / '_quarto.yml').read_text())
     assert q['project']['type'] == 'website' and q['execute'] == {'enabled': True, 'freeze': 'auto'}
     render = q['project']['render']
-    components = sorted(f'nbs/{p.name}' for p in (ROOT / 'nbs').glob('0*.ipynb'))
-    assert render == ['nbs/index.ipynb', *components, 'nbs/summary.ipynb'] and len(components) == 9
+    components = sorted(f'nbs/{p.name}' for p in (ROOT / 'nbs').glob('[0-9][0-9]_*.ipynb'))
+    assert render == ['nbs/index.ipynb', *components, 'nbs/summary.ipynb'] and len(components) == 13
     assert all((ROOT / p).is_file() for p in render) and 'nbs/run_experiment.ipynb' not in render
     listed = re.findall(r'nbs/\w+\.ipynb', yaml.safe_dump(q['website']['sidebar']))
     assert set(listed) == set(render)

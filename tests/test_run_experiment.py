@@ -4,7 +4,9 @@ from pathlib import Path
 import pandas as pd
 import papermill as pm
 import pytest
-from conftest import NOTEBOOK, ROOT, quick_params
+from conftest import NOTEBOOK, ROOT, quick_params, executed_notebook, wait_for
+
+pytestmark = pytest.mark.slow   # papermill or torchrun runs: `pytest -m 'not slow'` leaves them out
 
 SUMMARY_KEYS = {'best_test_acc', 'final_test_acc', 'teacher_test_acc', 'student_params', 'projector_params',
                 'deploy_params', 'deploy_flops', 'epochs', 'wall_time_s', 'images_per_s', 'status'}
@@ -41,8 +43,8 @@ def test_quick_run_writes_all_artifacts(method, synthetic_cifar100, tmp_path_fac
     assert (summary['projector_params'] > 0) == (method in ('fitnet', 'simkd'))
     m = pd.read_csv(d / 'metrics.csv')
     assert list(m.epoch) == [1, 2] and {'lr', 'train_loss', 'test_acc1', 'test_acc5', 'epoch_time_s'} <= set(m.columns)
-    assert (d / 'best.pt').is_file() and (d / 'last.pt').is_file()
-    assert (d / 'notebook.ipynb').is_file()
+    assert (d / 'best.pt').is_file() and (d / 'last.pt').is_file() and list(d.glob('events.out.tfevents.*'))
+    assert executed_notebook(d)['cells'][-1]['outputs']          # the finished notebook, copied in when papermill is done
     if method != 'scratch':
         assert len(list((runs / 'teachers').glob('*/best.pt'))) == 1
 
@@ -67,6 +69,8 @@ def test_finished_run_is_never_overwritten(synthetic_cifar100, tmp_path):
     (dict(loss='l3'), "loss: unknown 'l3'"),
     (dict(student='resnet9'), 'resnet8x4'),
     (dict(epochs=-2), 'epochs'),
+    (dict(epochs=0), 'epochs: must be an integer >= 1, got 0'),
+    (dict(fast_data='flase'), "fast_data: expected a boolean"),
     (dict(projector='identity', teacher='resnet8x4'), 'needs equal widths'),
     (dict(data_dir='/nonexistent/cifar'), '/nonexistent/cifar'),
 ])
@@ -84,21 +88,34 @@ def test_checkpoint_of_other_architecture_fails_before_training(synthetic_cifar1
     with pytest.raises(pm.PapermillExecutionError) as e:
         run_notebook(tmp_path / 'bad.ipynb', **quick_params(synthetic_cifar100, tmp_path, run_name='bad',
                                                             teacher_ckpt=str(tmp_path / 'wrong.pt')))
-    assert 'wrong.pt' in str(e.value)
+    assert 'wrong.pt' in str(e.value) and 'teacher_ckpt: ' in str(e.value) and 'does not fit resnet14' in str(e.value)
     assert not (tmp_path / 'bad').exists()
 
 
 def test_failed_run_records_status_and_error(synthetic_cifar100, tmp_path):
-    # A corrupted cached teacher is only discovered once the run has started.
-    p = quick_params(synthetic_cifar100, tmp_path, run_name='f', epochs=1)
-    tdir = tmp_path / 'teachers' / 'cifar100-resnet14-e1-n0-s0'
-    tdir.mkdir(parents=True)
-    (tdir / 'summary.json').write_text('{"status": "done"}')
-    (tdir / 'best.pt').write_bytes(b'not a checkpoint')
+    # a teachers_dir that is a file is only discovered once the run has started (preparing its teacher)
+    (tmp_path / 'not-a-folder').write_text('')
+    p = quick_params(synthetic_cifar100, tmp_path, run_name='f', epochs=1, teachers_dir=str(tmp_path / 'not-a-folder'))
     with pytest.raises(pm.PapermillExecutionError):
         run_notebook(tmp_path / 'f.ipynb', **p)
     s = json.loads((tmp_path / 'f' / 'summary.json').read_text())
-    assert s['status'] == 'failed' and 'best.pt' in s['error'] and s['traceback']
+    assert s['status'] == 'failed' and 'not-a-folder' in s['error'] and s['traceback']
+
+
+def test_same_run_name_twice_at_once(synthetic_cifar100, tmp_path):
+    "A second run of the same name and knobs while the first lives is refused, naming the live process; other knobs get NAME-2."
+    p = quick_params(synthetic_cifar100, tmp_path, method='scratch', epochs=3, run_name='twin')
+    first = subprocess.Popen(cli_args(tmp_path / 'a.ipynb', **p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = tmp_path / 'twin' / 'summary.json'
+    wait_for(lambda: summary.exists() and json.loads(summary.read_text()).get('status') == 'running', 120, 'first run started')
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_notebook(tmp_path / 'b.ipynb', **p)
+    assert "RunInUse: run_name: 'twin' is being run by process" in str(e.value)   # the first run's kernel, named
+    run_notebook(tmp_path / 'c.ipynb', **{**p, 'seed': 1, 'epochs': 1})      # other knobs: a folder of its own
+    assert first.wait(timeout=300) == 0
+    assert json.loads(summary.read_text())['status'] == 'done' and len(pd.read_csv(tmp_path / 'twin' / 'metrics.csv')) == 3
+    assert json.loads((tmp_path / 'twin-2' / 'summary.json').read_text())['seed'] == 1
+    assert not (tmp_path / 'twin-3').exists()
 
 
 def test_resume_after_kill_matches_uninterrupted_run(synthetic_cifar100, tmp_path):
@@ -118,7 +135,21 @@ def test_resume_after_kill_matches_uninterrupted_run(synthetic_cifar100, tmp_pat
     keys = ['epoch', 'lr', 'train_loss', 'train_acc1', 'test_acc1', 'test_acc5', 'test_loss']
     full, cut = pd.read_csv(tmp_path / 'full' / 'metrics.csv'), pd.read_csv(metrics)
     pd.testing.assert_frame_equal(cut[keys], full[keys])
-    assert json.loads((tmp_path / 'cut' / 'summary.json').read_text())['status'] == 'done'
-    executed = json.loads((tmp_path / 'cut' / 'notebook.ipynb').read_text())   # found from papermill's command line
+    s = json.loads((tmp_path / 'cut' / 'summary.json').read_text())
+    assert s['status'] == 'done' and len(s['launches']) == 2               # killed once, finished by the second launch
+    assert s['wall_time_s'] == pytest.approx(sum(l['seconds'] for l in s['launches'])) and s['launches'][0]['seconds'] > 0
+    executed = executed_notebook(tmp_path / 'cut')                          # found from papermill's command line
     assert 'learning curves' in ''.join(''.join(c['source']) for c in executed['cells'])
     assert executed['cells'][-1]['outputs'], 'the copy holds the executed last cell'
+    meta = executed['metadata']
+    assert meta['papermill']['duration'] > 0 and meta['language_info']['name'] == 'python'
+
+
+def test_quick_preset_learns_on_default_synthetic_data(tmp_path):
+    "A smoke run shows learning: on `kd-data synthetic`'s defaults the quick preset takes teacher and student far above chance (1%)."
+    from kd_nb.data import make_synthetic_cifar
+    from kd_nb.experiment import run_experiment
+    data = make_synthetic_cifar(tmp_path / 'data', 'cifar100')
+    s = run_experiment(log=lambda *a: None, data_dir=str(data), download=False, teacher='resnet20', student='resnet8',
+                       preset='quick', device='cpu', runs_dir=str(tmp_path / 'runs'), run_name='smoke', progress=False)
+    assert s['teacher_test_acc'] > 30 and s['best_test_acc'] > 20, s

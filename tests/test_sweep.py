@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from kd_nb.losses import list_losses
-from kd_nb.sweep import SweepError, expand, load_sweep, main, run_sweep, sweep_status, validate
+from kd_nb.sweep import SweepError, expand, load_sweep, run_sweep, sweep_status, validate
+from kd_nb.cli import sweep_main as main
+from kd_nb.hardware import available_cores
 from conftest import ROOT
 
 TINY = dict(dataset='cifar100', teacher='resnet14', student='resnet8', preset='quick', epochs=1, train_limit=0,
@@ -46,6 +48,7 @@ def summaries(sweep_dir):
     return {p.parent.name: json.loads(p.read_text()) for p in Path(sweep_dir).glob('*/summary.json')}
 
 
+@pytest.mark.slow
 def test_quick_sweep_completes_with_two_workers(quick_sweep):
     r = quick_sweep.result
     assert len(r.planned) == 12 and sorted(r.launched) == sorted(r.planned) and r.failed == []
@@ -54,18 +57,21 @@ def test_quick_sweep_completes_with_two_workers(quick_sweep):
     assert 'simkd-resnet14-resnet8-layers_3+4-layer_weights_increasing-s0' in r.planned
     s = summaries(quick_sweep.dir)
     assert sorted(s) == sorted(r.planned) and {v['status'] for v in s.values()} == {'done'}
-    assert s['simkd-resnet14-resnet8-loss_cosine-s1']['loss'] == 'cosine' and s['kd-resnet14-resnet8-s1']['seed'] == 1
+    assert s['simkd-resnet14-resnet8-loss_cosine-s1']['loss'] == ['cosine'] and s['kd-resnet14-resnet8-s1']['seed'] == 1
     for name in r.planned:
         d = quick_sweep.dir / name
         assert (d / 'notebook.ipynb').is_file() and (d / 'metrics.csv').is_file()
         assert (quick_sweep.dir / '_sweep' / f'{name}.log').is_file()
-        assert json.loads((d / 'config.json').read_text())['params']['teachers_dir'] == str(quick_sweep.runs / 'teachers')
+        config = json.loads((d / 'config.json').read_text())
+        assert config['params']['teachers_dir'] == str(quick_sweep.runs / 'teachers')
+        assert config['threads'] == max(1, available_cores() // 2)           # the cores split between the 2 workers
     assert sorted(p.name for p in (quick_sweep.runs / 'teachers').iterdir()) == \
-        ['cifar100-resnet14-e1-n0-s0', 'cifar100-resnet14-e1-n0-s1']          # one teacher per seed, shared by the runs
+        ['cifar100-resnet14-e1-n0-s0-synthetic', 'cifar100-resnet14-e1-n0-s1-synthetic']   # one teacher per seed, shared
     assert not (quick_sweep.dir / 'teachers').exists()
     print(f'12-run sweep with 2 workers: {quick_sweep.seconds:.0f}s')
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work(quick_sweep):
     before = {p: p.stat().st_mtime_ns for p in quick_sweep.dir.glob('*/*') if p.is_file()}
     r = run_sweep(quick_sweep.path, quick_sweep.runs, workers=2, overrides=data_overrides(quick_sweep.data), log=QUIET)
@@ -73,6 +79,7 @@ def test_rerun_does_no_work(quick_sweep):
     assert {p: p.stat().st_mtime_ns for p in quick_sweep.dir.glob('*/*') if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_status_reports_every_run_done(quick_sweep):
     rows = sweep_status(quick_sweep.path, quick_sweep.runs)
     assert len(rows) == 12 and {r['status'] for r in rows} == {'done'}
@@ -82,6 +89,7 @@ def test_status_reports_every_run_done(quick_sweep):
     assert out.strip().endswith('12 runs: 12 done') and 'scratch-resnet8-s1' in out
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_and_failed_run_is_retried_only_with_retry_failed(quick_sweep, tmp_path):
     runs = tmp_path / 'runs'
     shutil.copytree(quick_sweep.runs, runs)
@@ -111,6 +119,7 @@ def test_interrupted_run_resumes_and_failed_run_is_retried_only_with_retry_faile
     assert json.loads((runs / 'tiny' / '_sweep' / f'{name}.json').read_text())['cluster'] == 'debug'
 
 
+@pytest.mark.slow
 def test_slurm_backend_with_submitit_local_executor(synthetic_cifar100, tmp_path):
     path = write_sweep(tmp_path / 'alone.yaml', base={**TINY, 'method': 'scratch'}, seeds=[0, 1])
     runs = tmp_path / 'runs'
@@ -133,6 +142,8 @@ def test_slurm_backend_with_submitit_local_executor(synthetic_cifar100, tmp_path
     (dict(base=TINY, axes={'method': ['kd', 'crd']}), "method: unknown 'crd'"),
     (dict(base=TINY, runs=[{'layers': '3,5'}]), 'layers: stage(s) [5] out of range'),
     (dict(base={**TINY, 'teacher': 'resnet8x4'}, grids=[{'projector': ['linear', 'identity']}]), "projector 'identity' needs equal widths"),
+    (dict(base={**TINY, 'progress': 'flase'}), "progress: expected a boolean (true/false, yes/no, on/off, 1/0), got 'flase'"),
+    (dict(base={**TINY, 'epochs': 0}), 'epochs: must be an integer >= 1, got 0'),
 ])
 def test_invalid_sweep_fails_before_launching(content, message, tmp_path, capsys):
     path = write_sweep(tmp_path / 'broken.yaml', **content)
@@ -173,7 +184,7 @@ def test_shipped_sweeps_expand_and_validate(name):
         return
     assert {c['preset'] for c in resolved} == {'quick' if quick else 'paper'}
     if name.startswith('losses'):
-        assert sorted({c['loss'] for c in resolved}) == sorted(list_losses())
+        assert sorted({l for c in resolved for l in c['loss']}) == sorted(list_losses())
     if name.startswith('projectors'):
         assert {(c['projector'], c['factor']) for c in resolved if c['projector'] == 'simkd'} == {('simkd', f) for f in (1, 2, 4, 8)}
         assert {c['projector'] for c in resolved} == {'identity', 'linear', 'simkd', 'mlp', 'dwsep', 'conv3x3'}

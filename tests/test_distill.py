@@ -1,0 +1,181 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from kd_nb.distill import (DIRECTIONS, LAYER_SCHEDULES, METHOD_DEFAULTS, Alignment, Distiller, aux_parameters,
+                           default_loss_weights, deployable, make_distiller, schedule_weights, student_parameters,
+                           trained_modules)
+from kd_nb.losses import LOSSES
+from kd_nb.models import count_params, get_model
+from kd_nb.projectors import ConvRegProjector
+
+
+@pytest.fixture(scope='module')
+def teacher():
+    torch.manual_seed(0)
+    return get_model('resnet8x4', num_classes=10)   # stage widths 32, 64, 128, 256
+
+
+def student():
+    return get_model('resnet8', num_classes=10)     # stage widths 16, 16, 32, 64
+
+
+def ids(params): return [id(p) for p in params]
+
+
+# --- the teacher-side projector trains; the frozen teacher does not
+
+@pytest.mark.parametrize('direction', ['down', 'middle'])
+def test_teacher_side_projector_trains(direction, teacher):
+    torch.manual_seed(0)
+    d = make_distiller('simkd', student(), teacher, direction=direction, ce_weight=1.0).train()
+    q = d.alignments[0].teacher_proj
+    assert q is not None and count_params(q) > 0
+    before = [p.detach().clone() for p in q.parameters()]
+    opt = torch.optim.SGD(student_parameters(d), lr=0.1)
+    out = d.step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    opt.zero_grad()
+    out.total.backward()
+    opt.step()
+    for (name, p), b in zip(q.named_parameters(), before):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert not torch.equal(p.detach(), b), name
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert not d.teacher.training
+
+
+def test_up_direction_target_is_the_frozen_teacher(teacher):
+    d = make_distiller('simkd', student(), teacher)
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    (s, t, _), = out.aligned
+    assert s.requires_grad and not t.requires_grad
+
+
+# --- FitNet's regressor
+
+def test_fitnet_default_projector_is_the_reference_regressor():
+    assert METHOD_DEFAULTS['fitnet']['projector'] == 'convreg'
+    torch.manual_seed(0)
+    d = make_distiller('fitnet', get_model('resnet8x4'), get_model('resnet8x4'))   # stage 3: 128 x 16 x 16 on both sides
+    reg = d.alignments[0].student_proj
+    assert isinstance(reg, ConvRegProjector)
+    assert reg.conv.kernel_size == (1, 1) and reg.conv.bias is not None
+    assert count_params(reg) == 16_768
+    assert deployable(d).projector_params == 16_768
+
+
+@pytest.mark.parametrize('s_shape, t_shape, in_hw, hw, conv, kernel', [
+    ((32, 16, 16), (64, 8, 8), (16, 16), (8, 8), nn.Conv2d, (3, 3)),            # student twice: stride-2 3x3
+    ((32, 4, 4), (64, 8, 8), (4, 4), (8, 8), nn.ConvTranspose2d, (4, 4)),       # student half: transposed 4x4
+    ((32, 7, 7), (64, 4, 4), (7, 7), (4, 4), nn.Conv2d, (4, 4)),                # otherwise larger: (1+3) x (1+3)
+    ((32, 8, 8), (64, 8, 8), (8, 8), (8, 8), nn.Conv2d, (1, 1)),                # equal
+    ((32, 2, 2), (64, 8, 8), (2, 2), (2, 2), nn.Conv2d, (1, 1)),                # no regressor: teacher pooled to 2x2
+])
+def test_convreg_alignment_up(s_shape, t_shape, in_hw, hw, conv, kernel):
+    al = Alignment(4, s_shape, t_shape, 'convreg').train()
+    assert (al.in_hw, al.hw) == (in_hw, hw)
+    assert type(al.student_proj.conv) is conv and al.student_proj.conv.kernel_size == kernel
+    f_s, f_t = torch.randn(2, *s_shape), torch.randn(2, *t_shape)
+    s, t = al(f_s, f_t)
+    assert s.shape == t.shape == (2, 64, *hw)
+    if hw == tuple(t_shape[1:]):
+        assert t is f_t                         # the teacher map is used at its own size
+
+
+@pytest.mark.parametrize('direction', ['down', 'middle'])
+def test_convreg_alignment_down_middle_pools_both_to_the_smaller_grid(direction):
+    al = Alignment(3, (32, 16, 16), (64, 8, 8), 'convreg', direction=direction).train()
+    assert al.in_hw == al.hw == (8, 8)
+    projs = [p for p in (al.student_proj, al.teacher_proj) if isinstance(p, ConvRegProjector)]
+    assert projs and all(p.conv.kernel_size == (1, 1) for p in projs)
+    s, t = al(torch.randn(4, 32, 16, 16), torch.randn(4, 64, 8, 8))
+    assert s.shape == t.shape and s.shape[-2:] == (8, 8)
+
+
+# --- default loss weights
+
+def test_default_loss_weights():
+    assert default_loss_weights('simkd', ['l2']) == [1.0]
+    assert default_loss_weights('fitnet', ['l2']) == [100.0]
+    assert default_loss_weights('kd', ['kl']) == [0.9]
+    assert default_loss_weights('simkd', ['at', 'sp', 'nst', 'rkd', 'kl']) == [1000.0, 3000.0, 50.0, 1.0, 0.9]
+    assert default_loss_weights('kd', ['l2']) == [1.0]
+    for m in METHOD_DEFAULTS:
+        for name in ('l1', 'smooth_l1', 'cosine', 'mmd', 'cka', 'adversarial'):
+            assert default_loss_weights(m, [name]) == [LOSSES[name].default_weight]
+    with pytest.raises(ValueError, match="method: unknown 'crd'; valid: scratch, kd, fitnet, simkd"):
+        default_loss_weights('crd', ['l2'])
+    with pytest.raises(ValueError, match="loss: unknown 'huber'"):
+        default_loss_weights('simkd', ['huber'])
+
+
+def test_distiller_fills_missing_weights_and_keeps_explicit_ones(teacher):
+    assert make_distiller('fitnet', student(), teacher, losses=['l2', 'at']).weights == {'l2': 100.0, 'at': 1000.0}
+    assert make_distiller('simkd', student(), teacher, losses=['at']).weights == {'at': 1000.0}
+    assert make_distiller('simkd', student(), teacher, losses=[('at', 2.0), ('sp', None)]).weights == {'at': 2.0, 'sp': 3000.0}
+    d = make_distiller('simkd', student(), teacher, layers=(3, 4), layer_losses=['nst', 'l2'])
+    assert d.weights == {'l2': 1.0, 'nst': 50.0}
+    d = make_distiller('fitnet', student(), teacher, layers=(3, 4), layer_losses=['l2', 'cosine'])
+    assert d.weights == {'l2': 100.0, 'cosine': LOSSES['cosine'].default_weight}
+    out = d.step(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    assert set(out.terms) == {'ce', 'l2@3', 'cosine@4'}
+
+
+# --- layer-weight schedules
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4])
+def test_named_schedules_sum_to_one(n):
+    for name in LAYER_SCHEDULES:
+        assert sum(schedule_weights(name, n)) == pytest.approx(1.0)
+    assert schedule_weights('uniform', n) == pytest.approx([1 / n] * n)
+    assert schedule_weights('last_only', n) == [0.0] * (n - 1) + [1.0]
+
+
+def test_schedule_shapes_and_explicit_lists():
+    assert schedule_weights('increasing', 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert schedule_weights('decreasing', 4) == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert schedule_weights([2, 0, 1], 3) == [2.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match='>= 0'):
+        schedule_weights([1, -1], 2)
+
+
+def test_zero_weight_stages_are_not_built(teacher):
+    one = make_distiller('simkd', student(), teacher)
+    last = make_distiller('simkd', student(), teacher, layers=(2, 3, 4), layer_weights='last_only')
+    assert [a.stage for a in last.alignments] == [4] and len(last.feature_losses) == 1
+    assert count_params(last) == count_params(one)
+    assert deployable(last).projector_params == deployable(one).projector_params
+    d = make_distiller('simkd', student(), teacher, layers=(2, 3, 4), layer_weights=[1, 0, 1], losses=['l2', 'adversarial'])
+    assert [a.stage for a in d.alignments] == [2, 4]
+    assert len(aux_parameters(d)) == 2 * len(list(d.feature_losses[0]['adversarial'].parameters()))
+    fit = make_distiller('fitnet', student(), teacher, layers=(2, 3), layer_weights=[0, 1])
+    assert [a.stage for a in fit.alignments] == [3]
+    assert deployable(fit).projector_params == count_params(fit.alignments[0].student_proj)
+    with pytest.raises(ValueError, match='all weights'):
+        make_distiller('fitnet', student(), teacher, layers=(2, 3), layer_weights=[0, 0])
+
+
+def test_reused_head_stage_with_zero_weight_keeps_only_its_student_side(teacher):
+    d = make_distiller('simkd', student(), teacher, layers=(3, 4), layer_weights=[1, 0], direction='down', ce_weight=1.0)
+    head_stage = d.alignments[-1]
+    assert head_stage.stage == 4 and head_stage.teacher_proj is None and not d.feature_losses[-1]
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert set(out.terms) == {'ce', 'l2@3'}
+
+
+# --- what trains
+
+def test_student_parameters_come_from_trained_modules(teacher):
+    d = make_distiller('simkd', student(), teacher, losses=['l2', 'adversarial'], direction='middle', ce_weight=1.0)
+    mods = trained_modules(d)
+    main, aux, frozen = ids(student_parameters(d)), ids(aux_parameters(d)), ids(d.teacher.parameters())
+    assert main == ids(nn.ModuleList(mods).parameters())
+    assert aux and not set(aux) & set(main) and not set(frozen) & set(main)
+    assert sorted(main + aux + frozen) == sorted(ids(d.parameters()))
+    assert set(ids(d.alignments[0].teacher_proj.parameters())) <= set(main)
+
+
+def test_one_home_for_what_trains():
+    "The trainer registers the distiller's `trained_modules` with DDP/compile: the same function, not a copy."
+    trainer = pytest.importorskip('kd_nb.trainer')
+    assert getattr(trainer, 'trained_modules', trained_modules) is trained_modules
