@@ -64,7 +64,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     rep.add_argument('--show-code', action='store_true', help='keep the code cells in the HTML')
     return p
 
-# %% ../nbs/12_cli.ipynb 6
+# %% ../nbs/12_cli.ipynb 7
 def format_status(rows: list[dict]) -> str:
     "The rows of `sweep_status` as a text table."
     fmt = lambda v, spec='': '-' if v is None else format(v, spec)
@@ -110,7 +110,7 @@ def sweep_main(argv=None) -> int:
     elif res.jobs: print(f"{sweep.name}: submitted {len(res.jobs)} jobs; follow them with: kd-sweep status {args.sweep}")
     return 1 if res.failed else 0
 
-# %% ../nbs/12_cli.ipynb 11
+# %% ../nbs/12_cli.ipynb 13
 def data_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-data`."
     p = argparse.ArgumentParser(prog='kd-data', description='Put CIFAR on disk in the layout torchvision reads.')
@@ -128,6 +128,7 @@ def data_parser() -> argparse.ArgumentParser:
         syn.add_argument(f"--{name.replace('_', '-')}", type=int, default=SYNTHETIC_DEFAULTS[name], help=f'default: {SYNTHETIC_DEFAULTS[name]}')
     syn.add_argument('--spread', type=float, default=SYNTHETIC_DEFAULTS['spread'],
                      help=f"how far apart the classes are, in (0, 1] (default: {SYNTHETIC_DEFAULTS['spread']})")
+    syn.add_argument('--force', action='store_true', help='replace official files or an imported copy in data_dir')
     return p
 
 def data_main(argv=None) -> int:
@@ -138,7 +139,7 @@ def data_main(argv=None) -> int:
             print(import_cifar(args.src, args.dataset, args.data_dir, force=args.force, progress=not args.no_progress))
         else:
             root = make_synthetic_cifar(args.data_dir, args.dataset, n_train=args.n_train, n_test=args.n_test,
-                                        seed=args.seed, spread=args.spread)
+                                        seed=args.seed, spread=args.spread, force=args.force)
             print(f"wrote synthetic {args.dataset} ({args.n_train} train / {args.n_test} test images, seed {args.seed}, "
                   f"spread {args.spread}) to {root}")
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -47,7 +47,7 @@ class DatasetInfo:
     @property
     def files(self): return self.train_files + self.test_files + (self.meta_file,)
 
-# %% ../nbs/00_data.ipynb 8
+# %% ../nbs/00_data.ipynb 9
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 CIFAR100_CLASSES = (
@@ -90,7 +90,7 @@ def cifar100_coarse_labels() -> np.ndarray:
     coarse = {fine: k for k, fines in enumerate(CIFAR100_SUPERCLASSES.values()) for fine in fines}
     return np.array([coarse[c] for c in CIFAR100_CLASSES])
 
-# %% ../nbs/00_data.ipynb 11
+# %% ../nbs/00_data.ipynb 13
 MANIFEST = 'manifest.json'
 LEGACY_MANIFEST = 'synthetic.json'  # the manifest of synthetic copies written by earlier versions; still read
 
@@ -117,7 +117,7 @@ def file_problems(folder, md5: dict) -> list:
         if got != want: out.append(f'{name}: md5 {got} ({path.stat().st_size:,} bytes), expected {want}')
     return out
 
-# %% ../nbs/00_data.ipynb 14
+# %% ../nbs/00_data.ipynb 18
 class ManifestChecked:
     "Mixin for torchvision's CIFAR classes: check the md5s of the copy's manifest instead of the official ones"
     def __init__(self, root, *args, **kwargs):
@@ -144,7 +144,7 @@ class ManifestCIFAR100(ManifestChecked, torchvision.datasets.CIFAR100):
 
 SyntheticCIFAR10, SyntheticCIFAR100 = ManifestCIFAR10, ManifestCIFAR100  # their earlier names
 
-# %% ../nbs/00_data.ipynb 15
+# %% ../nbs/00_data.ipynb 22
 DATASETS = {
     'cifar10': DatasetInfo(
         'cifar10', 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), torchvision.datasets.CIFAR10,
@@ -162,7 +162,7 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS: raise ValueError(f"dataset: unknown {name!r}; valid: {', '.join(DATASETS)}")
     return DATASETS[name]
 
-# %% ../nbs/00_data.ipynb 21
+# %% ../nbs/00_data.ipynb 28
 def data_manifest(dataset, data_dir) -> dict | None:
     "The manifest of the copy of `dataset` in `data_dir` (synthetic or imported); None for official files (or none)"
     return read_manifest(Path(data_dir).expanduser()/dataset_info(dataset).base_folder)
@@ -177,7 +177,7 @@ def data_source(dataset, data_dir) -> str:
     "What `dataset` in `data_dir` is: 'official', 'synthetic' or 'imported: <source name> (lossy|lossless)'"
     return _source_label(data_manifest(dataset, data_dir))
 
-# %% ../nbs/00_data.ipynb 25
+# %% ../nbs/00_data.ipynb 32
 class Py2Str(bytes):
     "Bytes that pickle as a Python 2 `str` (decoded by `pickle.load`'s `encoding`)"
 
@@ -202,7 +202,7 @@ def py2_pickle(obj, path):
     "Write `obj` to `path` as Python 2 would have (protocol 2)"
     with open(path, 'wb') as f: Py2Pickler(f, protocol=2).dump(obj)
 
-# %% ../nbs/00_data.ipynb 27
+# %% ../nbs/00_data.ipynb 37
 def _split_pickles(info, split, labels, images, filenames, coarse=None):
     "(file name, dict) pairs of one split in the official layout: `images` uint8 (N, 3, 32, 32), `filenames` str"
     files = info.train_files if split == 'train' else info.test_files
@@ -227,7 +227,7 @@ def _write_manifest(folder, info, fields):
     md5 = {f: _md5(Path(folder)/f) for f in info.files}
     (Path(folder)/MANIFEST).write_text(json.dumps({'manifest_version': 1, **fields, 'md5': md5}, indent=1))
 
-# %% ../nbs/00_data.ipynb 29
+# %% ../nbs/00_data.ipynb 39
 def _existing_copy(info, root):
     "(kind, description, manifest) of what `root` holds of `info`'s dataset; None if nothing"
     folder = Path(root)/info.base_folder
@@ -265,7 +265,7 @@ def _install(info, root, write):
         raise
     shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/00_data.ipynb 32
+# %% ../nbs/00_data.ipynb 42
 def synthetic_images(labels, patterns, rng):
     "uint8 (N, 3, 32, 32) images: a random 32x32 window of `patterns[label]` with contrast, brightness and noise"
     n, size = len(labels), patterns.shape[-1]
@@ -283,7 +283,7 @@ def class_patterns(num_classes, rng, grid=5, size=40, spread=1.0):
     coarse = mean + spread * (coarse - mean)
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode='bilinear', align_corners=False).numpy()
 
-# %% ../nbs/00_data.ipynb 34
+# %% ../nbs/00_data.ipynb 46
 def make_synthetic_cifar(root, dataset='cifar100', n_train=5000, n_test=1000, seed=0, spread=1.0, force=False) -> Path:
     "Write a learnable synthetic `dataset` in the official on-disk format under `root`; return `root`. `spread` < 1 brings the classes closer (harder)"
     info = dataset_info(dataset)
@@ -318,7 +318,7 @@ def make_synthetic_cifar(root, dataset='cifar100', n_train=5000, n_test=1000, se
 SYNTHETIC_DEFAULTS = {k: p.default for k, p in inspect.signature(make_synthetic_cifar).parameters.items()
                       if k in ('n_train', 'n_test', 'seed', 'spread')}  # for command lines
 
-# %% ../nbs/00_data.ipynb 48
+# %% ../nbs/00_data.ipynb 60
 def _synthetic_sizes(info):
     return (f"{info.num_classes} classes, {SYNTHETIC_DEFAULTS['n_train']:,} training and "
             f"{SYNTHETIC_DEFAULTS['n_test']:,} test images")
@@ -342,7 +342,7 @@ def no_data_message(dataset, data_dir, missing=None, error=None) -> str:
             f"  1. the official files (needs internet): load with download=True, or download {info.url} and extract it "
             f"into {str(root)!r};\n" + _offline_ways(info, root))
 
-# %% ../nbs/00_data.ipynb 49
+# %% ../nbs/00_data.ipynb 61
 def _recreate_command(info, root, manifest) -> str:
     "The command that writes the copy of `manifest` again"
     if manifest['kind'] == 'imported':
@@ -372,7 +372,7 @@ def corrupt_data_message(dataset, data_dir, problems, manifest=None, download=Fa
                    f"files:\n  1. download {info.url} elsewhere and extract it into {str(root)!r};\n"
                    + _offline_ways(info, root))
 
-# %% ../nbs/00_data.ipynb 57
+# %% ../nbs/00_data.ipynb 69
 SPLITS = ('train', 'test')
 IMAGE_FORMATS = {'PNG': False, 'JPEG': True}  # format Pillow decodes: lossy?
 SOURCE_TYPES = ('tar.gz', 'tgz', 'tar', 'zip')  # archives; or a folder
@@ -394,7 +394,7 @@ def source_sha256(src) -> str:
         with open(path/rel, 'rb') as f: h.update(f"{rel}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
     return h.hexdigest()
 
-# %% ../nbs/00_data.ipynb 58
+# %% ../nbs/00_data.ipynb 71
 class _SourceFiles:
     "The regular files of a folder or archive by relative path, in the order stored, read in place"
     def __init__(self, path, kind): self.path, self.kind, self._archive = path, kind, None
@@ -426,7 +426,7 @@ class _SourceFiles:
     def __exit__(self, *exc):
         if self._archive is not None: self._archive.close()
 
-# %% ../nbs/00_data.ipynb 60
+# %% ../nbs/00_data.ipynb 73
 def _layout(names, info, where) -> tuple:
     "(split -> [(file name, label)] sorted by label and name, enclosing folder) of the images among `names`"
     parts = {n: n.strip('/').split('/') for n in names
@@ -457,7 +457,7 @@ def _layout(names, info, where) -> tuple:
         plan[s].sort(key=lambda e: (e[1], e[0]))
     return plan, top
 
-# %% ../nbs/00_data.ipynb 62
+# %% ../nbs/00_data.ipynb 75
 def _decode(data: bytes, where: str):
     "(uint8 (32, 32, 3) RGB pixels, format) of the PNG or JPEG file `data`"
     try:
@@ -474,7 +474,7 @@ def _decode(data: bytes, where: str):
         raise ValueError(f"{where}: does not decode as an image ({type(e).__name__}: {e}); valid formats: "
                          f"{', '.join(IMAGE_FORMATS)}") from None
 
-# %% ../nbs/00_data.ipynb 65
+# %% ../nbs/00_data.ipynb 78
 @dataclass(repr=False)
 class ImportReport:
     "What `import_cifar` imported: counts per split and class, duplicate images, whether lossy, where, in how long"
@@ -501,7 +501,7 @@ class ImportReport:
         return '\n'.join(rows)
     __repr__ = __str__ = table
 
-# %% ../nbs/00_data.ipynb 66
+# %% ../nbs/00_data.ipynb 80
 def _duplicates(images, names, keep=10) -> dict:
     "Images with identical pixels: repeats within each split, test images also in train, and a few example pairs"
     out, first, examples = {}, {}, []
@@ -523,7 +523,7 @@ def _channel_stats(images, chunk=4096) -> tuple:
     mean = [float(h @ v / h.sum()) for h in hist]
     return [round(m, 4) for m in mean], [round(float(np.sqrt(h @ (v - m) ** 2 / h.sum())), 4) for h, m in zip(hist, mean)]
 
-# %% ../nbs/00_data.ipynb 68
+# %% ../nbs/00_data.ipynb 82
 def _read_source(path, kind, info, progress):
     "Check and decode every image of the source: (paths, labels, uint8 (N, 32, 32, 3) images) per split, formats"
     with _SourceFiles(path, kind) as files:
@@ -552,7 +552,7 @@ def _write_import(folder, info, names, labels, images, manifest):
     py2_pickle(_meta_pickle(info, info.classes, list(CIFAR100_SUPERCLASSES), per_batch), folder/info.meta_file)
     _write_manifest(folder, info, manifest)
 
-# %% ../nbs/00_data.ipynb 69
+# %% ../nbs/00_data.ipynb 83
 def import_cifar(src, dataset='cifar10', data_dir='data', force=False, progress=True) -> ImportReport:
     "Write the images of `src` (a folder, .tar, .tar.gz, .tgz or .zip of train/<class>/*, test/<class>/*; PNG or JPEG) into `data_dir` in the official format"
     start, info = time.perf_counter(), dataset_info(dataset)
@@ -584,7 +584,7 @@ def import_cifar(src, dataset='cifar10', data_dir='data', force=False, progress=
     _install(info, root, lambda out: _write_import(out, info, names, labels, images, manifest))
     return ImportReport(dataset, path.name, lossy, folder, counts, duplicates, time.perf_counter() - start)
 
-# %% ../nbs/00_data.ipynb 77
+# %% ../nbs/00_data.ipynb 91
 def _official_problems(info, folder) -> list:
     tv = info.torchvision_class
     return file_problems(folder, {**dict(tv.train_list + tv.test_list), tv.meta['filename']: tv.meta['md5']})
@@ -606,7 +606,7 @@ def load_cifar(dataset, data_dir, train, transform=None, download=True):
             raise RuntimeError(no_data_message(dataset, root, missing, error=e)) from e
         raise RuntimeError(corrupt_data_message(dataset, root, _official_problems(info, folder), download=True, error=e)) from e
 
-# %% ../nbs/00_data.ipynb 84
+# %% ../nbs/00_data.ipynb 98
 def train_transform(dataset, padding=4, flip=True):
     "PIL -> normalized tensor with the standard random crop (zero padding) and horizontal flip"
     info = dataset_info(dataset)
@@ -621,7 +621,7 @@ def test_transform(dataset):
 
 test_transform.__test__ = False  # not a pytest test, despite its name
 
-# %% ../nbs/00_data.ipynb 88
+# %% ../nbs/00_data.ipynb 102
 def crop_flip(x, dx, dy, flip, padding=4):
     "Zero-pad uint8 `x` (B,C,H,W) by `padding`, crop HxW at (`dx`,`dy`), mirror where `flip`: one gather"
     B, C, H, W = x.shape
@@ -633,13 +633,13 @@ def crop_flip(x, dx, dy, flip, padding=4):
     src = (rows.clamp(0, H - 1) * W + cols.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
     return (x.reshape(B, C, H * W).gather(2, src) * inside.view(B, 1, H * W)).view(B, C, H, W)
 
-# %% ../nbs/00_data.ipynb 93
+# %% ../nbs/00_data.ipynb 107
 def normalize_uint8(x, mean, std):
     "Float32 `(x/255 - mean)/std` of uint8 `x` (B,C,H,W), computed as one multiply-add"
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
 
-# %% ../nbs/00_data.ipynb 96
+# %% ../nbs/00_data.ipynb 111
 def derive_seed(*keys) -> int:
     "A 63-bit seed mixed from non-negative int `keys`"
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) >> 1
@@ -648,7 +648,7 @@ def epoch_generator(seed, epoch) -> torch.Generator:
     "CPU generator for the shuffling and augmentation of `epoch`"
     return torch.Generator().manual_seed(derive_seed(seed, epoch))
 
-# %% ../nbs/00_data.ipynb 99
+# %% ../nbs/00_data.ipynb 116
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f'{name}: must be an int >= {minimum}, got {value!r}')
@@ -699,7 +699,7 @@ class DeviceLoader(EpochBatches):
             if self.augment: x = crop_flip(x, dx[idx], dy[idx], flip[idx], self.padding)
             yield normalize_uint8(x, self.mean, self.std), self.labels[idx]
 
-# %% ../nbs/00_data.ipynb 108
+# %% ../nbs/00_data.ipynb 126
 class SeededTransform(Dataset):
     "`dataset[i]` through `transform`, with torch's RNG seeded from (`seed`, `epoch`, i)"
     def __init__(self, dataset, transform, seed=0):
@@ -735,7 +735,7 @@ class PILLoader(EpochBatches):
                         drop_last=self.drop_last, pin_memory=self.device.type == 'cuda', generator=g)
         for x, y in dl: yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-# %% ../nbs/00_data.ipynb 116
+# %% ../nbs/00_data.ipynb 135
 def split_indices(n, val_size=0, limit=0, seed=0):
     "Sorted (kept, validation) index tensors of `n` samples: `val_size` held out, then at most `limit` kept (0 = all)"
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, n)))

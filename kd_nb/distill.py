@@ -15,8 +15,8 @@ from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'default_loss_weights', 'schedule_weights', 'Alignment',
-           'StepOutput', 'Distiller', 'predict', 'distill_step', 'aux_parameters', 'aux_loss', 'trained_modules',
-           'student_parameters', 'make_distiller', 'ReusedHeadStudent', 'Deployment', 'deployable']
+           'StepOutput', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss',
+           'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -58,7 +58,7 @@ def schedule_weights(schedule, n_layers: int) -> list[float]:
     if not all(w >= 0 for w in ws): raise ValueError(f"layer_weights: weights must be numbers >= 0, got {ws}")
     return ws
 
-# %% ../nbs/04_distill.ipynb 15
+# %% ../nbs/04_distill.ipynb 16
 def _pool_to(x, hw):
     return x if tuple(x.shape[-2:]) == tuple(hw) else F.adaptive_avg_pool2d(x, hw)
 
@@ -100,7 +100,7 @@ class Alignment(nn.Module):
 
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
-# %% ../nbs/04_distill.ipynb 23
+# %% ../nbs/04_distill.ipynb 25
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term and the aligned feature pairs."
@@ -129,7 +129,7 @@ def _make_loss(name, channels, options):
     if 'channels' in inspect.signature(LOSSES[name]).parameters: kwargs.setdefault('channels', channels)
     return get_loss(name, **kwargs)
 
-# %% ../nbs/04_distill.ipynb 24
+# %% ../nbs/04_distill.ipynb 27
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
@@ -193,7 +193,7 @@ class Distiller(nn.Module):
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y): return distill_step(self, x, y)
 
-# %% ../nbs/04_distill.ipynb 26
+# %% ../nbs/04_distill.ipynb 30
 @torch.no_grad()
 def _teacher_outputs(teacher, x, need_logits):
     "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss."
@@ -223,7 +223,15 @@ def distill_step(self: Distiller, x, y) -> StepOutput:
         for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t)
     return out
 
-# %% ../nbs/04_distill.ipynb 28
+# %% ../nbs/04_distill.ipynb 34
+def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
+    "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
+    cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
+    return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
+
+# %% ../nbs/04_distill.ipynb 53
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives, not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if getattr(l, 'has_aux_step', False)
@@ -246,15 +254,7 @@ def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 32
-def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
-    "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
-    if method not in METHOD_DEFAULTS:
-        raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
-    cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
-
-# %% ../nbs/04_distill.ipynb 60
+# %% ../nbs/04_distill.ipynb 69
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):

@@ -72,7 +72,7 @@ def check_choice(value, knob: str, valid):
     if value not in valid: raise ValueError(f"{knob}: unknown {value!r}; valid: {', '.join(map(str, valid))}")
     return value
 
-# %% ../nbs/09_experiment.ipynb 11
+# %% ../nbs/09_experiment.ipynb 14
 def parse_layers(value) -> list:
     "Aligned stages from `'4'`, `'3,4'`, `'all'` or a list."
     if value == 'all': return [1, 2, 3, 4]
@@ -82,7 +82,7 @@ def parse_layers(value) -> list:
     if layers != sorted(set(layers)): raise ValueError(f"layers: stages must be increasing and distinct, got {value!r}")
     return layers
 
-# %% ../nbs/09_experiment.ipynb 14
+# %% ../nbs/09_experiment.ipynb 18
 def project_root(start=None) -> Path:
     "The nearest folder at or above `start` (default: cwd) that holds `settings.ini`; else `start` itself."
     start = Path(start or Path.cwd()).resolve()
@@ -93,7 +93,7 @@ def project_path(p) -> Path:
     p = Path(p).expanduser()
     return p if p.is_absolute() else project_root() / p
 
-# %% ../nbs/09_experiment.ipynb 17
+# %% ../nbs/09_experiment.ipynb 23
 FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -110,7 +110,7 @@ def build_distiller(cfg: dict, student, teacher=None):
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
                           loss_options=cfg['loss_options'])
 
-# %% ../nbs/09_experiment.ipynb 18
+# %% ../nbs/09_experiment.ipynb 26
 def _resolve_losses(k: dict, m: dict, given: dict):
     "loss, loss_weight, layer_losses and loss_options of `k`, checked and completed."
     k['loss'] = parse_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
@@ -129,7 +129,7 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     defaults = lambda n: {o: v for o, v in loss_option_defaults(n).items() if o != 'channels'}
     k['loss_options'] = json.loads(json.dumps({n: {**defaults(n), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 19
+# %% ../nbs/09_experiment.ipynb 27
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -184,7 +184,7 @@ def resolve_config(**knobs) -> dict:
                         None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes))
     return k
 
-# %% ../nbs/09_experiment.ipynb 27
+# %% ../nbs/09_experiment.ipynb 35
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -204,7 +204,7 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 30
+# %% ../nbs/09_experiment.ipynb 40
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images."
     return {**cfg, 'method': 'scratch', 'student': cfg['teacher'], 'seed': cfg['teacher_seed'], 'epochs': cfg['teacher_epochs'],
@@ -236,7 +236,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 31
+# %% ../nbs/09_experiment.ipynb 44
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     teacher = get_model(cfg['teacher'], loaders.info.num_classes)
@@ -275,7 +275,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if is_main(): write_json({'params': params, 'status': 'done', 'best_test_acc': max(r['test_acc1'] for r in hist)}, tdir / SUMMARY)
 
-# %% ../nbs/09_experiment.ipynb 34
+# %% ../nbs/09_experiment.ipynb 48
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -308,7 +308,7 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 35
+# %% ../nbs/09_experiment.ipynb 52
 def _auto_name(cfg):
     pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
@@ -333,7 +333,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 36
+# %% ../nbs/09_experiment.ipynb 55
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for `scratch`)."
     if exp.cfg['method'] == 'scratch': return None
@@ -367,7 +367,7 @@ def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: 
         deploy_flops=dep.flops, epochs=len(history), data_source=exp.cfg['data_source'],
         images_per_s=sum(r['images_per_s'] for r in history) / len(history))
 
-# %% ../nbs/09_experiment.ipynb 37
+# %% ../nbs/09_experiment.ipynb 60
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -381,7 +381,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 39
+# %% ../nbs/09_experiment.ipynb 63
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -427,6 +427,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 40
+# %% ../nbs/09_experiment.ipynb 67
 #| eval: false
 if __name__ == '__main__': main()

@@ -39,7 +39,7 @@ def device_name(device) -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'cpu'
 
-# %% ../nbs/05_hardware.ipynb 9
+# %% ../nbs/05_hardware.ipynb 10
 def available_cores() -> int:
     "The CPU cores this process may run on (its affinity mask; all cores where the OS has no such mask)."
     try: return len(os.sched_getaffinity(0))
@@ -67,7 +67,7 @@ def set_threads(threads: int = 0) -> int:
                       f"is oversubscribed and every run on it slows down; run fewer at once or lower `threads`", stacklevel=2)
     return n
 
-# %% ../nbs/05_hardware.ipynb 13
+# %% ../nbs/05_hardware.ipynb 16
 AMP_MODES = ('auto', 'off', 'bf16')
 
 def check_mode(value, name, valid, when_true=None):
@@ -105,7 +105,7 @@ def as_input(x, channels_last: bool):
     "An input batch in the memory format the models were put in."
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
-# %% ../nbs/05_hardware.ipynb 18
+# %% ../nbs/05_hardware.ipynb 26
 def world() -> tuple[int, int]:
     "(rank, world size) of this process in the initialized process group; (0, 1) without one."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()

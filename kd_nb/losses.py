@@ -45,7 +45,7 @@ def register_loss(name):
         return cls
     return deco
 
-# %% ../nbs/02_losses.ipynb 6
+# %% ../nbs/02_losses.ipynb 7
 MATCH_RULES = {'shape': 'the whole shape', 'spatial': 'batch and spatial size', 'batch': 'batch size'}
 
 def check_pair(name, s, t, match='shape', min_ndim=2, max_ndim=None):
@@ -61,7 +61,7 @@ def check_pair(name, s, t, match='shape', min_ndim=2, max_ndim=None):
     if not ok:
         raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must match in {MATCH_RULES[match]}")
 
-# %% ../nbs/02_losses.ipynb 7
+# %% ../nbs/02_losses.ipynb 9
 class AlignmentLoss(nn.Module):
     "Base class: checks shapes and computes `self.compute(s, t)` in float32 without autocast; gradients reach `s` and `t`."
     name, kind, match, min_ndim, max_ndim = 'alignment', 'feature', 'shape', 2, None
@@ -76,7 +76,7 @@ class AlignmentLoss(nn.Module):
 
     def compute(self, s, t): raise NotImplementedError(f"{type(self).__name__} must define compute(s, t)")
 
-# %% ../nbs/02_losses.ipynb 10
+# %% ../nbs/02_losses.ipynb 12
 def check_loss(name, options=None, knob='loss'):
     "Raise `ValueError` unless `name` is a registered loss and `options` (a dict) are known options of it with valid values."
     if not isinstance(name, str) or name not in LOSSES:
@@ -109,7 +109,7 @@ def get_loss(name, **kwargs):
     if missing: raise ValueError(f"loss {name!r}: missing required option(s) {', '.join(missing)}; valid: {', '.join(opts)}")
     return LOSSES[name](**kwargs)
 
-# %% ../nbs/02_losses.ipynb 16
+# %% ../nbs/02_losses.ipynb 18
 def pooled(x):
     "Global average pool `(B, C, ...)` -> `(B, C)`; 2-d inputs are returned unchanged."
     return x.flatten(2).mean(-1) if x.ndim > 2 else x
@@ -122,14 +122,14 @@ def sq_dists(a, b):
     "Pairwise squared Euclidean distances between the rows of `a` and `b`, clamped at 0."
     return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None] - 2 * a @ b.T).clamp_min(0)
 
-# %% ../nbs/02_losses.ipynb 19
+# %% ../nbs/02_losses.ipynb 24
 @register_loss('l2')
 class L2Loss(AlignmentLoss):
     "Mean squared error over all elements (SimKD)."
     default_weight, weight_source = 1.0, "SimKD (Chen et al. 2022): -b 1 (with -c 0 -d 0) in its README"
     def compute(self, s, t): return F.mse_loss(s, t)
 
-# %% ../nbs/02_losses.ipynb 23
+# %% ../nbs/02_losses.ipynb 28
 @register_loss('l1')
 class L1Loss(AlignmentLoss):
     "Mean absolute error over all elements."
@@ -147,7 +147,7 @@ class SmoothL1Loss(AlignmentLoss):
         self.beta = float(beta)
     def compute(self, s, t): return F.smooth_l1_loss(s, t, beta=self.beta)
 
-# %% ../nbs/02_losses.ipynb 28
+# %% ../nbs/02_losses.ipynb 33
 COSINE_MODES = ('position', 'pooled')
 
 @register_loss('cosine')
@@ -165,7 +165,7 @@ class CosineLoss(AlignmentLoss):
         cos = (F.normalize(s, dim=1, eps=EPS) * F.normalize(t, dim=1, eps=EPS)).sum(1)
         return 1 - cos.mean()
 
-# %% ../nbs/02_losses.ipynb 32
+# %% ../nbs/02_losses.ipynb 37
 @register_loss('kl')
 class KLDivLoss(AlignmentLoss):
     "Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."
@@ -181,7 +181,7 @@ class KLDivLoss(AlignmentLoss):
         log_q, log_p = F.log_softmax(s / self.T, 1), F.log_softmax(t / self.T, 1)
         return F.kl_div(log_q, log_p, reduction='batchmean', log_target=True) * self.T ** 2
 
-# %% ../nbs/02_losses.ipynb 36
+# %% ../nbs/02_losses.ipynb 41
 MMD_MODES = ('pooled', 'flat')
 
 def _positive_numbers(v):
@@ -215,7 +215,7 @@ class MMDLoss(AlignmentLoss):
         pair = (kss + ktt - kst - kst.T) * off[:b, :b]
         return pair.sum() / (b * (b - 1))
 
-# %% ../nbs/02_losses.ipynb 41
+# %% ../nbs/02_losses.ipynb 46
 @register_loss('at')
 class AttentionTransferLoss(AlignmentLoss):
     "Attention transfer: mean squared difference of L2-normalized spatial maps mean_c |f|^p (channels may differ)."
@@ -230,7 +230,7 @@ class AttentionTransferLoss(AlignmentLoss):
     def attention(self, f): return F.normalize(f.abs().pow(self.p).mean(1).flatten(1), dim=1, eps=EPS)
     def compute(self, s, t): return (self.attention(s) - self.attention(t)).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb 45
+# %% ../nbs/02_losses.ipynb 50
 @register_loss('sp')
 class SimilarityPreservingLoss(AlignmentLoss):
     "Similarity preserving: squared Frobenius distance of row-normalized batch Gram matrices / B^2."
@@ -240,7 +240,7 @@ class SimilarityPreservingLoss(AlignmentLoss):
     def gram(self, f): f = flat(f); return F.normalize(f @ f.T, dim=1, eps=EPS)
     def compute(self, s, t): return (self.gram(s) - self.gram(t)).pow(2).sum() / s.shape[0] ** 2
 
-# %% ../nbs/02_losses.ipynb 51
+# %% ../nbs/02_losses.ipynb 56
 @register_loss('rkd')
 class RelationalKDLoss(AlignmentLoss):
     "Relational KD on pooled embeddings: w_dist * distance-wise + w_angle * angle-wise Huber losses."
@@ -269,7 +269,7 @@ class RelationalKDLoss(AlignmentLoss):
         return (self.w_dist * F.smooth_l1_loss(self.distances(s), self.distances(t)) +
                 self.w_angle * F.smooth_l1_loss(self.angles(s), self.angles(t)))
 
-# %% ../nbs/02_losses.ipynb 56
+# %% ../nbs/02_losses.ipynb 61
 def linear_cka(x, y):
     "Linear CKA between (B, Dx) and (B, Dy) batch matrices; rows are samples."
     x, y = x - x.mean(0), y - y.mean(0)
@@ -283,7 +283,7 @@ class CKALoss(AlignmentLoss):
     default_weight, weight_source = 20.0, MEASURED_WEIGHT
     def compute(self, s, t): return 1 - linear_cka(flat(s), flat(t))
 
-# %% ../nbs/02_losses.ipynb 62
+# %% ../nbs/02_losses.ipynb 67
 @register_loss('nst')
 class NSTLoss(AlignmentLoss):
     "Neural selectivity transfer: polynomial-kernel MMD between per-channel normalized spatial patterns."
@@ -301,7 +301,7 @@ class NSTLoss(AlignmentLoss):
         s, t = F.normalize(s.flatten(2), dim=2, eps=EPS), F.normalize(t.flatten(2), dim=2, eps=EPS)
         return (self.kernel(s, s) + self.kernel(t, t) - 2 * self.kernel(s, t)).mean()
 
-# %% ../nbs/02_losses.ipynb 66
+# %% ../nbs/02_losses.ipynb 71
 @register_loss('adversarial')
 class AdversarialLoss(AlignmentLoss):
     "Non-saturating GAN loss against an MLP discriminator on pooled features; `aux_loss` trains the discriminator."
@@ -334,7 +334,7 @@ class AdversarialLoss(AlignmentLoss):
             return (F.binary_cross_entropy_with_logits(lt, torch.ones_like(lt)) +
                     F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls)))
 
-# %% ../nbs/02_losses.ipynb 88
+# %% ../nbs/02_losses.ipynb 93
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()

@@ -45,7 +45,7 @@ class SimKD(nn.Module):
         pred_feat_s = cls_t(self.avg_pool(trans_feat_s).view(trans_feat_s.size(0), -1))
         return trans_feat_s, target, pred_feat_s
 
-# %% ../nbs/08_reference.ipynb 7
+# %% ../nbs/08_reference.ipynb 9
 class ReferenceSimKD:
     "SimKD `student` from a frozen `teacher` as the original code trains it (fp32, NCHW, default SGD, CE/KL/feature terms weighted 0/0/1)."
     def __init__(self, student, teacher, lr=0.05, factor=2, transfer=None, momentum=0.9, weight_decay=5e-4):

@@ -16,8 +16,8 @@ from .sweep import run_state, record_path
 # %% auto 0
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'config_key', 'read_run',
            'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std', 'aggregate',
-           'paper_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution', 'speed_table',
-           'notebook_to_html', 'render_report', 'write_redirect']
+           'paper_table', 'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution',
+           'speed_table', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -43,7 +43,7 @@ def config_key(params: dict) -> str:
     if ident.get('teacher_seed') == params.get('seed'): ident['teacher_seed'] = 'seed'  # follows the seed, as by default
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
-# %% ../nbs/11_results.ipynb 6
+# %% ../nbs/11_results.ipynb 7
 def read_run(folder, runs_dir) -> dict:
     "The row of the run in `folder` (see above)."
     f, root = RunFolder(folder), project_path(runs_dir)
@@ -68,7 +68,7 @@ def read_run(folder, runs_dir) -> dict:
     row['label'] = f"{row.get('method')} {row['variant']}".strip()
     return row
 
-# %% ../nbs/11_results.ipynb 8
+# %% ../nbs/11_results.ipynb 10
 @lru_cache(maxsize=None)
 def method_recipe(method: str, direction: str = 'up') -> dict:
     "The distillation knobs `method` resolves to when they are left unset (flattened)."
@@ -102,7 +102,7 @@ def varied_knobs(row: dict) -> tuple:
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
     return tuple(varied)
 
-# %% ../nbs/11_results.ipynb 12
+# %% ../nbs/11_results.ipynb 15
 def load_runs(runs_dir='runs'):
     "One row per run folder under `runs_dir` (any status), with summary fields and resolved knobs as columns."
     import pandas as pd
@@ -124,11 +124,13 @@ def load_metrics(runs_dir='runs'):
         frames.append(m)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['run', 'sweep', 'run_id', 'epoch', 'test_acc1'])
 
-# %% ../nbs/11_results.ipynb 18
+# %% ../nbs/11_results.ipynb 23
 def dedupe(df):
     "(kept, dropped): the finished runs of `df`, one per (`config`, `seed`) (the first started), and the others with `kept_run`."
     d = df[df.status == 'done'].copy()
     if d.empty: return d.assign(duplicates=[]), d.assign(kept_run=[])
+    if 'config' not in d: d['config'] = d.run                  # rows from elsewhere (a CSV): each run its own configuration
+    if 'first_start' not in d: d['first_start'] = None
     d = d.sort_values(['first_start', 'run'], na_position='last')
     first = ~d.duplicated(['config', 'seed'], keep='first')
     kept, dropped = d[first].copy(), d[~first].copy()
@@ -138,7 +140,7 @@ def dedupe(df):
     kept['duplicates'] = [others.get(r, []) for r in kept.run]
     return kept.sort_index(), dropped.sort_index()
 
-# %% ../nbs/11_results.ipynb 21
+# %% ../nbs/11_results.ipynb 27
 def mean_std(mean, std=None, n=None, digits=2) -> str:
     "`mean ± std (n=...)`; the mean alone for a single run."
     if mean is None or (isinstance(mean, float) and math.isnan(mean)): return '—'
@@ -162,7 +164,7 @@ def aggregate(df, by=('label',), metric='best_test_acc', keep=()):
     for k in keep: out[k] = g[k].first()
     return out.reset_index()[cols]
 
-# %% ../nbs/11_results.ipynb 25
+# %% ../nbs/11_results.ipynb 32
 PAPER_COLUMNS = ('student (scratch)', 'KD', 'FitNet', 'SimKD', 'best variant', 'teacher')
 SETTING = ['dataset', 'data_source', 'recipe']
 
@@ -190,7 +192,38 @@ def paper_table(df, metric='best_test_acc'):
         rows.append(row)
     return pd.DataFrame(rows, columns=[*SETTING, 'teacher → student', *PAPER_COLUMNS]).set_index([*SETTING, 'teacher → student'])
 
-# %% ../nbs/11_results.ipynb 29
+# %% ../nbs/11_results.ipynb 36
+def paired_table(df, baselines=('scratch', 'kd'), metric='best_test_acc'):
+    "Per label of each setting and pair: n, mean ± std of `metric`, and its per-seed difference against each of `baselines` (labels)."
+    import pandas as pd
+    d, _ = dedupe(df)
+    d = d[d[metric].notna()]
+    rows = []
+    for (ds, src, rec), g in d.groupby(SETTING, sort=True):
+        for pair in sorted(g.loc[g.method != 'scratch', 'pair'].unique()):
+            student = pair.split(' → ')[-1]
+            p = g[(g.pair == pair) | ((g.method == 'scratch') & (g.student == student))]
+            by_seed = {label: r.set_index('seed')[metric] for label, r in p.groupby('label')}
+            for label, r in sorted(p.groupby('label'), key=lambda x: -x[1][metric].mean()):
+                row = {'dataset': ds, 'data_source': src, 'recipe': rec, 'pair': pair, 'label': label, 'n': len(r),
+                       'mean': r[metric].mean(), 'top-1 (mean ± std)': mean_std(r[metric].mean(), r[metric].std(), len(r))}
+                for b in baselines:
+                    diff = (by_seed[label] - by_seed[b]).dropna() if b in by_seed and b != label else None
+                    row[f'Δ vs {b} (per seed)'] = ('—' if diff is None or diff.empty else
+                                                   mean_std(diff.mean(), diff.std(), len(diff)).replace(f'{diff.mean():.2f}', f'{diff.mean():+.2f}', 1))
+                rows.append(row)
+    cols = ['dataset', 'data_source', 'recipe', 'pair', 'label', 'n', 'mean', 'top-1 (mean ± std)', *[f'Δ vs {b} (per seed)' for b in baselines]]
+    return pd.DataFrame(rows, columns=cols)
+
+def markdown_table(df, columns=None) -> str:
+    "`df` (its `columns`) as a Markdown table."
+    columns = list(columns or df.columns)
+    cell = lambda v: f'{v:.2f}' if isinstance(v, float) else str(v)
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    lines += ['| ' + ' | '.join(cell(r[c]) for c in columns) + ' |' for r in df.to_dict('records')]
+    return '\n'.join(lines)
+
+# %% ../nbs/11_results.ipynb 41
 def setting_label(row) -> str:
     "`teacher → student | dataset (data source), recipe`."
     return f"{row['pair']} | {row['dataset']} ({row['data_source']}), {row['recipe']}"
@@ -212,7 +245,7 @@ def scratch_in_pairs(df):
     alone = scratch[~scratch.run.isin(placed.run)]
     return pd.concat([rest, placed[df.columns], alone], ignore_index=True)
 
-# %% ../nbs/11_results.ipynb 32
+# %% ../nbs/11_results.ipynb 47
 RECIPE_TRAINING = ('paper', 'quick')  # presets that keep the recipe's batch and learning rate
 
 def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
@@ -259,7 +292,7 @@ def speed_table(df, metric='best_test_acc'):
         out.append(a[cols])
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
-# %% ../nbs/11_results.ipynb 36
+# %% ../nbs/11_results.ipynb 52
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 

@@ -41,7 +41,7 @@ def write_metrics(history: list[dict], path):
         w = csv.DictWriter(f, fieldnames=keys); w.writeheader(); w.writerows(history)
     os.replace(tmp, path)
 
-# %% ../nbs/06_runs.ipynb 11
+# %% ../nbs/06_runs.ipynb 14
 def _write_holder(f):
     f.seek(0); f.truncate()
     f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'since': time.strftime('%Y-%m-%d %H:%M:%S')}))
@@ -75,7 +75,7 @@ def lock_holder(folder) -> dict | None:
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
-# %% ../nbs/06_runs.ipynb 14
+# %% ../nbs/06_runs.ipynb 19
 def notebook_error(path) -> str | None:
     "The first error output of an executed notebook, as `Name: message`."
     nb = read_json(path) or {}
@@ -118,7 +118,7 @@ class RunFolder:
                     epochs=self.params.get('epochs', s.get('epochs')), best_test_acc=s.get('best_test_acc'),
                     final_test_acc=s.get('final_test_acc'), wall_time_s=s.get('wall_time_s'))
 
-# %% ../nbs/06_runs.ipynb 18
+# %% ../nbs/06_runs.ipynb 25
 class RunInUse(RuntimeError):
     "A live process is already running this run in this folder."
 
@@ -133,7 +133,7 @@ def _wait_for_config(folder: RunFolder, seconds=10.0) -> dict:
     while not folder.params and folder.holder and time.time() < deadline: time.sleep(0.1)
     return folder.params
 
-# %% ../nbs/06_runs.ipynb 19
+# %% ../nbs/06_runs.ipynb 28
 class Run(RunFolder):
     "An open run: its folder, locked by this process until `close` (or the end of the process)."
     def __init__(self, path, resumed: bool, lock):
@@ -169,7 +169,7 @@ class Run(RunFolder):
 
     def __repr__(self): return f"Run({str(self.path)!r}, resumed={self.resumed})"
 
-# %% ../nbs/06_runs.ipynb 20
+# %% ../nbs/06_runs.ipynb 30
 def open_run(root, name: str, params: dict, keys, env=None) -> Run:
     "Create or resume, and lock, the folder of the run `name` with knobs `params` under `root`; write its `config.json`."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
     run.update(run_id=run.id, status='running', launches=launches, **{k: params.get(k) for k in keys})
     return run
 
-# %% ../nbs/06_runs.ipynb 27
+# %% ../nbs/06_runs.ipynb 37
 class EpochLog:
     "Writes a run's per-epoch rows to `metrics.csv` and, as scalars, to TensorBoard event files in `folder`."
     def __init__(self, folder, history=(), tensorboard: bool = True):
@@ -220,7 +220,7 @@ class EpochLog:
     def close(self):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_runs.ipynb 31
+# %% ../nbs/06_runs.ipynb 42
 _COPY_WHEN_DONE = r'''
 import json, os, shutil, sys, time
 src, dst, parent, deadline = sys.argv[1], sys.argv[2], int(sys.argv[3]), time.time() + float(sys.argv[4])
@@ -260,7 +260,7 @@ def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
                                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return src
 
-# %% ../nbs/06_runs.ipynb 33
+# %% ../nbs/06_runs.ipynb 46
 def is_run_folder(path) -> bool:
     "Whether `path` holds a run: its config, its executed notebook, or a summary naming it."
     p = Path(path)

@@ -50,7 +50,7 @@ class Sweep:
     @property
     def source(self) -> str: return str(self.path) if self.path else f'sweep {self.name!r}'
 
-# %% ../nbs/10_sweep.ipynb 7
+# %% ../nbs/10_sweep.ipynb 9
 def _check_knobs(knobs, where, src):
     if not isinstance(knobs, dict): raise SweepError(f"{src}: {where}: expected a mapping of knobs, got {knobs!r}")
     for k in knobs:
@@ -75,7 +75,7 @@ def _check_slurm(options, src):
     for k in options:
         if k not in SLURM_OPTIONS: raise SweepError(f"{src}: slurm: unknown option {k!r}; valid: {', '.join(SLURM_OPTIONS)}")
 
-# %% ../nbs/10_sweep.ipynb 8
+# %% ../nbs/10_sweep.ipynb 10
 def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     "Check the structure of a sweep read from YAML and return it as a `Sweep`."
     src = str(path) if path else 'sweep'
@@ -122,7 +122,7 @@ def as_sweep(sweep, overrides=None) -> Sweep:
         return replace(sweep, overrides={**sweep.overrides, **overrides})
     return parse_sweep(sweep, None, overrides) if isinstance(sweep, dict) else load_sweep(sweep, overrides)
 
-# %% ../nbs/10_sweep.ipynb 13
+# %% ../nbs/10_sweep.ipynb 17
 PREFIX_KNOBS = ('method', 'teacher', 'student')
 
 def slug(value) -> str:
@@ -140,7 +140,7 @@ def make_run_name(cfg: dict, varied=()) -> str:
     parts = [f'{k}_{slug(cfg[k])}' for k in varied if k not in (*PREFIX_KNOBS, 'seed')]
     return '-'.join([*map(slug, head), *parts, f"s{get('seed')}"])
 
-# %% ../nbs/10_sweep.ipynb 15
+# %% ../nbs/10_sweep.ipynb 21
 def _grid_points(axes: dict) -> list:
     "Every combination of an axes mapping, each as an ordered list of (knob, value)."
     choices = [[[(name, v)] if name in SWEEP_KNOBS else list(v.items()) for v in values]
@@ -171,7 +171,7 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 19
+# %% ../nbs/10_sweep.ipynb 25
 def validate(sweep, configs=None) -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
@@ -186,11 +186,11 @@ def validate(sweep, configs=None) -> list[dict]:
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 24
+# %% ../nbs/10_sweep.ipynb 30
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 25
+# %% ../nbs/10_sweep.ipynb 33
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -211,12 +211,12 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 26
+# %% ../nbs/10_sweep.ipynb 35
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was)."
     return RunFolder(folder).state(queued=launch_alive(record))
 
-# %% ../nbs/10_sweep.ipynb 29
+# %% ../nbs/10_sweep.ipynb 39
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -258,7 +258,7 @@ def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 31
+# %% ../nbs/10_sweep.ipynb 45
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -282,7 +282,7 @@ def papermill_command(spec: dict) -> list[str]:
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 32
+# %% ../nbs/10_sweep.ipynb 49
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 36
+# %% ../nbs/10_sweep.ipynb 55
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -355,7 +355,7 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 39
+# %% ../nbs/10_sweep.ipynb 63
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -369,7 +369,7 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 41
+# %% ../nbs/10_sweep.ipynb 66
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
     "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -393,7 +393,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 43
+# %% ../nbs/10_sweep.ipynb 69
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -415,7 +415,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 44
+# %% ../nbs/10_sweep.ipynb 72
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:

@@ -45,7 +45,7 @@ def recipe_lr(arch: str, batch_size: int = RECIPE_BATCH, preset: str = 'paper') 
     lr = LOW_LR if arch in LOW_LR_STUDENTS else RECIPE_LR
     return lr * (batch_size / RECIPE_BATCH if preset in LINEAR_LR_PRESETS else 1)
 
-# %% ../nbs/07_trainer.ipynb 7
+# %% ../nbs/07_trainer.ipynb 9
 COMPILE_MODES = ('auto', 'off', 'on')
 TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -91,7 +91,7 @@ class TrainConfig:
         "Every field with its default: the recipe."
         return {f.name: f.default for f in fields(cls)}
 
-# %% ../nbs/07_trainer.ipynb 11
+# %% ../nbs/07_trainer.ipynb 13
 def seed_everything(seed: int, deterministic: bool = True):
     "Seed every random number generator a run uses and, if asked, prefer deterministic kernels."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -102,7 +102,7 @@ def resolve_deterministic(deterministic, device) -> bool:
     "`deterministic` with 'auto' read as: deterministic except on CUDA."
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
-# %% ../nbs/07_trainer.ipynb 14
+# %% ../nbs/07_trainer.ipynb 18
 def _fast_optimizer(cls, params, device, fused: bool, **kw):
     if not fused: return cls(params, foreach=False, **kw)
     if torch.device(device).type == 'cuda':
@@ -120,7 +120,7 @@ def make_aux_optimizer(params, cfg: TrainConfig, device):
     params = list(params)
     return _fast_optimizer(torch.optim.Adam, params, device, cfg.fused_optimizer, lr=cfg.aux_lr) if params else None
 
-# %% ../nbs/07_trainer.ipynb 17
+# %% ../nbs/07_trainer.ipynb 23
 def use_compile(mode, device) -> bool:
     "Whether `compile` mode asks for torch.compile on `device` ('auto': CUDA only)."
     mode = check_mode(mode, 'compile', COMPILE_MODES, when_true='on')
@@ -143,7 +143,7 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
-# %% ../nbs/07_trainer.ipynb 21
+# %% ../nbs/07_trainer.ipynb 29
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -170,7 +170,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 26
+# %% ../nbs/07_trainer.ipynb 36
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -200,7 +200,7 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print) -> Prepar
     if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     return Prepared(amp, opt, aux_opt, sched, eager, step)
 
-# %% ../nbs/07_trainer.ipynb 31
+# %% ../nbs/07_trainer.ipynb 42
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
@@ -224,7 +224,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 34
+# %% ../nbs/07_trainer.ipynb 47
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher."
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith('teacher.')}
@@ -243,7 +243,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 36
+# %% ../nbs/07_trainer.ipynb 52
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc):
     distiller.train()
     rank, size = world()
@@ -271,7 +271,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 37
+# %% ../nbs/07_trainer.ipynb 53
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."

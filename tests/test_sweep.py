@@ -162,18 +162,29 @@ def test_dry_run_validates_and_launches_nothing(tmp_path, capsys):
     assert not (tmp_path / 'runs' / 'dry').exists() or not any((tmp_path / 'runs' / 'dry').iterdir())
 
 
-SHIPPED = {'baseline': 36, 'losses': 36, 'layers': 39, 'projectors': 51, 'direction': 27,
-           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 51, 'direction_quick': 27,
-           'fast_path': 9, 'fast_path_quick': 9}
+SHIPPED = {'baseline': 36, 'losses': 36, 'layers': 39, 'projectors': 57, 'direction': 27,
+           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 57, 'direction_quick': 27,
+           'fast_path': 9, 'fast_path_quick': 9, 'cifar10_cpu': 32}
 
 
 @pytest.mark.parametrize('name', sorted(SHIPPED))
 def test_shipped_sweeps_expand_and_validate(name):
     sweep = load_sweep(ROOT / 'sweeps' / f'{name}.yaml')
     configs = expand(sweep)
-    assert sweep.name == name and sweep.seeds == [0, 1, 2] and len(configs) == SHIPPED[name]
+    assert sweep.name == name and len(configs) == SHIPPED[name]
     resolved = validate(sweep, configs)
     assert len({c['run_name'] for c in configs}) == len(configs)
+    if name == 'cifar10_cpu':   # the study on real pixels: every method with 3 seeds, every research axis with 2
+        seeds = lambda **k: sorted(c['seed'] for c in resolved if all(c[a] == v for a, v in k.items()))
+        for m in ('scratch', 'kd', 'fitnet'): assert seeds(method=m) == [0, 1, 2]
+        assert seeds(method='simkd', loss=['l2'], layers=[4], projector='simkd', direction='up') == [0, 1, 2]
+        assert {tuple(c['loss']) for c in resolved if c['method'] == 'simkd'} >= {('l2',), ('l1',), ('cosine',), ('cka',)}
+        assert {tuple(c['layers']) for c in resolved if c['method'] == 'simkd'} == {(4,), (3, 4), (2, 3, 4)}
+        assert {c['projector'] for c in resolved if c['method'] == 'simkd'} == {'simkd', 'linear', 'convreg'}
+        assert {c['direction'] for c in resolved} == {'up', 'down', 'middle'}
+        assert {(c['teacher_seed'], c['teacher_epochs'], c['teacher_train_limit']) for c in resolved} == {(0, 10, 20000)}
+        return
+    assert sweep.seeds == [0, 1, 2]
     quick = name.endswith('_quick')
     if name.startswith('fast_path'):  # the recipe on two execution paths, and at batch 256 with a scaled learning rate
         by_batch = sorted({(c['preset'], c['batch_size'], c['lr'], c['epochs'], c['train_limit']) for c in resolved})
@@ -187,7 +198,7 @@ def test_shipped_sweeps_expand_and_validate(name):
         assert sorted({l for c in resolved for l in c['loss']}) == sorted(list_losses())
     if name.startswith('projectors'):
         assert {(c['projector'], c['factor']) for c in resolved if c['projector'] == 'simkd'} == {('simkd', f) for f in (1, 2, 4, 8)}
-        assert {c['projector'] for c in resolved} == {'identity', 'linear', 'simkd', 'mlp', 'dwsep', 'conv3x3'}
+        assert {c['projector'] for c in resolved} == {'identity', 'linear', 'simkd', 'mlp', 'dwsep', 'conv3x3', 'convreg'}
     if name.startswith('direction'):
         assert {c['direction'] for c in resolved} == {'up', 'down', 'middle'}
     if name.startswith('layers'):
