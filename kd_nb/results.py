@@ -224,9 +224,13 @@ def markdown_table(df, columns=None) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/11_results.ipynb 41
+def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
+
 def setting_label(row) -> str:
-    "`teacher → student | dataset (data source), recipe`."
-    return f"{row['pair']} | {row['dataset']} ({row['data_source']}), {row['recipe']}"
+    "`teacher → student | dataset (data source), recipe`, then the execution path if it is not the default device-data one."
+    label = f"{row['pair']} | {row['dataset']} ({row['data_source']}), {row['recipe']}"
+    fast_data = row.get('fast_data', True)
+    return label if fast_data is None or fast_data != fast_data or _on(fast_data) else f"{label}, {execution(row)}"
 
 def caption(df) -> str:
     "What the rows of `df` were measured on: data sets and their sources, recipes, and how many runs."
@@ -247,8 +251,6 @@ def scratch_in_pairs(df):
 
 # %% ../nbs/11_results.ipynb 47
 RECIPE_TRAINING = ('paper', 'quick')  # presets that keep the recipe's batch and learning rate
-
-def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
 
 def _precision(row) -> str:
     "The precision a run recorded, or what its `amp` knob implies where it recorded none."
