@@ -141,12 +141,20 @@ def dedupe(df):
     return kept.sort_index(), dropped.sort_index()
 
 # %% ../nbs/11_results.ipynb 27
-def mean_std(mean, std=None, n=None, digits=2) -> str:
-    "`mean ± std (n=...)`; the mean alone for a single run."
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)): return '—'
+def _missing(v) -> bool: return v is None or (isinstance(v, float) and math.isnan(v))
+
+def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
+    "`mean ± std (n=...)`; the mean alone for a single run; `signed` writes the mean's sign, + too (a difference)."
+    if _missing(mean): return '—'
     count = f' (n={n})' if n is not None else ''
-    if n == 1 or std is None or (isinstance(std, float) and math.isnan(std)): return f'{mean:.{digits}f}{count}'
-    return f'{mean:.{digits}f} ± {std:.{digits}f}{count}'
+    m = f"{mean:{'+' if signed else ''}.{digits}f}"
+    if n == 1 or _missing(std): return f'{m}{count}'
+    return f'{m} ± {std:.{digits}f}{count}'
+
+def _seed_difference(a, b, signed=False) -> str:
+    "`mean_std` of `a - b` (values indexed by seed) over the seeds both have; '—' where they share none."
+    diff = (a - b).dropna()
+    return mean_std(diff.mean(), diff.std(), len(diff), signed=signed) if len(diff) else '—'
 
 def aggregate(df, by=('label',), metric='best_test_acc', keep=()):
     "Mean, sample std and count of `metric` over the finished runs (one per configuration and seed) of each group of `data_source` + `by`."
@@ -206,11 +214,10 @@ def paired_table(df, baselines=('scratch', 'kd'), metric='best_test_acc'):
             by_seed = {label: r.set_index('seed')[metric] for label, r in p.groupby('label')}
             for label, r in sorted(p.groupby('label'), key=lambda x: -x[1][metric].mean()):
                 row = {'dataset': ds, 'data_source': src, 'recipe': rec, 'pair': pair, 'label': label, 'n': len(r),
-                       'mean': r[metric].mean(), 'top-1 (mean ± std)': mean_std(r[metric].mean(), r[metric].std(), len(r))}
+                       'mean': r[metric].mean(), 'top-1 (mean ± std)': _cell(r, metric)}
                 for b in baselines:
-                    diff = (by_seed[label] - by_seed[b]).dropna() if b in by_seed and b != label else None
-                    row[f'Δ vs {b} (per seed)'] = ('—' if diff is None or diff.empty else
-                                                   mean_std(diff.mean(), diff.std(), len(diff)).replace(f'{diff.mean():.2f}', f'{diff.mean():+.2f}', 1))
+                    row[f'Δ vs {b} (per seed)'] = (_seed_difference(by_seed[label], by_seed[b], signed=True)
+                                                   if b in by_seed and b != label else '—')
                 rows.append(row)
     cols = ['dataset', 'data_source', 'recipe', 'pair', 'label', 'n', 'mean', 'top-1 (mean ± std)', *[f'Δ vs {b} (per seed)' for b in baselines]]
     return pd.DataFrame(rows, columns=cols)
@@ -229,8 +236,8 @@ def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
 def setting_label(row) -> str:
     "`teacher → student | dataset (data source), recipe`, then the execution path if it is not the default device-data one."
     label = f"{row['pair']} | {row['dataset']} ({row['data_source']}), {row['recipe']}"
-    fast_data = row.get('fast_data', True)
-    return label if fast_data is None or fast_data != fast_data or _on(fast_data) else f"{label}, {execution(row)}"
+    fast_data = row.get('fast_data')
+    return label if _missing(fast_data) or _on(fast_data) else f"{label}, {execution(row)}"
 
 def caption(df) -> str:
     "What the rows of `df` were measured on: data sets and their sources, recipes, and how many runs."
@@ -286,9 +293,8 @@ def speed_table(df, metric='best_test_acc'):
         a = a.merge(extra, on=setting).sort_values(['rank', 'batch_size', 'execution']).reset_index(drop=True)
         a['Δ top-1'] = [f'{m - a["mean"][0]:+.2f}' if i else 'baseline' for i, m in enumerate(a['mean'])]
         by_seed = [g.merge(a.loc[[i], setting], on=setting).groupby('seed')[metric].mean() for i in range(len(a))]
-        diffs = [(s - by_seed[0]).dropna() for s in by_seed]  # the same seed on both sides: the same teacher and data order
-        a['Δ per seed'] = ['baseline' if i == 0 else mean_std(x.mean(), x.std(), len(x)) if len(x) else '—'
-                          for i, x in enumerate(diffs)]
+        # the same seed on both sides: the same initial weights and data order
+        a['Δ per seed'] = ['baseline' if i == 0 else _seed_difference(s, by_seed[0]) for i, s in enumerate(by_seed)]
         a['images/s'], a['speed-up'] = a.images.round(0), (a.images / a.images[0]).map(lambda r: f'{r:.2f}x')
         a['wall time (h)'] = (a.wall / 3600).round(2)
         out.append(a[cols])
