@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 import kd_nb
-from .data import dataset_info, make_loaders, data_source
+from .data import dataset_info, make_loaders, data_source, source_sha256
 from .models import get_model, check_model, load_checkpoint, count_params
 from .losses import check_loss, loss_options as loss_option_defaults
 from .projectors import check_projector
@@ -22,10 +22,11 @@ from .trainer import TrainConfig, PRESETS, check_preset, recipe_lr, fit, evaluat
 
 # %% auto 0
 __all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'FAST_PATH_KNOBS', 'RUN_KEYS', 'TEACHER_KEYS', 'parse_bool', 'parse_int',
-           'parse_list', 'check_choice', 'parse_layers', 'project_root', 'project_path', 'train_config',
-           'build_distiller', 'resolve_config', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher',
-           'prepare_teacher', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run', 'get_teacher',
-           'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
+           'parse_list', 'milestone', 'check_choice', 'parse_layers', 'project_root', 'project_path',
+           'project_relative', 'train_config', 'build_distiller', 'resolve_config', 'git_commit', 'environment',
+           'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher', 'Experiment', 'setup', 'load_data',
+           'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves',
+           'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -67,12 +68,17 @@ def parse_list(value, knob: str, cast=str) -> list:
     try: return [cast(str(v).strip()) for v in items if str(v).strip() != '']
     except ValueError: raise ValueError(f"{knob}: cannot read {value!r} as a list of {cast.__name__}") from None
 
+def milestone(text):
+    "A learning-rate milestone from text: an epoch (`'150'`) or a fraction of training (`'0.625'`)."
+    v = float(text)
+    return int(v) if v.is_integer() else v
+
 def check_choice(value, knob: str, valid):
     "`value` if it is one of `valid`, else a ValueError naming the knob and the valid values."
     if value not in valid: raise ValueError(f"{knob}: unknown {value!r}; valid: {', '.join(map(str, valid))}")
     return value
 
-# %% ../nbs/09_experiment.ipynb 14
+# %% ../nbs/09_experiment.ipynb 15
 def parse_layers(value) -> list:
     "Aligned stages from `'4'`, `'3,4'`, `'all'` or a list."
     if value == 'all': return [1, 2, 3, 4]
@@ -82,7 +88,7 @@ def parse_layers(value) -> list:
     if layers != sorted(set(layers)): raise ValueError(f"layers: stages must be increasing and distinct, got {value!r}")
     return layers
 
-# %% ../nbs/09_experiment.ipynb 18
+# %% ../nbs/09_experiment.ipynb 19
 def project_root(start=None) -> Path:
     "The nearest folder at or above `start` (default: cwd) that holds `settings.ini`; else `start` itself."
     start = Path(start or Path.cwd()).resolve()
@@ -93,7 +99,13 @@ def project_path(p) -> Path:
     p = Path(p).expanduser()
     return p if p.is_absolute() else project_root() / p
 
-# %% ../nbs/09_experiment.ipynb 23
+def project_relative(p) -> str:
+    "`p` relative to `project_root()` when it lies inside the project (as committed files record it), else absolute."
+    p = project_path(p).resolve()
+    try: return str(p.relative_to(project_root()))
+    except ValueError: return str(p)
+
+# %% ../nbs/09_experiment.ipynb 25
 FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -110,7 +122,7 @@ def build_distiller(cfg: dict, student, teacher=None):
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
                           loss_options=cfg['loss_options'])
 
-# %% ../nbs/09_experiment.ipynb 26
+# %% ../nbs/09_experiment.ipynb 28
 def _resolve_losses(k: dict, m: dict, given: dict):
     "loss, loss_weight, layer_losses and loss_options of `k`, checked and completed."
     k['loss'] = parse_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
@@ -129,7 +141,7 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     defaults = lambda n: {o: v for o, v in loss_option_defaults(n).items() if o != 'channels'}
     k['loss_options'] = json.loads(json.dumps({n: {**defaults(n), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 27
+# %% ../nbs/09_experiment.ipynb 29
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -154,10 +166,11 @@ def resolve_config(**knobs) -> dict:
         if k[n] in (None, ''): k[n] = TrainConfig.defaults()[n]
     try: k['lr'], k['momentum'], k['weight_decay'] = float(k['lr']), float(k['momentum']), float(k['weight_decay'])
     except (TypeError, ValueError): raise ValueError(f"lr/momentum/weight_decay: expected numbers, got {k['lr']!r}, {k['momentum']!r}, {k['weight_decay']!r}") from None
-    k['lr_milestones'] = parse_list(k['lr_milestones'], 'lr_milestones', int)
+    k['lr_milestones'] = parse_list(k['lr_milestones'], 'lr_milestones', milestone)
     if k['teacher_lr_milestones'] in (None, ''):
-        k['teacher_lr_milestones'] = [max(1, round(m * k['teacher_epochs'] / k['epochs'])) for m in k['lr_milestones']]
-    k['teacher_lr_milestones'] = parse_list(k['teacher_lr_milestones'], 'teacher_lr_milestones', int)
+        k['teacher_lr_milestones'] = [m if isinstance(m, float) else max(1, round(m * k['teacher_epochs'] / k['epochs']))
+                                      for m in k['lr_milestones']]
+    k['teacher_lr_milestones'] = parse_list(k['teacher_lr_milestones'], 'teacher_lr_milestones', milestone)
     TrainConfig(epochs=k['teacher_epochs'], lr_milestones=k['teacher_lr_milestones'])   # checks them as the trainer will
     k.update({n: getattr(train_config(k), n) for n in ('amp', 'compile', 'deterministic')})  # the trainer checks its knobs
     if k['method'] == 'scratch' and (knobs.get('loss') or knobs.get('layers')):
@@ -184,7 +197,7 @@ def resolve_config(**knobs) -> dict:
                         None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes))
     return k
 
-# %% ../nbs/09_experiment.ipynb 35
+# %% ../nbs/09_experiment.ipynb 37
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -204,7 +217,7 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 40
+# %% ../nbs/09_experiment.ipynb 42
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images."
     return {**cfg, 'method': 'scratch', 'student': cfg['teacher'], 'seed': cfg['teacher_seed'], 'epochs': cfg['teacher_epochs'],
@@ -224,10 +237,11 @@ def teacher_dir(cfg: dict) -> Path:
 
 @dataclass
 class Teacher:
-    "A frozen teacher on the run's device, its test top-1 and where it came from."
+    "A frozen teacher on the run's device, its test top-1, where it came from (relative to the project) and its checkpoint's sha256."
     model: torch.nn.Module
     test_acc: float
     source: str
+    sha256: str | None = None
 
 def _cached_teacher(tdir: Path, model) -> bool:
     "Load the cached teacher in `tdir` into `model` if it finished and its checkpoint loads; whether it did."
@@ -236,7 +250,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 44
+# %% ../nbs/09_experiment.ipynb 46
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     teacher = get_model(cfg['teacher'], loaders.info.num_classes)
@@ -252,7 +266,7 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
                 log(f"reusing teacher {source}")
             else: _train_teacher(cfg, teacher, tdir, loaders, device, log)
     teacher = teacher.to(device).eval()
-    return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], source)
+    return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(source), source_sha256(source))
 
 def _teacher_loaders(cfg, loaders, device):
     "The run's loaders, or, when the teacher trains on another subset, loaders of that subset (same test set)."
@@ -275,7 +289,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if is_main(): write_json({'params': params, 'status': 'done', 'best_test_acc': max(r['test_acc1'] for r in hist)}, tdir / SUMMARY)
 
-# %% ../nbs/09_experiment.ipynb 48
+# %% ../nbs/09_experiment.ipynb 50
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -308,7 +322,7 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 52
+# %% ../nbs/09_experiment.ipynb 54
 def _auto_name(cfg):
     pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
@@ -333,7 +347,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 55
+# %% ../nbs/09_experiment.ipynb 57
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for `scratch`)."
     if exp.cfg['method'] == 'scratch': return None
@@ -362,12 +376,13 @@ def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: 
     return run.finish(
         best_test_acc=max(r['test_acc1'] for r in history), final_test_acc=history[-1]['test_acc1'],
         final_test_acc5=history[-1]['test_acc5'], teacher_test_acc=teacher.test_acc if teacher else None,
-        teacher_source=teacher.source if teacher else None, student_params=count_params(distiller.student),
+        teacher_source=teacher.source if teacher else None, teacher_sha256=teacher.sha256 if teacher else None,
+        student_params=count_params(distiller.student),
         projector_params=dep.projector_params, projector_flops=dep.projector_flops, deploy_params=dep.params,
         deploy_flops=dep.flops, epochs=len(history), data_source=exp.cfg['data_source'],
         images_per_s=sum(r['images_per_s'] for r in history) / len(history))
 
-# %% ../nbs/09_experiment.ipynb 60
+# %% ../nbs/09_experiment.ipynb 62
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -381,7 +396,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 63
+# %% ../nbs/09_experiment.ipynb 65
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -427,6 +442,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 67
+# %% ../nbs/09_experiment.ipynb 69
 #| eval: false
 if __name__ == '__main__': main()

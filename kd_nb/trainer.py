@@ -19,10 +19,10 @@ from .runs import LAST, BEST, EpochLog
 
 # %% auto 0
 __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 'LINEAR_LR_PRESETS', 'COMPILE_MODES',
-           'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'TrainConfig', 'seed_everything',
-           'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback',
-           'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct', 'evaluate', 'trainable_state',
-           'load_trainable_state', 'atomic_save', 'fit']
+           'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'check_milestones', 'schedule_steps', 'TrainConfig',
+           'seed_everything', 'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile',
+           'CompileFallback', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
+           'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -45,7 +45,24 @@ def recipe_lr(arch: str, batch_size: int = RECIPE_BATCH, preset: str = 'paper') 
     lr = LOW_LR if arch in LOW_LR_STUDENTS else RECIPE_LR
     return lr * (batch_size / RECIPE_BATCH if preset in LINEAR_LR_PRESETS else 1)
 
-# %% ../nbs/07_trainer.ipynb 9
+# %% ../nbs/07_trainer.ipynb 10
+def check_milestones(milestones) -> tuple:
+    "`milestones` as increasing epochs (integers >= 1) or increasing fractions of training (numbers in (0, 1)); anything else raises."
+    bad = ValueError(f"lr_milestones: must be increasing epochs >= 1 or increasing fractions of training in (0, 1), got {list(milestones)}")
+    try: ms = tuple(float(m) for m in milestones)
+    except (TypeError, ValueError): raise bad from None
+    if ms and all(0 < m < 1 for m in ms): out = ms
+    elif all(m >= 1 and m.is_integer() for m in ms): out = tuple(int(m) for m in ms)
+    else: raise bad
+    if list(out) != sorted(set(out)): raise bad
+    return out
+
+def schedule_steps(milestones, epochs: int, steps_per_epoch: int) -> list[int]:
+    "The optimizer steps after which the learning rate decays: an epoch milestone at its epoch's last step, a fraction at the step nearest it."
+    return [max(1, round(m * epochs * steps_per_epoch)) if isinstance(m, float) else m * steps_per_epoch
+            for m in check_milestones(milestones)]
+
+# %% ../nbs/07_trainer.ipynb 14
 COMPILE_MODES = ('auto', 'off', 'on')
 TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -73,10 +90,7 @@ class TrainConfig:
         if not self.lr > 0: raise ValueError(f"lr: must be > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1: raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if not self.weight_decay >= 0: raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        ms = tuple(int(m) for m in self.lr_milestones)
-        if list(ms) != sorted(set(ms)) or any(m < 1 for m in ms):
-            raise ValueError(f"lr_milestones: must be increasing epochs >= 1, got {list(self.lr_milestones)}")
-        self.lr_milestones, self.epochs = ms, int(self.epochs)
+        self.lr_milestones, self.epochs = check_milestones(self.lr_milestones), int(self.epochs)
         self.amp = check_mode(self.amp, 'amp', AMP_MODES)
         self.compile = check_mode(self.compile, 'compile', COMPILE_MODES, when_true='on')
         self.compile_mode = check_mode(self.compile_mode, 'compile_mode', TORCH_COMPILE_MODES)
@@ -91,7 +105,7 @@ class TrainConfig:
         "Every field with its default: the recipe."
         return {f.name: f.default for f in fields(cls)}
 
-# %% ../nbs/07_trainer.ipynb 13
+# %% ../nbs/07_trainer.ipynb 18
 def seed_everything(seed: int, deterministic: bool = True):
     "Seed every random number generator a run uses and, if asked, prefer deterministic kernels."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -102,7 +116,7 @@ def resolve_deterministic(deterministic, device) -> bool:
     "`deterministic` with 'auto' read as: deterministic except on CUDA."
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
-# %% ../nbs/07_trainer.ipynb 18
+# %% ../nbs/07_trainer.ipynb 23
 def _fast_optimizer(cls, params, device, fused: bool, **kw):
     if not fused: return cls(params, foreach=False, **kw)
     if torch.device(device).type == 'cuda':
@@ -120,7 +134,7 @@ def make_aux_optimizer(params, cfg: TrainConfig, device):
     params = list(params)
     return _fast_optimizer(torch.optim.Adam, params, device, cfg.fused_optimizer, lr=cfg.aux_lr) if params else None
 
-# %% ../nbs/07_trainer.ipynb 23
+# %% ../nbs/07_trainer.ipynb 28
 def use_compile(mode, device) -> bool:
     "Whether `compile` mode asks for torch.compile on `device` ('auto': CUDA only)."
     mode = check_mode(mode, 'compile', COMPILE_MODES, when_true='on')
@@ -143,7 +157,7 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
-# %% ../nbs/07_trainer.ipynb 29
+# %% ../nbs/07_trainer.ipynb 34
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -170,7 +184,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 36
+# %% ../nbs/07_trainer.ipynb 41
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -184,15 +198,16 @@ class Prepared:
     @property
     def compiled(self) -> bool: return isinstance(self.step, CompileFallback) and self.step.compiled is not None
 
-def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print) -> Prepared:
-    "Seed, precision, memory format, optimizers and schedule, the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
+def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1) -> Prepared:
+    "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
     device = torch.device(device)
     seed_everything(cfg.seed, resolve_deterministic(cfg.deterministic, device))
     amp = amp_dtype(cfg.amp, device)
     if cfg.channels_last: distiller.to(memory_format=torch.channels_last)
     opt = make_optimizer(student_parameters(distiller), cfg, device)
     aux_opt = make_aux_optimizer(aux_parameters(distiller), cfg, device)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=schedule_steps(cfg.lr_milestones, cfg.epochs, steps_per_epoch),
+                                                 gamma=cfg.lr_decay)
     step = eager = TrainStep(distiller)
     if world()[1] > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -200,7 +215,7 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print) -> Prepar
     if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     return Prepared(amp, opt, aux_opt, sched, eager, step)
 
-# %% ../nbs/07_trainer.ipynb 42
+# %% ../nbs/07_trainer.ipynb 47
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
@@ -224,7 +239,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 47
+# %% ../nbs/07_trainer.ipynb 52
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher."
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith('teacher.')}
@@ -243,7 +258,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 52
+# %% ../nbs/07_trainer.ipynb 57
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc):
     distiller.train()
     rank, size = world()
@@ -252,6 +267,7 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc):
         n += len(y)
         x, y = as_input(shard(x, rank, size), cfg.channels_last), shard(y, rank, size)
         out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp)
+        p.sched.step()
         keys = keys or ['loss', *out.terms]
         b = len(y)
         s = torch.stack([out.total.detach().double() * b, *(v.detach().double() * b for v in out.terms.values()),
@@ -271,7 +287,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 53
+# %% ../nbs/07_trainer.ipynb 58
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
@@ -280,7 +296,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     main, log = rank == 0, log if rank == 0 else (lambda *a, **k: None)
     if size > 1 and getattr(train_loader, 'batch_size', size) % size:
         raise ValueError(f"batch_size: {train_loader.batch_size} cannot be split evenly over {size} processes")
-    p = prepare(distiller, cfg, device, log)
+    p = prepare(distiller, cfg, device, log, steps_per_epoch=len(train_loader))
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and main: run_dir.mkdir(parents=True, exist_ok=True)
     history, best, start = _resume(p, distiller, run_dir, log)
@@ -293,7 +309,6 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
             row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}")}
             train_time = time.perf_counter() - t0
             sync_buffers(distiller)
-            p.sched.step()
             row.update(evaluate(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
             row.update(epoch_time_s=time.perf_counter() - t0, images_per_s=row['train_samples'] / train_time)
             log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "

@@ -1,5 +1,5 @@
 "Integration: papermill runs of nbs/run_experiment.ipynb on synthetic CIFAR-format data, on CPU."
-import json, os, signal, subprocess, sys, time
+import hashlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pandas as pd
 import papermill as pm
@@ -46,7 +46,9 @@ def test_quick_run_writes_all_artifacts(method, synthetic_cifar100, tmp_path_fac
     assert (d / 'best.pt').is_file() and (d / 'last.pt').is_file() and list(d.glob('events.out.tfevents.*'))
     assert executed_notebook(d)['cells'][-1]['outputs']          # the finished notebook, copied in when papermill is done
     if method != 'scratch':
-        assert len(list((runs / 'teachers').glob('*/best.pt'))) == 1
+        teacher_ckpt, = (runs / 'teachers').glob('*/best.pt')
+        assert summary['teacher_source'] == str(teacher_ckpt.resolve())   # outside the project: absolute
+        assert summary['teacher_sha256'] == hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest()
 
 
 def test_simkd_deploys_student_projector_and_teacher_head(synthetic_cifar100, tmp_path):
