@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_results.ipynb 3
 from __future__ import annotations
-import hashlib, json, math
+import hashlib, json, math, re, textwrap, zlib
 from functools import lru_cache
 from pathlib import Path
 from .runs import RunFolder, find_runs, read_json, METRICS
@@ -14,10 +14,17 @@ from .experiment import RUN_KEYS, resolve_config, project_root, project_path
 from .sweep import run_state, record_path
 
 # %% auto 0
-__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'config_key', 'read_run',
-           'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std', 'aggregate',
-           'paper_table', 'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution',
-           'speed_table', 'notebook_to_html', 'render_report', 'write_redirect']
+__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN', 'INTERVAL_METHOD',
+           'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS', 'LATEX_SPECIAL',
+           'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS', 'TABLE_BLOCK',
+           'config_key', 'read_run', 'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std',
+           'aggregate', 'paper_table', 'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs',
+           'execution', 'speed_table', 't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'axis_of',
+           'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows', 'difference_text', 'top1_text',
+           'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour',
+           'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics', 'curves_figure', 'budget_rows',
+           'budget_figure', 'slug', 'save_figure', 'save_table', 'runs_tables', 'fill_tables', 'notebook_to_html',
+           'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -55,7 +62,7 @@ def read_run(folder, runs_dir) -> dict:
     row.update(run=rel.as_posix(), sweep=rel.parts[-2] if len(rel.parts) > 1 else NO_SWEEP, path=str(f.path),
                run_id=summary.get('run_id') or cfg.get('run_id') or f.name,
                recipe=_recipe(params or summary) if (params or summary).get('preset') else None,
-               data_source=params.get('data_source') or summary.get('data_source') or 'official',
+               data_source=params.get('data_source') or summary.get('data_source') or 'unknown',
                config=config_key(params) if params else None,
                first_start=((summary.get('launches') or [{}])[0]).get('start') or cfg.get('started'),
                epochs=summary.get('epochs') if summary.get('status') == 'done' else params.get('epochs', summary.get('epochs')))
@@ -225,10 +232,11 @@ def paired_table(df, baselines=('scratch', 'kd'), metric='best_test_acc'):
 def markdown_table(df, columns=None) -> str:
     "`df` (its `columns`) as a Markdown table."
     columns = list(columns or df.columns)
-    cell = lambda v: f'{v:.2f}' if isinstance(v, float) else str(v)
-    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    lines += ['| ' + ' | '.join(cell(r[c]) for c in columns) + ' |' for r in df.to_dict('records')]
+    row = lambda cells: '| ' + ' | '.join(_cell_text(c).replace('|', '\\|') for c in cells) + ' |'
+    lines = [row(columns), '|' + '---|' * len(columns)] + [row(r[c] for c in columns) for r in df.to_dict('records')]
     return '\n'.join(lines)
+
+def _cell_text(v) -> str: return f'{v:.2f}' if isinstance(v, float) else str(v)
 
 # %% ../nbs/11_results.ipynb 41
 def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
@@ -301,6 +309,440 @@ def speed_table(df, metric='best_test_acc'):
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 # %% ../nbs/11_results.ipynb 52
+def _t_central(theta: float, dof: int) -> float:
+    "P(|T| < sqrt(dof) tan(theta)) for Student's t with a whole number `dof` of degrees of freedom."
+    s, c = math.sin(theta), math.cos(theta)
+    k, coef, total = dof % 2, 1.0, 0.0
+    while k <= dof - 2:
+        total += coef * c ** k
+        coef, k = coef * (k + 1) / (k + 2), k + 2
+    return s * total if dof % 2 == 0 else 2 / math.pi * (theta + s * total)
+
+def t_quantile(dof: int, level: float = 0.95) -> float:
+    "The t with P(|T| < t) = `level` for Student's t with `dof` degrees of freedom (the two-sided quantile)."
+    if isinstance(dof, bool) or int(dof) != dof or dof < 1: raise ValueError(f"dof: expected a whole number >= 1, got {dof!r}")
+    if not 0 < level < 1: raise ValueError(f"level: expected a probability strictly between 0 and 1, got {level!r}")
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(60): lo, hi = ((lo + hi) / 2, hi) if _t_central((lo + hi) / 2, int(dof)) < level else (lo, (lo + hi) / 2)
+    return math.sqrt(dof) * math.tan((lo + hi) / 2)
+
+# %% ../nbs/11_results.ipynb 56
+NAN = float('nan')
+INTERVAL_METHOD = ('95% interval: paired t over seeds, mean ± t(0.975, n−1) · s/√n with the sample standard deviation s '
+                   'of the n per-seed values; a single seed gets no interval')
+
+def seed_interval(values, level: float = 0.95) -> dict:
+    "n, mean, sample std and the `level` t interval (lo, hi) of the mean of `values` (one per seed); n=1: no std, no interval."
+    v = [float(x) for x in values if not _missing(x)]
+    n = len(v)
+    if n == 0: return dict(n=0, mean=NAN, std=NAN, lo=NAN, hi=NAN)
+    mean = sum(v) / n
+    if n == 1: return dict(n=1, mean=mean, std=NAN, lo=NAN, hi=NAN)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    half = t_quantile(n - 1, level) * std / math.sqrt(n)
+    return dict(n=n, mean=mean, std=std, lo=mean - half, hi=mean + half)
+
+def paired_interval(a, b, level: float = 0.95) -> dict:
+    "`seed_interval` of the per-seed differences `a - b` (Series indexed by seed) over the seeds both have."
+    return seed_interval((a - b).dropna(), level)
+
+def verdict(d: dict) -> str:
+    "'beyond noise' or 'within noise' (the interval covers 0) for a difference of `paired_interval`; why not, otherwise."
+    if d['n'] == 0: return 'no shared seed'
+    if d['n'] == 1: return 'n=1, no interval'
+    return 'within noise' if d['lo'] <= 0 <= d['hi'] else 'beyond noise'
+
+# %% ../nbs/11_results.ipynb 62
+AXIS_FAMILY = {'loss_weight': 'loss', 'loss_options': 'loss', 'layer_weights': 'layers', 'layer_losses': 'layers',
+               'factor': 'projector'}
+AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction')
+AXIS_TITLES = {'method': 'Which method', 'loss': 'Which alignment loss', 'layers': 'Which layers to align, and their weights',
+               'projector': 'Which projector', 'direction': 'Which projection direction'}
+
+def axis_of(varied) -> str:
+    "The research axis of a run that changes the knobs `varied`: 'method' for none, else their families joined by ' + '."
+    knobs = [k for k in varied.split(',') if k] if isinstance(varied, str) else list(varied or ())
+    return ' + '.join(dict.fromkeys(AXIS_FAMILY.get(k, k) for k in knobs)) or 'method'
+
+def axis_title(axis: str) -> str:
+    "The question an axis answers, as a heading."
+    return AXIS_TITLES.get(axis, f"Which {axis.replace('_', ' ')}")
+
+# %% ../nbs/11_results.ipynb 66
+BASELINES = ('simkd', 'scratch')
+TRAIN_IMAGES = {'cifar10': 50_000, 'cifar100': 50_000}
+
+def images_seen(row) -> float:
+    "Training images a run saw: epochs × (`train_limit`, or the whole training set less `val_size`)."
+    epochs, limit = _num(row.get('epochs')), _num(row.get('train_limit'))
+    per_epoch = limit or (TRAIN_IMAGES[row['dataset']] - (_num(row.get('val_size')) or 0) if row.get('dataset') in TRAIN_IMAGES else None)
+    return epochs * per_epoch if epochs and per_epoch else NAN
+
+def _placed(df, metric='best_test_acc'):
+    "The finished runs of `df` with `metric`, one per configuration and seed, scratch runs inside their pairs, with setting and axis."
+    d, _ = dedupe(df)
+    d = scratch_in_pairs(d[d[metric].notna()])
+    d['setting'] = [setting_label(r) for r in d.to_dict('records')]
+    d['axis'] = d.varied.map(axis_of)
+    return d
+
+# %% ../nbs/11_results.ipynb 67
+STAT_COLUMNS = ('setting', 'dataset', 'data_source', 'recipe', 'pair', 'teacher_acc', 'images_seen', 'method', 'axis', 'label',
+                'seeds', 'values', 'n', 'mean', 'std', 'lo', 'hi', 'deploy_params', 'deploy_flops')
+
+def _by_seed(rows, metric): return rows.groupby('seed')[metric].mean()
+
+def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
+    "One row per setting and label of `df`'s finished runs: seeds, values, `seed_interval`, and `vs <baseline>` (`paired_interval`)."
+    import pandas as pd
+    d = _placed(df, metric)
+    rows = []
+    for setting, g in d.groupby('setting', sort=True):
+        by_seed = {label: _by_seed(r, metric) for label, r in g.groupby('label')}
+        teachers = g.drop_duplicates('teacher_source').teacher_test_acc.dropna() if 'teacher_source' in g else g.teacher_test_acc.dropna()
+        for label, r in g.groupby('label'):
+            first, values = r.iloc[0], by_seed[label]
+            row = {**{k: first.get(k) for k in ('dataset', 'data_source', 'recipe', 'pair', 'method', 'axis', 'deploy_params', 'deploy_flops')},
+                   'setting': setting, 'label': label, 'teacher_acc': teachers.mean() if len(teachers) else NAN,
+                   'images_seen': images_seen(first), 'seeds': [int(s) for s in values.index], 'values': values.tolist(),
+                   **seed_interval(values, level)}
+            for b in baselines:
+                row[f'vs {b}'] = paired_interval(values, by_seed[b], level) if b in by_seed and b != label else seed_interval([])
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*STAT_COLUMNS, *[f'vs {b}' for b in baselines]])
+
+# %% ../nbs/11_results.ipynb 73
+def research_axes(stats) -> list:
+    "The axes of `stats`: 'method' where a setting has two methods' recipes, then every variant axis, in `AXIS_ORDER` then by name."
+    recipes = stats[stats.axis == 'method'].groupby('setting').label.nunique()
+    found = set(stats.axis) - {'method'} | ({'method'} if (recipes > 1).any() else set())
+    return sorted(found, key=lambda a: (AXIS_ORDER.index(a) if a in AXIS_ORDER else len(AXIS_ORDER), a))
+
+def axis_rows(stats, axis: str):
+    "The rows of `stats` on `axis`, with, for a variant axis, the recipe of each method that it varies (same setting)."
+    rows = stats[stats.axis == axis]
+    if axis == 'method': return rows[rows.setting.isin(rows.groupby('setting').label.nunique().loc[lambda n: n > 1].index)]
+    recipes = stats[(stats.axis == 'method') & stats.label.isin(rows.method) & stats.setting.isin(rows.setting)]
+    return stats.loc[sorted(set(rows.index) | set(recipes.index))]
+
+# %% ../nbs/11_results.ipynb 78
+def difference_text(d: dict, digits: int = 2) -> str:
+    "A paired difference as `+m [lo, hi]`, then `within noise` where the interval covers 0; `+m (n=1, no interval)`; '—'."
+    if d['n'] == 0: return '—'
+    m = f"{d['mean']:+.{digits}f}"
+    if d['n'] == 1: return f'{m} (n=1, no interval)'
+    text = f"{m} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+    return f'{text} within noise' if verdict(d) == 'within noise' else text
+
+def top1_text(row, digits: int = 2) -> str:
+    "Top-1 of a row of `study_stats` as mean ± std; `mean (single seed)` for one seed."
+    return f"{row['mean']:.{digits}f} (single seed)" if row['n'] == 1 else mean_std(row['mean'], row['std'], digits=digits)
+
+def study_table(stats, baselines=('simkd',)):
+    "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters."
+    import pandas as pd
+    if stats.setting.nunique() > 1: raise ValueError(f"stats: expected the rows of one setting, got {sorted(stats.setting.unique())}")
+    rows = stats.sort_values(['mean', 'label'], ascending=[False, True])
+    table = pd.DataFrame({'setting': rows.label, 'n': rows.n, 'top-1 (%)': [top1_text(r) for r in rows.to_dict('records')]})
+    for b in baselines:
+        table[f'Δ vs {b} [95% CI]'] = ['baseline' if lab == b else difference_text(d) for lab, d in zip(rows.label, rows[f'vs {b}'])]
+    table['deployed params'] = rows.deploy_params.map(lambda v: '—' if _missing(v) else f'{int(v):,}')
+    return table.reset_index(drop=True)
+
+# %% ../nbs/11_results.ipynb 79
+def _images(v) -> str: return f'{v / 1e6:g}M' if v >= 1e6 else f'{v / 1e3:g}k' if v >= 1e3 else f'{v:g}'
+
+def study_caption(stats, baselines=('simkd',)) -> str:
+    "What the rows of one setting of `stats` share, stated once: setting, images seen, teacher, what the cells are."
+    r = stats.iloc[0]
+    seen = f"{_images(r['images_seen'])} images seen" if not _missing(r['images_seen']) else 'images seen unknown'
+    teacher = f"teacher {r['teacher_acc']:.2f}% top-1" if not _missing(r['teacher_acc']) else 'no teacher'
+    return (f"{r['setting']}; {seen}; {teacher}. Best test top-1 (%) over n seeds, mean ± sample std; "
+            f"Δ: paired per-seed difference against {' and '.join(baselines)} in points, mean [95% paired t interval over seeds, "
+            "t quantile with n−1 dof]; "
+            "within noise: the interval covers 0.")
+
+# %% ../nbs/11_results.ipynb 85
+LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',
+                 '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}', '±': r'$\pm$', '→': r'$\rightarrow$',
+                 'Δ': r'$\Delta$', '×': r'$\times$', '−': '-', '—': '---', '·': r'$\cdot$', '√': r'$\surd$'}
+
+def latex_escape(text) -> str:
+    "`text` with LaTeX's special characters escaped and the report's symbols (±, →, Δ, ×, —) in math mode."
+    return ''.join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+def latex_table(df, caption: str = '', label: str = '') -> str:
+    "`df` as a LaTeX table (booktabs: \\toprule, \\midrule, \\bottomrule), every cell escaped, first column left-aligned."
+    row = lambda cells: ' & '.join(latex_escape(_cell_text(c)) for c in cells) + r' \\'
+    return '\n'.join([r'\begin{table}[t]', r'\centering', rf'\caption{{{latex_escape(caption)}}}',
+                      *([rf'\label{{{label}}}'] if label else []), rf"\begin{{tabular}}{{l{'r' * (len(df.columns) - 1)}}}",
+                      r'\toprule', row(df.columns), r'\midrule', *[row(r) for r in df.itertuples(index=False)],
+                      r'\bottomrule', r'\end{tabular}', r'\end{table}']) + '\n'
+
+
+def html_table(df, caption: str = '') -> str:
+    "`df` as an HTML table with `caption` under it: no index column, every cell in full."
+    from html import escape
+    head = ''.join(f'<th>{escape(str(c))}</th>' for c in df.columns)
+    body = ''.join('<tr>' + ''.join(f'<td>{escape(_cell_text(v))}</td>' for v in r) + '</tr>' for r in df.itertuples(index=False))
+    cap = f'<caption>{escape(caption)}</caption>' if caption else ''
+    return f'<table class="kd-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+# %% ../nbs/11_results.ipynb 91
+def _row_seeds(row):
+    import pandas as pd
+    return pd.Series(row['values'], index=row['seeds'], dtype=float)
+
+def _lead(a, b) -> str:
+    d = paired_interval(_row_seeds(a), _row_seeds(b))
+    return f"{difference_text(d)} points over {b['label']} ({verdict(d)}, n={d['n']})"
+
+def reading(rows, baseline: str = 'simkd') -> str:
+    "The reading of the rows of one setting of `study_stats`: the best, its lead over the runner-up and over `baseline`."
+    ranked = rows.sort_values(['mean', 'label'], ascending=[False, True]).to_dict('records')
+    if not ranked: return 'Nothing to compare.'
+    best = ranked[0]
+    text = f"Best: **{best['label']}**, {top1_text(best)}% top-1 (n={best['n']})"
+    if best['n'] == 1: return text + ': a single seed, not a finding.'
+    leads = [_lead(best, r) for r in ranked[1:2] + [r for r in ranked[2:] if r['label'] == baseline]]
+    return text + ('; ' + '; '.join(leads) if leads else '') + '.'
+
+# %% ../nbs/11_results.ipynb 95
+OKABE_ITO = ('#000000', '#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2', '#D55E00', '#CC79A7')
+METHOD_COLOURS = {'scratch': '#000000', 'kd': '#E69F00', 'fitnet': '#009E73', 'simkd': '#0072B2'}
+TEACHER_COLOUR = '#999999'
+TOP1 = 'best test top-1 (%)'
+
+def method_colour(method: str) -> str:
+    "The colour of `method` in every figure (Okabe-Ito); another method gets a remaining colour from its name."
+    if method in METHOD_COLOURS: return METHOD_COLOURS[method]
+    rest = [c for c in OKABE_ITO if c not in METHOD_COLOURS.values() and c != '#F0E442']   # yellow is unreadable on white
+    return rest[zlib.crc32(str(method).encode()) % len(rest)]
+
+# %% ../nbs/11_results.ipynb 99
+def _wrap(text, width=100) -> str: return '\n'.join(textwrap.wrap(str(text), width))
+
+def _spread(values, gap):
+    "`values` moved apart, in their order, to at least `gap` from each other (positions of labels that must not overlap)."
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out, last = list(values), -math.inf
+    for i in order: out[i] = last = max(values[i], last + gap)
+    return out
+
+def _setting_axes(settings, heights, width=11.5, ncols=1):
+    "A figure with one row of `ncols` panels per setting, each titled with its setting in full."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(settings), ncols, figsize=(width, sum(heights)), squeeze=False,
+                             gridspec_kw={'height_ratios': heights})
+    for row, s in zip(axes, settings): row[0].set_title(_wrap(s), loc='left', fontsize=10)
+    return fig, axes
+
+# %% ../nbs/11_results.ipynb 100
+REFERENCES = ('scratch', 'kd', 'simkd')
+
+def _reference_lines(ax, refs):
+    "Vertical lines at the means of the reference rows `refs`, named above the panel."
+    import matplotlib.transforms as mt
+    if not len(refs): return
+    lo, hi = ax.get_xlim()
+    xs = _spread([(m - lo) / (hi - lo) for m in refs['mean']], 0.1)
+    for x, label, mean, n, method in zip(xs, refs.label, refs['mean'], refs.n, refs.method):
+        ax.axvline(mean, color=method_colour(method), ls='--', lw=1, alpha=0.8, zorder=1)
+        ax.annotate(f'{label}\n{mean:.1f} (n={n})', xy=(mean, 1), xytext=(lo + x * (hi - lo), 1.01), fontsize=8, ha='center',
+                    va='bottom', xycoords=mt.blended_transform_factory(ax.transData, ax.transAxes), color=method_colour(method),
+                    textcoords=mt.blended_transform_factory(ax.transData, ax.transAxes))
+
+def _dots_panel(ax, rows, refs):
+    "Each seed a dot, the mean a diamond with its interval, best at the top, value and n at the right."
+    rows = rows.sort_values(['mean', 'label'], ascending=[True, False])
+    for y, r in enumerate(rows.to_dict('records')):
+        c = method_colour(r['method'])
+        ax.scatter(r['values'], [y + 0.12 * ((i % 3) - 1) for i in range(r['n'])], s=22, color=c, alpha=0.5, lw=0, zorder=2)
+        if r['n'] > 1: ax.hlines(y, r['lo'], r['hi'], color=c, lw=2, zorder=2)
+        ax.scatter([r['mean']], [y], marker='D', s=50, color=c, edgecolor='white', zorder=3)
+        ax.annotate(f"{top1_text(r)} (n={r['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
+    ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4)
+    values = [v for vs in rows['values'] for v in vs] + list(rows.lo.dropna()) + list(rows.hi.dropna()) + list(refs['mean'])
+    pad = 0.05 * (max(values) - min(values) or 1)
+    ax.set_xlim(min(values) - pad, max(values) + pad); ax.set_xlabel(TOP1); ax.grid(axis='x', alpha=0.3)
+    _reference_lines(ax, refs)
+
+def dots_figure(rows, stats, references=REFERENCES):
+    "Top-1 of `rows` (of `study_stats`), one panel per setting: every seed a dot, the mean with its 95% interval, sorted; the means of `references` as lines."
+    settings = sorted(rows.setting.unique())
+    fig, axes = _setting_axes(settings, [0.42 * (rows.setting == s).sum() + 1.6 for s in settings])
+    for ax, s in zip(axes[:, 0], settings):
+        refs = stats[(stats.setting == s) & stats.label.isin(references)]
+        _dots_panel(ax, rows[rows.setting == s], refs)
+        ax.set_title(_wrap(s), loc='left', fontsize=10, pad=34)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_results.ipynb 104
+def _forest_panel(ax, rows, baseline):
+    rows = rows.assign(d=rows[f'vs {baseline}'].map(lambda d: d['mean'])).sort_values(['d', 'label'], ascending=[True, False])
+    for y, (r, d) in enumerate(zip(rows.to_dict('records'), rows[f'vs {baseline}'])):
+        c, v = method_colour(r['method']), verdict(d)
+        if d['n'] > 1: ax.hlines(y, d['lo'], d['hi'], color=c, lw=2)
+        ax.scatter([d['mean']], [y], marker='x' if d['n'] == 1 else 'o', s=45, zorder=3, color=c,
+                   facecolor='white' if v == 'within noise' else c)
+        ax.annotate(f"{difference_text(d)} (n={d['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
+    ax.axvline(0, color='black', lw=1)
+    ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4); ax.grid(axis='x', alpha=0.3)
+    ax.set_xlabel(f'paired difference in {TOP1[:-4]} against {baseline} (percentage points)')
+
+def forest_figure(stats, baseline: str = 'simkd'):
+    "Paired per-seed difference of every label against `baseline`, one panel per setting, 95% intervals, zero line; None if nothing pairs."
+    rows = stats[stats[f'vs {baseline}'].map(lambda d: d['n'] > 0)]
+    if rows.empty: return None
+    settings = sorted(rows.setting.unique())
+    fig, axes = _setting_axes(settings, [0.4 * (rows.setting == s).sum() + 1.3 for s in settings])
+    for ax, s in zip(axes[:, 0], settings): _forest_panel(ax, rows[rows.setting == s], baseline)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_results.ipynb 108
+COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
+
+def _cost_panel(ax, rows, col, name):
+    from matplotlib.ticker import EngFormatter, NullFormatter
+    for r in rows.to_dict('records'):
+        c = method_colour(r['method'])
+        err = [[r['mean'] - r['lo']], [r['hi'] - r['mean']]] if r['n'] > 1 else None
+        ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=c, ms=6, capsize=3)
+    lo, hi = rows[col].min(), rows[col].max()
+    if hi > 20 * lo: ax.set_xscale('log')
+    ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(*ax.get_ylim())
+    y0, y1 = ax.get_ylim()
+    for x, group in rows.groupby(col):
+        for y, label in zip(_spread(list(group['mean']), 0.045 * (y1 - y0)), group.label):
+            ax.text(x, y, f'   {label}', fontsize=8, va='center')
+    ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
+
+def cost_figure(stats):
+    "Top-1 (mean, 95% interval) against deployed parameters and FLOPs per image, one row of two panels per setting; None without counts."
+    rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
+    if rows.empty: return None
+    settings = sorted(rows.setting.unique())
+    fig, axes = _setting_axes(settings, [5.2] * len(settings), width=13, ncols=2)
+    for row, s in zip(axes, settings):
+        for ax, (col, name) in zip(row, COSTS): _cost_panel(ax, rows[rows.setting == s], col, name)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_results.ipynb 112
+MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
+
+def setting_metrics(runs, metrics, metric='best_test_acc'):
+    "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
+    return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
+
+def _end_labels(ax, ends):
+    "Name each line at its last point, labels spread apart."
+    y0, y1 = ax.get_ylim()
+    for (x, _, label, colour), y in zip(ends, _spread([e[1] for e in ends], 0.055 * (y1 - y0))):
+        ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
+
+def _curve_panel(ax, curves, labels, references):
+    from matplotlib.ticker import MaxNLocator
+    ends = []
+    for i, label in enumerate([*labels, *[r for r in references if r not in labels]]):
+        c = curves[curves.label == label]
+        if c.empty: continue
+        g, colour, ref = c.groupby('epoch').test_acc1.agg(['mean', 'std']), method_colour(c.method.iloc[0]), label not in labels
+        ax.plot(g.index, g['mean'], color=colour, ls='--' if ref else '-', lw=1.2 if ref else 1.8,
+                marker=None if ref else MARKERS[i % len(MARKERS)], ms=4)
+        ax.fill_between(g.index, g['mean'] - g['std'].fillna(0), g['mean'] + g['std'].fillna(0), color=colour, alpha=0.12, lw=0)
+        ends.append((g.index[-1], g['mean'].iloc[-1], label, colour))
+    lo, hi = curves.epoch.min(), curves.epoch.max()
+    ax.set_xlim(lo - 0.2, hi + 0.45 * max(hi - lo, 1)); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
+    _end_labels(ax, ends)
+
+def curves_figure(curves, stats, setting: str, references=REFERENCES):
+    "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
+    import matplotlib.pyplot as plt
+    rows, curves = stats[stats.setting == setting], curves[curves.setting == setting]
+    axes_found = research_axes(rows)
+    if not axes_found or curves.empty: return None
+    ncols = min(2, len(axes_found)); nrows = math.ceil(len(axes_found) / ncols)
+    fig, panels = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows + 0.6), squeeze=False)
+    for ax, axis in zip(panels.flat, axes_found):
+        labels = list(axis_rows(rows, axis).sort_values('mean', ascending=False).label)
+        _curve_panel(ax, curves, labels, [] if axis == 'method' else references)
+        ax.set_title(axis_title(axis), loc='left', fontsize=10)
+    for ax in panels.flat[len(axes_found):]: ax.set_visible(False)
+    fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_results.ipynb 117
+def budget_rows(stats):
+    "The rows of `stats` whose label ran at more than one budget within its family (the setting less epochs and images), with `family`."
+    s = stats.assign(family=[r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')])
+    return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
+
+def budget_figure(stats):
+    "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
+    rows = budget_rows(stats)
+    if rows.empty: return None
+    families = sorted(rows.family.unique())
+    fig, axes = _setting_axes(families, [4.6] * len(families))
+    for ax, f in zip(axes[:, 0], families):
+        r, ends = rows[rows.family == f], []
+        for label, g in r.sort_values('images_seen').groupby('label'):
+            colour = method_colour(g.method.iloc[0])
+            ax.plot(g.images_seen, g['mean'], color=colour, marker='o', ms=4, lw=1.8)
+            ax.fill_between(g.images_seen, g.lo, g.hi, color=colour, alpha=0.15, lw=0)
+            ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
+        teacher = r.teacher_acc.dropna()
+        if len(teacher):
+            ax.axhline(teacher.mean(), color=TEACHER_COLOUR, ls=':', lw=1.5)
+            ends.append((r.images_seen.max(), teacher.mean(), f'teacher {teacher.mean():.1f}%', TEACHER_COLOUR))
+        ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.3, r.images_seen.max() * 3)
+        ax.set(xlabel='images seen in training (epochs × training images, log scale)', ylabel=TOP1); ax.grid(alpha=0.3, which='both')
+        _end_labels(ax, ends)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_results.ipynb 122
+def slug(text) -> str:
+    "`text` as a file name: lower case, runs of other characters as one '-'."
+    return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
+
+def save_figure(fig, folder, name: str) -> list:
+    "Write `fig` to `folder/name.pdf` and `folder/name.png`."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f'{name}.{ext}' for ext in ('pdf', 'png')]
+    for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
+    return paths
+
+def save_table(table, caption: str, folder, name: str) -> list:
+    "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    md, tex = folder / f'{name}.md', folder / f'{name}.tex'
+    md.write_text(f'{markdown_table(table)}\n\n*{caption}*\n', encoding='utf-8')
+    tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
+    return [md, tex]
+
+# %% ../nbs/11_results.ipynb 128
+TABLE_BLOCK = re.compile(r'(<!-- table: (?P<runs>\S+) vs (?P<baselines>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)', re.S)
+
+def runs_tables(runs_dir, baselines=('simkd',)) -> str:
+    "The `study_table` of every setting of the runs in `runs_dir` against `baselines`, as Markdown with captions."
+    stats = study_stats(load_runs(runs_dir), baselines=baselines)
+    for b in baselines:
+        if b not in set(stats.label): raise ValueError(f"baseline: no finished runs labelled {b!r} in {str(runs_dir)!r}; labels: {sorted(set(stats.label))}")
+    return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
+                       for _, rows in stats.groupby('setting', sort=True))
+
+def fill_tables(text: str, root=None) -> str:
+    "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` block written again from the runs in `root/RUNS`."
+    root = Path(root) if root else project_root()
+    return TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
+                           + m.group(5), text)
+
+# %% ../nbs/11_results.ipynb 133
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
