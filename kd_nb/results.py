@@ -125,6 +125,7 @@ def load_metrics(runs_dir='runs'):
     for f in find_runs(root):
         if not (f.path / METRICS).is_file(): continue
         m = pd.read_csv(f.path / METRICS)
+        if m.empty: continue                       # a header alone would turn every column into objects
         rel = f.path.relative_to(root)
         m.insert(0, 'run', rel.as_posix()); m.insert(1, 'sweep', rel.parts[-2] if len(rel.parts) > 1 else NO_SWEEP)
         m.insert(2, 'run_id', f.summary.get('run_id', f.name))
@@ -426,13 +427,13 @@ def axis_rows(stats, axis: str):
     return stats.loc[sorted(set(rows.index) | set(recipes.index))]
 
 # %% ../nbs/11_results.ipynb 78
-def difference_text(d: dict, digits: int = 2) -> str:
-    "A paired difference as `+m [lo, hi]`, then `within noise` where the interval covers 0; `+m (n=1, no interval)`; '—'."
+def difference_text(d: dict, digits: int = 2, mark_noise: bool = True) -> str:
+    "A paired difference as `+m [lo, hi]`, then `within noise` where the interval covers 0 (if `mark_noise`); `+m (n=1, no interval)`; '—'."
     if d['n'] == 0: return '—'
     m = f"{d['mean']:+.{digits}f}"
     if d['n'] == 1: return f'{m} (n=1, no interval)'
     text = f"{m} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
-    return f'{text} within noise' if verdict(d) == 'within noise' else text
+    return f'{text} within noise' if mark_noise and verdict(d) == 'within noise' else text
 
 def top1_text(row, digits: int = 2) -> str:
     "Top-1 of a row of `study_stats` as mean ± std; `mean (single seed)` for one seed."
@@ -481,12 +482,12 @@ def latex_table(df, caption: str = '', label: str = '') -> str:
 
 
 def html_table(df, caption: str = '') -> str:
-    "`df` as an HTML table with `caption` under it: no index column, every cell in full."
+    "`df` as an HTML table with `caption` under it (a figure caption, as wide as the text): no index column, every cell in full."
     from html import escape
     head = ''.join(f'<th>{escape(str(c))}</th>' for c in df.columns)
     body = ''.join('<tr>' + ''.join(f'<td>{escape(_cell_text(v))}</td>' for v in r) + '</tr>' for r in df.itertuples(index=False))
-    cap = f'<caption>{escape(caption)}</caption>' if caption else ''
-    return f'<table class="kd-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    cap = f'<figcaption>{escape(caption)}</figcaption>' if caption else ''
+    return f'<figure class="kd-table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}</figure>'
 
 # %% ../nbs/11_results.ipynb 91
 def _row_seeds(row):
@@ -495,7 +496,9 @@ def _row_seeds(row):
 
 def _lead(a, b) -> str:
     d = paired_interval(_row_seeds(a), _row_seeds(b))
-    return f"{difference_text(d)} points over {b['label']} ({verdict(d)}, n={d['n']})"
+    if d['n'] == 0: return f"{b['label']} (no shared seed)"
+    if d['n'] == 1: return f"{b['label']} by {d['mean']:+.2f} points (one shared seed, not a finding)"
+    return f"{b['label']} by {difference_text(d, mark_noise=False)} points ({verdict(d)}, n={d['n']})"
 
 def reading(rows, baseline: str = 'simkd') -> str:
     "The reading of the rows of one setting of `study_stats`: the best, its lead over the runner-up and over `baseline`."
@@ -505,7 +508,7 @@ def reading(rows, baseline: str = 'simkd') -> str:
     text = f"Best: **{best['label']}**, {top1_text(best)}% top-1 (n={best['n']})"
     if best['n'] == 1: return text + ': a single seed, not a finding.'
     leads = [_lead(best, r) for r in ranked[1:2] + [r for r in ranked[2:] if r['label'] == baseline]]
-    return text + ('; ' + '; '.join(leads) if leads else '') + '.'
+    return text + ('; ahead of ' + ' and of '.join(leads) if leads else '') + '.'
 
 # %% ../nbs/11_results.ipynb 95
 OKABE_ITO = ('#000000', '#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2', '#D55E00', '#CC79A7')
@@ -604,6 +607,13 @@ def forest_figure(stats, baseline: str = 'simkd'):
 # %% ../nbs/11_results.ipynb 108
 COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
 
+def _near(rows, col, log=False, within=0.03):
+    "`rows` (sorted by `col`) cut into runs of neighbours less than `within` of the range apart on the (log) axis."
+    x = [math.log(v) if log else v for v in rows[col]]
+    width = (max(x) - min(x)) or 1
+    cuts = [0] + [i for i in range(1, len(x)) if x[i] - x[i - 1] > within * width] + [len(x)]
+    return [rows.iloc[a:b] for a, b in zip(cuts, cuts[1:])]
+
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
     for r in rows.to_dict('records'):
@@ -615,8 +625,8 @@ def _cost_panel(ax, rows, col, name):
     ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(*ax.get_ylim())
     y0, y1 = ax.get_ylim()
-    for x, group in rows.groupby(col):
-        for y, label in zip(_spread(list(group['mean']), 0.045 * (y1 - y0)), group.label):
+    for group in _near(rows.sort_values(col), col, ax.get_xscale() == 'log'):
+        for x, y, label in zip(group[col], _spread(list(group['mean']), 0.045 * (y1 - y0)), group.label):
             ax.text(x, y, f'   {label}', fontsize=8, va='center')
     ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
@@ -747,11 +757,11 @@ def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
-    "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter)."
+    "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
     from nbconvert import HTMLExporter
     nb = nbformat.read(str(nb_path), as_version=4)
-    nb.cells = [c for c in nb.cells if not _is_front_matter(c)]
+    nb.cells = [c for c in nb.cells if not _is_front_matter(c) and 'remove-cell' not in c.metadata.get('tags', [])]
     exporter = HTMLExporter(template_name='lab', embed_images=True, exclude_input=not show_code,
                             exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
@@ -759,14 +769,15 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None) -> Path:
-    "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html`."
+def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
+    "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
     nb = Path(notebook) if notebook else project_root() / 'nbs' / 'summary.ipynb'
     if not nb.is_file(): raise ValueError(f"notebook: no report notebook at {str(nb)!r}")
     out = project_path(out_html)
     executed = out.with_suffix('.ipynb'); executed.parent.mkdir(parents=True, exist_ok=True)
-    params = {'runs_dir': str(project_path(runs_dir)), **({'title': title} if title else {})}
+    params = {'runs_dir': str(project_path(runs_dir)), 'tables_dir': str(project_path(tables_dir)) if tables_dir else '',
+              **({'title': title} if title else {})}
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
