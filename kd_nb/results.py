@@ -504,9 +504,11 @@ def reading(rows, baseline: str = 'simkd') -> str:
     "The reading of the rows of one setting of `study_stats`: the best, its lead over the runner-up and over `baseline`."
     ranked = rows.sort_values(['mean', 'label'], ascending=[False, True]).to_dict('records')
     if not ranked: return 'Nothing to compare.'
-    best = ranked[0]
+    best, several = ranked[0], rows[rows.n > 1]
+    if best['n'] == 1:
+        text = f"Best: **{best['label']}**, {best['mean']:.2f}% top-1 on a single seed: not a finding."
+        return text + (f" Of the labels with several seeds: {reading(several, baseline)}" if len(several) else '')
     text = f"Best: **{best['label']}**, {top1_text(best)}% top-1 (n={best['n']})"
-    if best['n'] == 1: return text + ': a single seed, not a finding.'
     leads = [_lead(best, r) for r in ranked[1:2] + [r for r in ranked[2:] if r['label'] == baseline]]
     return text + ('; ahead of ' + ' and of '.join(leads) if leads else '') + '.'
 
@@ -563,7 +565,7 @@ def _dots_panel(ax, rows, refs):
         ax.scatter(r['values'], [y + 0.12 * ((i % 3) - 1) for i in range(r['n'])], s=22, color=c, alpha=0.5, lw=0, zorder=2)
         if r['n'] > 1: ax.hlines(y, r['lo'], r['hi'], color=c, lw=2, zorder=2)
         ax.scatter([r['mean']], [y], marker='D', s=50, color=c, edgecolor='white', zorder=3)
-        ax.annotate(f"{top1_text(r)} (n={r['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
+        ax.annotate(f"{mean_std(r['mean'], r['std'])} (n={r['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4)
     values = [v for vs in rows['values'] for v in vs] + list(rows.lo.dropna()) + list(rows.hi.dropna()) + list(refs['mean'])
     pad = 0.05 * (max(values) - min(values) or 1)
@@ -666,7 +668,8 @@ def _curve_panel(ax, curves, labels, references):
         ax.fill_between(g.index, g['mean'] - g['std'].fillna(0), g['mean'] + g['std'].fillna(0), color=colour, alpha=0.12, lw=0)
         ends.append((g.index[-1], g['mean'].iloc[-1], label, colour))
     lo, hi = curves.epoch.min(), curves.epoch.max()
-    ax.set_xlim(lo - 0.2, hi + 0.45 * max(hi - lo, 1)); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.set_xlim(lo - 0.2, hi + 0.45 * max(hi - lo, 1))
+    ax.set_xticks([t for t in ax.get_xticks() if lo <= t <= hi])           # no epochs past the last one
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
@@ -694,6 +697,7 @@ def budget_rows(stats):
 
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
+    from matplotlib.ticker import EngFormatter
     rows = budget_rows(stats)
     if rows.empty: return None
     families = sorted(rows.family.unique())
@@ -708,8 +712,9 @@ def budget_figure(stats):
         teacher = r.teacher_acc.dropna()
         if len(teacher):
             ax.axhline(teacher.mean(), color=TEACHER_COLOUR, ls=':', lw=1.5)
-            ends.append((r.images_seen.max(), teacher.mean(), f'teacher {teacher.mean():.1f}%', TEACHER_COLOUR))
-        ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.3, r.images_seen.max() * 3)
+            ax.text(r.images_seen.min(), teacher.mean(), f'teacher {teacher.mean():.1f}%', color='#555555', fontsize=8, va='bottom')
+        ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.2, r.images_seen.max() * 1.8)
+        ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(EngFormatter())
         ax.set(xlabel='images seen in training (epochs × training images, log scale)', ylabel=TOP1); ax.grid(alpha=0.3, which='both')
         _end_labels(ax, ends)
     fig.tight_layout()
