@@ -200,13 +200,14 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     nb = json.loads(out.with_suffix('.ipynb').read_text())             # the executed notebook, kept beside the HTML
     assert not [o for o in outputs(nb) if o['output_type'] == 'error']
     images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
-    assert len(images) >= 4                                              # loss, layers, cost, learning curves
+    assert len(images) >= 7                                              # 2 forest plots, method, loss, layers, cost, curves
     text = text_of(nb)
-    assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'best variant' in text and 'FitNet' in text
-    assert text.count(NONE_YET) == 3                                     # no projector, direction or speed-setting runs
+    assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'Which alignment loss' in text and 'Which layers' in text
+    assert '<td>simkd layers=3,4 layer_weights=increasing</td>' in text and '<td>fitnet</td>' in text
+    assert text.count(NONE_YET) == 2                                     # one budget, no speed settings
     assert 'No incomplete or failed runs' in text
     html = out.read_text()
-    assert '<table' in html and 'best variant' in html and 'resnet14 → resnet8' in html
+    assert '<table' in html and 'Δ vs scratch [95% CI]' in html and 'resnet14 → resnet8' in html
     assert html.count('<img ') >= 4 and html.count('src="data:image/png;base64,') >= 4   # figures embedded
     assert '<link' not in html and '<style' in html                      # styles inline (MathJax comes from a CDN)
     assert 'load_runs(' not in html                                      # code hidden
@@ -216,7 +217,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
-    assert text.count(NONE_YET) == 8 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
+    assert text.count(NONE_YET) == 7 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
@@ -236,9 +237,9 @@ def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     nb = execute_summary(runs, tmp_path / 'out.ipynb')
     text = text_of(nb)
     assert '4 runs, 2 finished' in text
-    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: no table, no studies
+    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: nothing to compare
     assert 'RuntimeError: CUDA out of memory' in text and 'ValueError: data_dir: no CIFAR-100 here' in text
-    assert len([o for o in outputs(nb) if 'image/png' in o.get('data', {})]) == 2   # cost and learning curves
+    assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
 def test_quarto_project_publishes_components_and_report(tmp_path):
