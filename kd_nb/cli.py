@@ -62,6 +62,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     rep.add_argument('--out', default='report/index.html', help='HTML file to write (default: report/index.html)')
     rep.add_argument('--title', default=None, help='report title')
     rep.add_argument('--show-code', action='store_true', help='keep the code cells in the HTML')
+    rep.add_argument('--tables', metavar='DIR', help='also write every table (Markdown, LaTeX) and figure (PDF, PNG) into DIR')
     return p
 
 # %% ../nbs/12_cli.ipynb 7
@@ -82,7 +83,7 @@ def sweep_main(argv=None) -> int:
     args = sweep_parser().parse_args(argv)
     try:
         if args.command == 'report':
-            print(f"wrote {render_report(args.runs, args.out, title=args.title, show_code=args.show_code)}")
+            print(f"wrote {render_report(args.runs, args.out, args.title, args.show_code, tables_dir=args.tables)}")
             return 0
         sweep = load_sweep(args.sweep, dict(args.overrides))
         selection = dict(only=args.only, seeds=args.seeds, limit=args.limit)

@@ -1,9 +1,14 @@
-"Integration: the summary notebook and its HTML rendering, on the runs of a quick sweep, on nothing, and on partial runs."
-import json, shutil
+"""The report: its numbers, tables and figures from a small runs folder made here with known accuracies (one label on a
+single seed, one failed run, two budgets), its files for a paper, and the summary notebook rendered to HTML; then
+integration on the runs of a quick sweep, on nothing, and on partial runs."""
+import json, math, re, shutil
 from pathlib import Path
+import pandas as pd
 import papermill as pm
 import pytest
-from kd_nb.results import load_runs, load_metrics, aggregate, paper_table
+from kd_nb.experiment import resolve_config, RUN_KEYS
+from kd_nb.results import (load_runs, load_metrics, aggregate, paper_table, study_stats, study_table, axis_rows, latex_table,
+                           research_axes, verdict, runs_tables)
 from kd_nb.cli import sweep_main as main
 from conftest import ROOT
 from test_sweep import run_quick_sweep
@@ -35,6 +40,144 @@ def text_of(nb):
     return '\n'.join(parts)
 
 
+# best top-1 per seed (seeds 0, 1, 2) of each label trained for 2 epochs; kd-e4 and simkd-e4 ran 4 epochs
+KNOWN = {'scratch': ({'method': 'scratch'}, [50.0, 52.0, 54.0]),
+         'kd': ({'method': 'kd'}, [55.0, 58.0, 58.0]),
+         'simkd': ({}, [60.0, 61.0, 65.0]),
+         'simkd loss=l1': ({'loss': 'l1'}, [62.0, 60.0]),
+         'simkd loss=cosine': ({'loss': 'cosine'}, [70.0]),
+         'simkd projector=linear': ({'projector': 'linear'}, [50.0, 52.0]),
+         'simkd-e4': ({'epochs': 4}, [66.0, 69.0]),
+         'kd-e4': ({'method': 'kd', 'epochs': 4}, [59.0, 60.0])}
+
+
+def write_run(root, name, acc=None, seed=0, status='done', epochs=2, **knobs):
+    "A run folder as a finished (or failed) run leaves it: config.json, summary.json, metrics.csv."
+    d = Path(root) / name
+    d.mkdir(parents=True)
+    cfg = {**resolve_config(teacher='resnet14', student='resnet8', preset='quick', epochs=epochs, seed=seed, **knobs),
+           'data_source': 'official'}
+    (d / 'config.json').write_text(json.dumps({'run_id': name, 'params': cfg}))
+    curve = [acc * (e + 1) / epochs for e in range(epochs)] if acc is not None else []
+    pd.DataFrame({'epoch': range(1, len(curve) + 1), 'test_acc1': curve}).to_csv(d / 'metrics.csv', index=False)
+    (d / 'summary.json').write_text(json.dumps({
+        'run_id': name, 'status': status, **{k: cfg[k] for k in RUN_KEYS}, 'best_test_acc': max(curve, default=None),
+        'teacher_test_acc': None if cfg['method'] == 'scratch' else 80.0, 'teacher_source': f'teacher-s{seed}',
+        'deploy_params': 1000 + 10 * len(name), 'deploy_flops': 10 ** 6, 'error': 'RuntimeError: out of memory' if status == 'failed' else None,
+        'launches': [{'start': '2026-01-01 00:00:00', 'seconds': 60}]}))
+
+
+@pytest.fixture(scope='module')
+def known_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('known') / 'runs'
+    for key, (knobs, accs) in KNOWN.items():
+        for seed, acc in enumerate(accs): write_run(root / 'study', f"{key.replace(' ', '-')}-s{seed}", acc, seed, **knobs)
+    write_run(root / 'study', 'simkd-direction-down-s0', status='failed', direction='down')
+    return root
+
+
+def stats_of(runs_dir, epochs=2):
+    stats = study_stats(load_runs(runs_dir), baselines=('simkd', 'scratch', 'kd'))
+    return stats[stats.recipe.str.contains(f'{epochs} epochs')].set_index('label')
+
+
+def test_known_numbers_in_means_differences_and_intervals(known_runs):
+    runs, st = load_runs(known_runs), stats_of(known_runs)
+    assert (runs.status == 'failed').sum() == 1 and 'simkd direction=down' not in st.index   # a failed run is no seed
+    assert st.loc['kd', 'mean'] == pytest.approx(57.0) and st.loc['kd', 'n'] == 3
+    kd = st.loc['kd', 'vs scratch']                                       # per seed: +5, +6, +4
+    assert (kd['n'], kd['mean'], kd['std']) == (3, pytest.approx(5.0), pytest.approx(1.0))
+    assert (kd['lo'], kd['hi']) == (pytest.approx(5 - 4.3027 / 3 ** 0.5, abs=1e-3), pytest.approx(5 + 4.3027 / 3 ** 0.5, abs=1e-3))
+    l1 = st.loc['simkd loss=l1', 'vs simkd']                              # per seed: +2, -1
+    assert l1['mean'] == pytest.approx(0.5) and l1['hi'] - l1['mean'] == pytest.approx(12.706 * 1.5, abs=1e-2)
+    assert verdict(l1) == 'within noise'
+    linear = st.loc['simkd projector=linear', 'vs simkd']                 # per seed: -10, -9
+    assert (linear['mean'], verdict(linear)) == (pytest.approx(-9.5), 'beyond noise')
+    cosine = st.loc['simkd loss=cosine']
+    assert cosine.n == 1 and math.isnan(cosine.lo) and verdict(cosine['vs simkd']) == 'n=1, no interval'
+    assert research_axes(st.reset_index()) == ['method', 'loss', 'projector']
+
+
+def test_tables_say_n_intervals_noise_and_single_seeds(known_runs):
+    st = stats_of(known_runs).reset_index()
+    table = study_table(axis_rows(st, 'loss'), ('simkd',))
+    assert table.columns.tolist() == ['setting', 'n', 'top-1 (%)', 'Δ vs simkd [95% CI]', 'deployed params']
+    rows = table.set_index('setting')
+    assert rows.index.tolist() == ['simkd loss=cosine', 'simkd', 'simkd loss=l1']         # sorted by mean
+    assert rows.loc['simkd loss=cosine', 'top-1 (%)'] == '70.00 (single seed)'
+    assert rows.loc['simkd loss=cosine', 'Δ vs simkd [95% CI]'] == '+10.00 (n=1, no interval)'
+    assert rows.loc['simkd loss=l1', 'Δ vs simkd [95% CI]'] == '+0.50 [-18.56, +19.56] within noise'
+    assert rows.loc['simkd', 'top-1 (%)'] == '62.00 ± 2.65' and rows.loc['simkd', 'n'] == 3
+
+
+def assert_valid_latex(tex):
+    "Balanced environments and braces, the booktabs rules in order, no special character left unescaped."
+    envs = re.findall(r'\\(begin|end)\{(\w+)\}', tex)
+    stack = []
+    for kind, env in envs:
+        if kind == 'begin': stack.append(env)
+        else: assert stack and stack.pop() == env, envs
+    assert not stack and ('begin', 'tabular') in envs
+    unescaped = re.sub(r'\\[{}]', '', tex)
+    assert unescaped.count('{') == unescaped.count('}')
+    rules = [l for l in tex.splitlines() if l in ('\\toprule', '\\midrule', '\\bottomrule')]
+    assert rules == ['\\toprule', '\\midrule', '\\bottomrule']
+    body = tex[tex.index('\\toprule'):tex.index('\\bottomrule')]
+    assert not re.search(r'(?<!\\)[%#_&]', body.replace(' & ', ' ')), body   # & only between columns
+    columns = tex.split('\\begin{tabular}{')[1].split('}')[0]
+    assert all(l.count(' & ') == len(columns) - 1 for l in body.splitlines() if l.endswith('\\\\')), body
+
+
+def test_latex_is_booktabs_and_escaped():
+    table = pd.DataFrame({'setting': ['simkd loss_options=50%', 'a & b #1'], 'n': [2, 1], 'top-1 (%)': ['1.00 ± 0.50', '2.00']})
+    tex = latex_table(table, 'resnet14 → resnet8 | 50% of cifar_100', 'tab:x')
+    assert_valid_latex(tex)
+    assert r'simkd loss\_options=50\% & 2 & 1.00 $\pm$ 0.50 \\' in tex and r'a \& b \#1' in tex
+    assert r'\caption{resnet14 $\rightarrow$ resnet8 | 50\% of cifar\_100}' in tex
+
+
+@pytest.fixture(scope='module')
+def rendered(known_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp('report') / 'report.html'
+    assert main(['report', '--runs', str(known_runs), '--out', str(out), '--title', 'Known runs', '--tables', str(out.parent / 'paper')]) == 0
+    return out
+
+
+def test_report_html_names_everything_in_full_without_index(rendered):
+    html = rendered.read_text()
+    assert 'Known runs' in html and '95% interval: paired t over seeds' in html and 'within noise' in html
+    for label in ['simkd loss=cosine', 'simkd projector=linear', 'simkd loss=l1']:
+        assert f'<td>{label}</td>' in html                              # every label in full in a table
+    assert '…' not in html and not re.search(r'\w\.\.\.<', html)        # nothing cut short
+    assert 'class="dataframe"' not in html and '<th></th>' not in html    # no pandas index column
+    assert html.count('<th>setting</th>') >= 3 and 'single seed' in html and 'RuntimeError: out of memory' in html
+    for heading in ['Which method', 'Which alignment loss', 'Which projector', 'Limitations', 'Accuracy against training budget']:
+        assert heading in html
+    assert html.count('src="data:image/png;base64,') >= 8 and '<link' not in html and 'load_runs(' not in html
+    assert 'kd-sweep report --runs' not in html                          # notes for whoever renders it stay out
+
+
+def test_report_writes_tables_and_figures_for_a_paper(rendered):
+    paper = rendered.parent / 'paper'
+    names = {p.name for p in paper.iterdir()}
+    for name in ['difference-vs-simkd', 'difference-vs-scratch', 'top1-method', 'top1-loss', 'top1-projector', 'cost', 'budget']:
+        assert {f'{name}.pdf', f'{name}.png'} <= names, name
+    assert (paper / 'budget.pdf').read_bytes().startswith(b'%PDF')
+    tables = sorted(p for p in paper.glob('*.tex'))
+    assert {'table-loss.tex', 'table-projector.tex'} <= {p.name for p in tables}
+    assert len([p for p in tables if p.name.startswith('table-method-')]) == 2   # the method axis in both budgets
+    for tex in tables: assert_valid_latex(tex.read_text())
+    md = (paper / 'table-loss.md').read_text()
+    assert md.startswith('| setting | n | top-1 (%) | Δ vs simkd [95% CI] | deployed params |') and '| simkd loss=cosine | 1 |' in md
+
+
+def test_readme_tables_come_from_runs(known_runs):
+    text = runs_tables(known_runs, ('scratch',))
+    assert text.count('| setting | n |') == 2 and '| kd | 3 | 57.00 ± 1.73 | +5.00 [+2.52, +7.48] |' in text
+    with pytest.raises(ValueError, match="baseline: no finished runs labelled 'fitnet'"):
+        runs_tables(known_runs, ('fitnet',))
+
+
 @pytest.mark.slow
 def test_results_of_the_quick_sweep(quick_runs):
     runs = load_runs(quick_runs)
@@ -57,13 +200,14 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     nb = json.loads(out.with_suffix('.ipynb').read_text())             # the executed notebook, kept beside the HTML
     assert not [o for o in outputs(nb) if o['output_type'] == 'error']
     images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
-    assert len(images) >= 4                                              # loss, layers, cost, learning curves
+    assert len(images) >= 7                                              # 2 forest plots, method, loss, layers, cost, curves
     text = text_of(nb)
-    assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'best variant' in text and 'FitNet' in text
-    assert text.count(NONE_YET) == 3                                     # no projector, direction or speed-setting runs
+    assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'Which alignment loss' in text and 'Which layers' in text
+    assert '<td>simkd layers=3,4 layer_weights=increasing</td>' in text and '<td>fitnet</td>' in text
+    assert text.count(NONE_YET) == 2                                     # one budget, no speed settings
     assert 'No incomplete or failed runs' in text
     html = out.read_text()
-    assert '<table' in html and 'best variant' in html and 'resnet14 → resnet8' in html
+    assert '<table' in html and 'Δ vs scratch [95% CI]' in html and 'resnet14 → resnet8' in html
     assert html.count('<img ') >= 4 and html.count('src="data:image/png;base64,') >= 4   # figures embedded
     assert '<link' not in html and '<style' in html                      # styles inline (MathJax comes from a CDN)
     assert 'load_runs(' not in html                                      # code hidden
@@ -73,7 +217,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
-    assert text.count(NONE_YET) == 8 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
+    assert text.count(NONE_YET) == 7 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
@@ -93,9 +237,9 @@ def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     nb = execute_summary(runs, tmp_path / 'out.ipynb')
     text = text_of(nb)
     assert '4 runs, 2 finished' in text
-    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: no table, no studies
+    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: nothing to compare
     assert 'RuntimeError: CUDA out of memory' in text and 'ValueError: data_dir: no CIFAR-100 here' in text
-    assert len([o for o in outputs(nb) if 'image/png' in o.get('data', {})]) == 2   # cost and learning curves
+    assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
 def test_quarto_project_publishes_components_and_report(tmp_path):
