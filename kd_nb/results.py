@@ -23,8 +23,8 @@ __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'R
            'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows', 'difference_text', 'top1_text',
            'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour',
            'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics', 'curves_figure', 'budget_rows',
-           'budget_figure', 'slug', 'save_figure', 'save_table', 'runs_tables', 'fill_tables', 'notebook_to_html',
-           'render_report', 'write_redirect']
+           'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure', 'save_table', 'runs_tables',
+           'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -775,11 +775,30 @@ def budget_figure(stats):
     return fig
 
 # %% ../nbs/11_results.ipynb 178
+def budget_steps(rows, baseline: str = 'scratch'):
+    "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
+    import pandas as pd
+    means = rows.pivot_table(index='images_seen', columns='label', values='mean').dropna(axis=1)
+    if baseline not in means: raise ValueError(f"baseline: {baseline!r} did not run at every budget; ran: {', '.join(means.columns)}")
+    gains = means.drop(columns=baseline).sub(means[baseline], axis=0)
+    order = [tuple(means.loc[b].sort_values(ascending=False).index) for b in means.index]
+    shift = (gains.shift(-1) - gains).abs().max(axis=1)
+    return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
+                         'max_gain_shift_next': shift.values})
+
+def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
+    "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
+    steps = budget_steps(rows, baseline)
+    ok = steps[steps.same_order_next & (steps.max_gain_shift_next < tolerance)]
+    chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
+    return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
+
+# %% ../nbs/11_results.ipynb 183
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 180
+# %% ../nbs/11_results.ipynb 185
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -787,7 +806,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 182
+# %% ../nbs/11_results.ipynb 187
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -796,10 +815,10 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 186
+# %% ../nbs/11_results.ipynb 191
 TABLE_BLOCK = re.compile(r'(<!-- table: (?P<runs>\S+) vs (?P<baselines>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 187
+# %% ../nbs/11_results.ipynb 192
 def runs_tables(runs_dir, baselines=('simkd',)) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -808,18 +827,18 @@ def runs_tables(runs_dir, baselines=('simkd',)) -> str:
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 189
+# %% ../nbs/11_results.ipynb 194
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
     return TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
                            + m.group(5), text)
 
-# %% ../nbs/11_results.ipynb 193
+# %% ../nbs/11_results.ipynb 198
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 194
+# %% ../nbs/11_results.ipynb 199
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -833,7 +852,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 196
+# %% ../nbs/11_results.ipynb 201
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -846,7 +865,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 198
+# %% ../nbs/11_results.ipynb 203
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
