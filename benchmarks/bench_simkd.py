@@ -22,10 +22,10 @@ from kd_nb.models import get_model
 from kd_nb.reference import ReferenceSimKD
 from kd_nb.experiment import resolve_config, build_distiller, train_config, git_commit
 from kd_nb.hardware import autocast, as_input, device_name
-from kd_nb.trainer import prepare, train_step, evaluate, resolve_deterministic
+from kd_nb.trainer import PRESETS, RECIPE_BATCH, prepare, train_step, evaluate, recipe_lr, resolve_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = dict(epochs=240, train_images=50_000, test_images=10_000)
+RECIPE = dict(epochs=PRESETS['paper']['epochs'], train_images=50_000, test_images=10_000)   # CIFAR's 50,000 / 10,000 images
 PHASES = ('data', 'teacher', 'student', 'optimizer')
 
 
@@ -196,7 +196,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     p.add_argument('--steps', type=int, default=None,
                    help='timed training steps per path; 0: one full epoch (default: 0 on CUDA, 16 on CPU)')
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--batch-size', type=int, default=RECIPE_BATCH)
     p.add_argument('--teacher', default='resnet32x4')
     p.add_argument('--student', default='resnet8x4')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps per path first (default: 20 on CUDA, 3 on CPU)')
@@ -235,7 +235,7 @@ def main(argv=None):
         n_train = RECIPE['train_images'] if steps == 0 else (warmup + steps + split_steps + 1) * bs
         data_dir = make_synthetic_cifar(tmp.name, 'cifar100', n_train=n_train, n_test=eval_images, seed=0)
         data = f'synthetic CIFAR-100-shaped ({n_train} train / {eval_images} test images)'
-    lr = 0.05
+    lr = recipe_lr(a.student, bs, 'paper')
     mem = Memory(device)
 
     log(f'device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads; data: {data}')

@@ -4,19 +4,18 @@
 
 # %% ../nbs/04_distill.ipynb 3
 from __future__ import annotations
-import inspect
 from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import CifarNet, feature_shapes, count_params, count_flops
-from .losses import LOSSES, check_loss, get_loss
+from .losses import LOSSES, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'default_loss_weights', 'schedule_weights', 'Alignment',
-           'StepOutput', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss',
-           'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'STEP_INPUTS', 'default_loss_weights', 'schedule_weights',
+           'Alignment', 'StepOutput', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters',
+           'aux_loss', 'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -124,10 +123,12 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
-def _make_loss(name, channels, options):
-    kwargs = dict(options.get(name, {}))
-    if 'channels' in inspect.signature(LOSSES[name]).parameters: kwargs.setdefault('channels', channels)
-    return get_loss(name, **kwargs)
+STEP_INPUTS = ('labels', 'teacher')   # the step needs `distill_step` passes to a loss
+
+def _supplied(teacher, width=None) -> dict:
+    "What a distiller supplies to its losses: their build needs' values, and the step inputs it passes per batch (None here)."
+    run = {'num_classes': teacher.head.out_features, **dict.fromkeys(STEP_INPUTS)}
+    return run if width is None else {'channels': width, **run}
 
 # %% ../nbs/04_distill.ipynb 27
 class Distiller(nn.Module):
@@ -145,7 +146,7 @@ class Distiller(nn.Module):
         self.logit_losses, feature_names = nn.ModuleDict(), []
         for name, w in losses:
             self.weights[name] = w
-            if LOSSES[name].kind == 'logits': self.logit_losses[name] = get_loss(name, **options.get(name, {}))
+            if LOSSES[name].kind == 'logits': self.logit_losses[name] = build_loss(name, options.get(name), _supplied(teacher))
             else: feature_names.append(name)
         self.layers = tuple(int(k) for k in layers)
         bad = [k for k in self.layers if not 1 <= k <= 4]
@@ -174,7 +175,7 @@ class Distiller(nn.Module):
             al = Alignment(k, shapes_s[k - 1], shapes_t[k - 1], projector, factor, direction, target=bool(names))
             self.alignments.append(al)
             self.alignment_weights.append(lam)
-            self.feature_losses.append(nn.ModuleDict({n: _make_loss(n, al.width, options) for n in names}))
+            self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(teacher, al.width)) for n in names}))
             for n in names:
                 if n not in self.weights: self.weights[n] = default_loss_weights(method, [n])[0]
         self.reuse_head, self.direction = reuse_head, direction
@@ -215,12 +216,14 @@ def distill_step(self: Distiller, x, y) -> StepOutput:
              for al, losses in zip(self.alignments, self.feature_losses)]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
     if self.ce_weight: out.terms['ce'] = self.ce_weight * F.cross_entropy(out.logits.float(), y)
-    for name, loss in self.logit_losses.items(): out.terms[name] = self.weights[name] * loss(out.logits, zt)
+    inputs = {'labels': y, 'teacher': self.teacher}
+    needed = lambda loss: {n: inputs[n] for n in step_needs(loss)}
+    for name, loss in self.logit_losses.items(): out.terms[name] = self.weights[name] * loss(out.logits, zt, **needed(loss))
     for al, lam, (s, t), losses in zip(self.alignments, self.alignment_weights, sides, self.feature_losses):
         if not losses: continue  # the reused head's stage without a feature loss: prediction only
         s, t = al.match(s, t)
         out.aligned.append((s, t, losses))
-        for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t)
+        for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
     return out
 
 # %% ../nbs/04_distill.ipynb 34
@@ -232,23 +235,21 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
 
 # %% ../nbs/04_distill.ipynb 53
+def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
+
 def aux_parameters(distiller: Distiller) -> list:
-    "Parameters trained by the losses' own objectives, not by the student's loss."
-    return [p for losses in distiller.feature_losses for l in losses.values() if getattr(l, 'has_aux_step', False)
-            for p in l.parameters()]
+    "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
+    return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
-    terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values()
-             if getattr(l, 'has_aux_step', False)]
+    terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
 def trained_modules(distiller: Distiller) -> list:
-    "The distiller's parts that the main optimizer trains: all but the teacher and the losses' own-optimizer parts."
-    aux = {id(p) for p in aux_parameters(distiller)}
+    "The distiller's parts that the main optimizer trains: all but the teacher and the feature losses that do not need `trainable`."
     mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses')]
-    return mods + [l for losses in distiller.feature_losses for l in losses.values()
-                   if not any(id(p) in aux for p in l.parameters())]
+    return mods + [l for losses in distiller.feature_losses for l in losses.values() if 'trainable' in l.needs]
 
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."

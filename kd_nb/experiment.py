@@ -11,22 +11,22 @@ from pathlib import Path
 import torch
 import kd_nb
 from .data import dataset_info, make_loaders, data_source, source_sha256
-from .models import get_model, check_model, load_checkpoint, count_params
-from .losses import check_loss, loss_options as loss_option_defaults
-from .projectors import check_projector
+from .models import get_model, check_model, list_models, load_checkpoint, count_params
+from .losses import check_loss, list_losses, loss_options as loss_option_defaults
+from .projectors import check_projector, list_projectors
 from .distill import METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
                             is_main, broadcast_object, barrier)
-from .runs import Run, open_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
+from .runs import Run, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
 from .trainer import TrainConfig, PRESETS, check_preset, recipe_lr, fit, evaluate
 
 # %% auto 0
-__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'FAST_PATH_KNOBS', 'RUN_KEYS', 'TEACHER_KEYS', 'parse_bool', 'parse_int',
-           'parse_list', 'milestone', 'check_choice', 'parse_layers', 'project_root', 'project_path',
-           'project_relative', 'train_config', 'build_distiller', 'resolve_config', 'git_commit', 'environment',
-           'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher', 'Experiment', 'setup', 'load_data',
-           'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves',
-           'run_experiment', 'parse_knobs', 'main']
+__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'RUN_KEYS', 'SCRATCH_KNOBS',
+           'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'milestone', 'check_choice', 'registered',
+           'parse_layers', 'project_root', 'project_path', 'project_relative', 'train_config', 'build_distiller',
+           'resolve_config', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher',
+           'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run', 'get_teacher',
+           'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -78,7 +78,14 @@ def check_choice(value, knob: str, valid):
     if value not in valid: raise ValueError(f"{knob}: unknown {value!r}; valid: {', '.join(map(str, valid))}")
     return value
 
-# %% ../nbs/09_experiment.ipynb 15
+REGISTERED = {'method': lambda: list(METHOD_DEFAULTS), 'loss': list_losses, 'projector': list_projectors,
+              'teacher': list_models, 'student': list_models}
+
+def registered(knob: str) -> list:
+    "Every name registered for `knob` (a loss, projector, method or model): what `all` means on a sweep's axis."
+    return REGISTERED[check_choice(knob, 'registered', list(REGISTERED))]()
+
+# %% ../nbs/09_experiment.ipynb 17
 def parse_layers(value) -> list:
     "Aligned stages from `'4'`, `'3,4'`, `'all'` or a list."
     if value == 'all': return [1, 2, 3, 4]
@@ -88,7 +95,7 @@ def parse_layers(value) -> list:
     if layers != sorted(set(layers)): raise ValueError(f"layers: stages must be increasing and distinct, got {value!r}")
     return layers
 
-# %% ../nbs/09_experiment.ipynb 19
+# %% ../nbs/09_experiment.ipynb 21
 def project_root(start=None) -> Path:
     "The nearest folder at or above `start` (default: cwd) that holds `settings.ini`; else `start` itself."
     start = Path(start or Path.cwd()).resolve()
@@ -105,7 +112,7 @@ def project_relative(p) -> str:
     try: return str(p.relative_to(project_root()))
     except ValueError: return str(p)
 
-# %% ../nbs/09_experiment.ipynb 25
+# %% ../nbs/09_experiment.ipynb 27
 FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -122,7 +129,7 @@ def build_distiller(cfg: dict, student, teacher=None):
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
                           loss_options=cfg['loss_options'])
 
-# %% ../nbs/09_experiment.ipynb 28
+# %% ../nbs/09_experiment.ipynb 30
 def _resolve_losses(k: dict, m: dict, given: dict):
     "loss, loss_weight, layer_losses and loss_options of `k`, checked and completed."
     k['loss'] = parse_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
@@ -138,10 +145,9 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     for n in k['loss']: check_loss(n, knob='loss')
     for n in k['layer_losses']: check_loss(n, knob='layer_losses')
     for n in used: check_loss(n, opts.get(n), knob='loss_options')
-    defaults = lambda n: {o: v for o, v in loss_option_defaults(n).items() if o != 'channels'}
-    k['loss_options'] = json.loads(json.dumps({n: {**defaults(n), **opts.get(n, {})} for n in used}, default=list))
+    k['loss_options'] = json.loads(json.dumps({n: {**loss_option_defaults(n), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 29
+# %% ../nbs/09_experiment.ipynb 31
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -197,7 +203,7 @@ def resolve_config(**knobs) -> dict:
                         None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes))
     return k
 
-# %% ../nbs/09_experiment.ipynb 37
+# %% ../nbs/09_experiment.ipynb 39
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -217,11 +223,17 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 42
+# %% ../nbs/09_experiment.ipynb 44
+SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
+                     ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
+                     layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
+                     factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'])
+
 def teacher_params(cfg: dict) -> dict:
-    "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images."
-    return {**cfg, 'method': 'scratch', 'student': cfg['teacher'], 'seed': cfg['teacher_seed'], 'epochs': cfg['teacher_epochs'],
-            'lr_milestones': cfg['teacher_lr_milestones'], 'train_limit': cfg['teacher_train_limit'],
+    "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
+    own = dict(seed=cfg['teacher_seed'], epochs=cfg['teacher_epochs'], lr_milestones=cfg['teacher_lr_milestones'],
+               train_limit=cfg['teacher_train_limit'])
+    return {**cfg, **SCRATCH_KNOBS, 'student': cfg['teacher'], **own, **{f'teacher_{k}': v for k, v in own.items()},
             'lr': recipe_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])}
 
 TEACHER_KEYS = ('dataset', 'data_source', 'student', 'seed', 'epochs', 'lr_milestones', 'train_limit', 'batch_size', 'lr',
@@ -250,7 +262,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 46
+# %% ../nbs/09_experiment.ipynb 48
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     teacher = get_model(cfg['teacher'], loaders.info.num_classes)
@@ -276,20 +288,33 @@ def _teacher_loaders(cfg, loaders, device):
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
                         download=False, num_workers=cfg['num_workers'])
 
+def run_figures(history: list, distiller, data_source: str, teacher: Teacher | None = None) -> dict:
+    "What a finished run's `summary.json` records beyond its knobs: top-1, the teacher's, parameters and FLOPs, speed."
+    dep = deployable(distiller)
+    return dict(
+        best_test_acc=max(r['test_acc1'] for r in history), final_test_acc=history[-1]['test_acc1'],
+        final_test_acc5=history[-1]['test_acc5'], teacher_test_acc=teacher.test_acc if teacher else None,
+        teacher_source=teacher.source if teacher else None, teacher_sha256=teacher.sha256 if teacher else None,
+        student_params=count_params(distiller.student), projector_params=dep.projector_params,
+        projector_flops=dep.projector_flops, deploy_params=dep.params, deploy_flops=dep.flops, epochs=len(history),
+        data_source=data_source, images_per_s=sum(r['images_per_s'] for r in history) / len(history))
+
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
+    "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."
     log(f"training teacher {cfg['teacher']} in {tdir}")
     for stale in (tdir / 'last.pt', tdir / METRICS):   # a broken entry starts over
         if is_main(): stale.unlink(missing_ok=True)
     barrier()
     params = teacher_params(cfg)
+    run = begin_run(Run(tdir, resumed=False, lock=None), params, RUN_KEYS, environment(device, params['amp'])) if is_main() else None
     torch.manual_seed(params['seed'])
-    if is_main(): write_json({'params': params, 'status': 'running'}, tdir / SUMMARY)
     L = _teacher_loaders(cfg, loaders, device)
-    hist = fit(make_distiller('scratch', teacher.to(device)), L.train, L.test, train_config(params), tdir, log=log)
+    distiller = make_distiller('scratch', teacher.to(device))
+    hist = fit(distiller, L.train, L.test, train_config(params), tdir, log=log)
     load_checkpoint(teacher, tdir / BEST)
-    if is_main(): write_json({'params': params, 'status': 'done', 'best_test_acc': max(r['test_acc1'] for r in hist)}, tdir / SUMMARY)
+    if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 50
+# %% ../nbs/09_experiment.ipynb 53
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -322,7 +347,7 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 54
+# %% ../nbs/09_experiment.ipynb 57
 def _auto_name(cfg):
     pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
@@ -347,7 +372,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 57
+# %% ../nbs/09_experiment.ipynb 60
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for `scratch`)."
     if exp.cfg['method'] == 'scratch': return None
@@ -372,17 +397,9 @@ def train(exp: Experiment, run: Run | None, distiller, loaders) -> list[dict]:
 def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: Teacher | None = None) -> dict | None:
     "Step 7: write the finished run's `summary.json` (rank 0) and return it."
     if run is None: return None
-    dep = deployable(distiller)
-    return run.finish(
-        best_test_acc=max(r['test_acc1'] for r in history), final_test_acc=history[-1]['test_acc1'],
-        final_test_acc5=history[-1]['test_acc5'], teacher_test_acc=teacher.test_acc if teacher else None,
-        teacher_source=teacher.source if teacher else None, teacher_sha256=teacher.sha256 if teacher else None,
-        student_params=count_params(distiller.student),
-        projector_params=dep.projector_params, projector_flops=dep.projector_flops, deploy_params=dep.params,
-        deploy_flops=dep.flops, epochs=len(history), data_source=exp.cfg['data_source'],
-        images_per_s=sum(r['images_per_s'] for r in history) / len(history))
+    return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
 
-# %% ../nbs/09_experiment.ipynb 62
+# %% ../nbs/09_experiment.ipynb 65
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -396,7 +413,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 65
+# %% ../nbs/09_experiment.ipynb 68
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -442,6 +459,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 69
+# %% ../nbs/09_experiment.ipynb 72
 #| eval: false
 if __name__ == '__main__': main()

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .projectors import make_projector
+from .trainer import TrainConfig   # the recipe's optimizer settings: written once, in the trainer
 
 # %% auto 0
 __all__ = ['DistillKL', 'accuracy', 'SimKD', 'ReferenceSimKD']
@@ -48,7 +49,8 @@ class SimKD(nn.Module):
 # %% ../nbs/08_reference.ipynb 9
 class ReferenceSimKD:
     "SimKD `student` from a frozen `teacher` as the original code trains it (fp32, NCHW, default SGD, CE/KL/feature terms weighted 0/0/1)."
-    def __init__(self, student, teacher, lr=0.05, factor=2, transfer=None, momentum=0.9, weight_decay=5e-4):
+    def __init__(self, student, teacher, lr=TrainConfig.lr, factor=2, transfer=None, momentum=TrainConfig.momentum,
+                 weight_decay=TrainConfig.weight_decay):
         self.model_s, self.model_t = student, teacher
         self.simkd = SimKD(student.head.in_features, teacher.head.in_features, factor, transfer)
         self.simkd.to(next(student.parameters()).device)

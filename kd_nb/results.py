@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from .runs import RunFolder, find_runs, read_json, METRICS
 from .losses import loss_options as loss_option_defaults
+from .projectors import PROJECTORS, projector_knobs
 from .distill import default_loss_weights
 from .experiment import RUN_KEYS, resolve_config, project_root, project_path
 from .sweep import run_state, record_path
@@ -89,7 +90,7 @@ def method_recipe(method: str, direction: str = 'up') -> dict:
 def _changed_options(v) -> dict:
     "The options that differ from their loss's defaults."
     opts = json.loads(v) if isinstance(v, str) and v else dict(v or {})
-    defaults = lambda n: json.loads(json.dumps({o: d for o, d in loss_option_defaults(n).items() if o != 'channels'}, default=list))
+    defaults = lambda n: json.loads(json.dumps(loss_option_defaults(n), default=list))
     return {n: {o: x for o, x in o_.items() if defaults(n).get(o) != x} for n, o_ in opts.items()
             if any(defaults(n).get(o) != x for o, x in o_.items())}
 
@@ -110,7 +111,7 @@ def varied_knobs(row: dict) -> tuple:
     layers = str(_flat(row.get('layers', '')))
     checks = [('loss', True), ('loss_weight', True), ('ce_weight', True), ('layers', True), ('layer_weights', ',' in layers),
               ('layer_losses', bool(layers)), ('projector', bool(layers)),
-              ('factor', bool(layers) and row.get('projector') in ('simkd', 'mlp')), ('direction', bool(layers))]
+              ('factor', bool(layers) and row.get('projector') in PROJECTORS and 'factor' in projector_knobs(row['projector'])), ('direction', bool(layers))]
     varied = [k for k, relevant in checks if relevant and k in row and not same(k)]
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
     return tuple(varied)

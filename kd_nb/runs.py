@@ -12,7 +12,8 @@ from pathlib import Path
 # %% auto 0
 __all__ = ['CONFIG', 'SUMMARY', 'METRICS', 'NOTEBOOK', 'LAST', 'BEST', 'LOCK', 'STATES', 'read_json', 'write_json',
            'write_metrics', 'folder_lock', 'lock_holder', 'notebook_error', 'RunFolder', 'RunInUse', 'same_config',
-           'Run', 'open_run', 'EpochLog', 'papermill_output_path', 'keep_notebook', 'is_run_folder', 'find_runs']
+           'Run', 'open_run', 'begin_run', 'EpochLog', 'papermill_output_path', 'keep_notebook', 'is_run_folder',
+           'find_runs']
 
 # %% ../nbs/06_runs.ipynb 5
 CONFIG, SUMMARY, METRICS, NOTEBOOK = 'config.json', 'summary.json', 'metrics.csv', 'notebook.ipynb'
@@ -193,6 +194,10 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
             continue
         run = Run(folder.path, resumed=bool(old), lock=lock)
         break
+    return begin_run(run, params, keys, env)
+
+def begin_run(run: Run, params: dict, keys, env=None) -> Run:
+    "Write the run's `config.json` (knobs `params`, environment `env`) and record a new launch in `summary.json` (status running, the `keys` of `params`)."
     write_json({'run_id': run.id, 'params': params, **(env or {}), 'started': time.strftime('%Y-%m-%d %H:%M:%S')},
                run.path / CONFIG)
     launches = list(run.summary.get('launches') or [])
@@ -200,7 +205,7 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
     run.update(run_id=run.id, status='running', launches=launches, **{k: params.get(k) for k in keys})
     return run
 
-# %% ../nbs/06_runs.ipynb 37
+# %% ../nbs/06_runs.ipynb 38
 class EpochLog:
     "Writes a run's per-epoch rows to `metrics.csv` and, as scalars, to TensorBoard event files in `folder`."
     def __init__(self, folder, history=(), tensorboard: bool = True):
@@ -220,7 +225,7 @@ class EpochLog:
     def close(self):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_runs.ipynb 42
+# %% ../nbs/06_runs.ipynb 43
 _COPY_WHEN_DONE = r'''
 import json, os, shutil, sys, time
 src, dst, parent, deadline = sys.argv[1], sys.argv[2], int(sys.argv[3]), time.time() + float(sys.argv[4])
@@ -260,7 +265,7 @@ def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
                                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return src
 
-# %% ../nbs/06_runs.ipynb 46
+# %% ../nbs/06_runs.ipynb 47
 def is_run_folder(path) -> bool:
     "Whether `path` holds a run: its config, its executed notebook, or a summary naming it."
     p = Path(path)

@@ -12,15 +12,15 @@ from queue import Queue
 import torch
 from .hardware import available_cores
 from .runs import STATES, NOTEBOOK, RunFolder, read_json, write_json, same_config
-from .experiment import DEFAULT_KNOBS, RUN_KEYS, resolve_config, project_root, project_path
+from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path
 
 # %% auto 0
 __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SweepError',
-           'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'expand', 'validate', 'sweep_dir',
-           'record_path', 'launch_alive', 'run_state', 'PlannedRun', 'plan', 'select', 'sweep_status',
-           'run_notebook_path', 'run_spec', 'papermill_command', 'update_record', 'never_started', 'execute_run',
-           'visible_devices', 'worker_threads', 'worker_env', 'run_local', 'outcome_line', 'slurm_parameters',
-           'run_slurm', 'SweepResult', 'counts', 'run_sweep']
+           'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values', 'expand',
+           'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state', 'PlannedRun', 'plan',
+           'select', 'sweep_status', 'run_notebook_path', 'run_spec', 'papermill_command', 'update_record',
+           'never_started', 'execute_run', 'visible_devices', 'worker_threads', 'worker_env', 'run_local',
+           'outcome_line', 'slurm_parameters', 'run_slurm', 'SweepResult', 'counts', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -59,8 +59,10 @@ def _check_knobs(knobs, where, src):
 def _check_grid(axes, where, src):
     if not isinstance(axes, dict): raise SweepError(f"{src}: {where}: expected a mapping of axis -> list of values")
     for name, values in axes.items():
+        if values == 'all' and name in REGISTERED: continue
         if not isinstance(values, list) or not values:
-            raise SweepError(f"{src}: {where}.{name}: expected a non-empty list of values, got {values!r}")
+            raise SweepError(f"{src}: {where}.{name}: expected a non-empty list of values"
+                             f"{' or all' if name in REGISTERED else ''}, got {values!r}")
         if name in SWEEP_KNOBS:
             if name != 'loss_options' and any(isinstance(v, dict) for v in values):
                 raise SweepError(f"{src}: {where}.{name}: values of a knob must not be mappings (a group axis needs a name that is not a knob)")
@@ -141,9 +143,13 @@ def make_run_name(cfg: dict, varied=()) -> str:
     return '-'.join([*map(slug, head), *parts, f"s{get('seed')}"])
 
 # %% ../nbs/10_sweep.ipynb 21
+def axis_values(name, values) -> list:
+    "The values of axis `name`: its list, or every registered name when it says `all`."
+    return registered(name) if values == 'all' else values
+
 def _grid_points(axes: dict) -> list:
     "Every combination of an axes mapping, each as an ordered list of (knob, value)."
-    choices = [[[(name, v)] if name in SWEEP_KNOBS else list(v.items()) for v in values]
+    choices = [[[(name, v)] if name in SWEEP_KNOBS else list(v.items()) for v in axis_values(name, values)]
                for name, values in axes.items()]
     return [sum(combo, []) for combo in itertools.product(*choices)] if choices else []
 
@@ -171,7 +177,7 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 25
+# %% ../nbs/10_sweep.ipynb 26
 def validate(sweep, configs=None) -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
@@ -186,11 +192,11 @@ def validate(sweep, configs=None) -> list[dict]:
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 30
+# %% ../nbs/10_sweep.ipynb 31
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 33
+# %% ../nbs/10_sweep.ipynb 34
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -199,24 +205,36 @@ def _pid_alive(pid) -> bool:
     except (PermissionError, ValueError, TypeError): return True
     return True
 
+class LaunchUnknown(RuntimeError):
+    "Whether a launched job still runs cannot be told: the scheduler's status query failed."
+
+def _slurm_state(record: dict) -> str:
+    "The SLURM state of the job of `record`; `LaunchUnknown` when the query fails or SLURM does not know."
+    try:
+        import submitit
+        state = str(submitit.SlurmJob(folder=record['folder'], job_id=str(record['job_id'])).state).upper()
+    except Exception as e:
+        raise LaunchUnknown(f"SLURM status of job {record.get('job_id')} unknown: {type(e).__name__}: {e}") from e
+    if state in ('', 'UNKNOWN'): raise LaunchUnknown(f"SLURM status of job {record.get('job_id')} unknown: the query returned {state or 'nothing'}")
+    return state
+
 def launch_alive(record: dict | None) -> bool:
-    "Whether the process or job of a launch record may still be running (False without a record or once it finished)."
+    "Whether the process or job of a launch record may still be running (False without a record or once it finished); `LaunchUnknown` when SLURM cannot say."
     if not record or record.get('finished'): return False
-    if record.get('cluster') == 'slurm':
-        try:
-            import submitit
-            state = submitit.SlurmJob(folder=record['folder'], job_id=str(record['job_id'])).state
-        except Exception: return True
-        return not str(state).upper().startswith(_SLURM_ENDED)
+    if record.get('cluster') == 'slurm': return not _slurm_state(record).startswith(_SLURM_ENDED)
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 35
+# %% ../nbs/10_sweep.ipynb 37
 def run_state(folder, record: dict | None = None) -> dict:
-    "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was)."
-    return RunFolder(folder).state(queued=launch_alive(record))
+    "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
+    folder = RunFolder(folder)
+    try: return folder.state(queued=launch_alive(record))
+    except LaunchUnknown as e:
+        state = folder.state(queued=False)
+        return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 39
+# %% ../nbs/10_sweep.ipynb 41
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -258,7 +276,7 @@ def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 45
+# %% ../nbs/10_sweep.ipynb 47
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -282,7 +300,7 @@ def papermill_command(spec: dict) -> list[str]:
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 49
+# %% ../nbs/10_sweep.ipynb 51
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +330,7 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 55
+# %% ../nbs/10_sweep.ipynb 57
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -355,7 +373,7 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 63
+# %% ../nbs/10_sweep.ipynb 65
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -369,7 +387,7 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 66
+# %% ../nbs/10_sweep.ipynb 68
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
     "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -393,7 +411,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 69
+# %% ../nbs/10_sweep.ipynb 71
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -415,7 +433,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 72
+# %% ../nbs/10_sweep.ipynb 74
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:

@@ -5,7 +5,7 @@ import torch.nn as nn
 from kd_nb.distill import (DIRECTIONS, LAYER_SCHEDULES, METHOD_DEFAULTS, Alignment, Distiller, aux_parameters,
                            default_loss_weights, deployable, make_distiller, schedule_weights, student_parameters,
                            trained_modules)
-from kd_nb.losses import LOSSES
+from kd_nb.losses import LOSSES, list_losses
 from kd_nb.models import count_params, get_model
 from kd_nb.projectors import ConvRegProjector
 
@@ -101,9 +101,10 @@ def test_default_loss_weights():
     assert default_loss_weights('simkd', ['at', 'sp', 'nst', 'rkd', 'kl']) == [1000.0, 3000.0, 50.0, 1.0, 0.9]
     assert default_loss_weights('kd', ['l2']) == [1.0]
     for m in METHOD_DEFAULTS:
-        for name in ('l1', 'smooth_l1', 'cosine', 'mmd', 'cka', 'adversarial'):
-            assert default_loss_weights(m, [name]) == [LOSSES[name].default_weight]
-    with pytest.raises(ValueError, match="method: unknown 'crd'; valid: scratch, kd, fitnet, simkd"):
+        own = dict(METHOD_DEFAULTS[m]['losses'])
+        for name in list_losses():
+            assert default_loss_weights(m, [name]) == [own.get(name, LOSSES[name].default_weight)]
+    with pytest.raises(ValueError, match=f"method: unknown 'crd'; valid: {', '.join(METHOD_DEFAULTS)}$"):
         default_loss_weights('crd', ['l2'])
     with pytest.raises(ValueError, match="loss: unknown 'huber'"):
         default_loss_weights('simkd', ['huber'])
@@ -175,7 +176,35 @@ def test_student_parameters_come_from_trained_modules(teacher):
     assert set(ids(d.alignments[0].teacher_proj.parameters())) <= set(main)
 
 
-def test_one_home_for_what_trains():
+def test_one_home_for_what_trains(teacher, monkeypatch):
     "The trainer registers the distiller's `trained_modules` with DDP/compile: the same function, not a copy."
-    trainer = pytest.importorskip('kd_nb.trainer')
-    assert getattr(trainer, 'trained_modules', trained_modules) is trained_modules
+    from kd_nb import trainer
+    assert trainer.trained_modules is trained_modules
+    d = make_distiller('simkd', student(), teacher, losses=['l2', 'adversarial'])
+    assert list(trainer.TrainStep(d).parts) == trained_modules(d)
+    monkeypatch.setattr(trainer, 'trained_modules', lambda distiller: [distiller.student])
+    assert list(trainer.TrainStep(d).parts) == [d.student]      # TrainStep reads the function, it keeps no list of its own
+
+
+# --- every registered loss and method, without naming them
+
+@pytest.mark.parametrize('name', list_losses())
+def test_every_loss_trains_the_student_through_a_distiller(name, teacher):
+    "A logit loss under KD, a feature loss on SimKD's stage 4: the step has the loss's term and its gradient reaches the student."
+    torch.manual_seed(0)
+    method = 'kd' if LOSSES[name].kind == 'logits' else 'simkd'
+    d = make_distiller(method, student(), teacher, losses=[name]).train()
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert any(k.split('@')[0] == name for k in out.terms) and torch.isfinite(out.total)
+    out.total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+
+
+@pytest.mark.parametrize('method', list(METHOD_DEFAULTS))
+def test_every_method_steps_and_deploys(method, teacher):
+    d = make_distiller(method, student(), teacher).train()
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert out.logits.shape == (4, 10) and torch.isfinite(out.total)
+    assert set(out.terms) == ({'ce'} if d.ce_weight else set()) | {n if LOSSES[n].kind == 'logits' else f'{n}@{k}'
+                                                                 for n, _ in METHOD_DEFAULTS[method]['losses'] for k in d.layers or [None]}
+    assert deployable(d).module(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -2,16 +2,32 @@ import pytest
 import torch
 
 from kd_nb.projectors import (FACTORS, PROJECTORS, ConvRegProjector, align_spatial, check_projector, list_projectors,
-                              make_projector)
+                              make_projector, projector_knobs)
 
 
 def n_params(m): return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize("name", [n for n in list_projectors() if n != "identity"])
+def widths(name):
+    "A 128 -> 256 projection, or 128 -> 128 for a projector that keeps the width (identity)."
+    try: make_projector(name, 128, 256); return 128, 256
+    except ValueError: return 128, 128
+
+
+@pytest.mark.parametrize("name", list_projectors())
 def test_shapes(name):
-    y = make_projector(name, 128, 256).train()(torch.randn(2, 128, 8, 8))
-    assert y.shape == ((2, 256, 1, 1) if name == "mlp" else (2, 256, 8, 8))
+    "Every projector maps (B, C_in, H, W) to C_out channels, keeping the batch and either the map or one pooled position."
+    cin, cout = widths(name)
+    y = make_projector(name, cin, cout).train()(torch.randn(2, cin, 8, 8))
+    assert y.shape in ((2, cout, 8, 8), (2, cout, 1, 1)), y.shape
+
+
+@pytest.mark.parametrize("name", list_projectors())
+def test_declared_knobs_are_the_ones_that_change_it(name):
+    "A projector declares `factor` exactly when its factor changes what it builds (the results read this declaration)."
+    cin, cout = widths(name)
+    sizes = {n_params(make_projector(name, cin, cout, factor=f)) for f in FACTORS}
+    assert (len(sizes) > 1) == ('factor' in projector_knobs(name))
 
 
 @pytest.mark.parametrize("factor,expected", [(1, 722_432), (2, 214_016), (4, 70_400), (8, 26_240)])
@@ -26,7 +42,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="in=64 out=256"): make_projector("identity", 64, 256)
     with pytest.raises(ValueError, match="factor"): make_projector("simkd", 8, 8, factor=3)
     with pytest.raises(ValueError, match="in_channels"): make_projector("linear", 0, 8)
-    assert set(PROJECTORS) == set(list_projectors())
+    with pytest.raises(ValueError, match="valid: simkd"): projector_knobs("nope")
 
 
 def test_align_spatial():
@@ -84,7 +100,7 @@ def test_sizes_are_optional_and_only_convreg_resizes():
 def test_check_projector():
     for name in list_projectors():
         for f in FACTORS: check_projector(name, f)
-    with pytest.raises(ValueError, match=r"^projector: unknown 'bottleneck'; valid: simkd, identity, linear, conv3x3, dwsep, mlp, convreg$"):
+    with pytest.raises(ValueError, match=f"^projector: unknown 'bottleneck'; valid: {', '.join(list_projectors())}$"):
         check_projector("bottleneck")
     with pytest.raises(ValueError, match=r"^projector_t: unknown 'x'"):
         check_projector("x", knob="projector_t")

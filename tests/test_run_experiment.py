@@ -52,10 +52,12 @@ def test_quick_run_writes_all_artifacts(method, synthetic_cifar100, tmp_path_fac
 
 
 def test_simkd_deploys_student_projector_and_teacher_head(synthetic_cifar100, tmp_path):
-    run_notebook(tmp_path / 'o.ipynb', **quick_params(synthetic_cifar100, tmp_path, run_name='s', epochs=1))
+    "The deployed model is the student without its head, the projector, and the teacher's head (a wider one than the student's)."
+    run_notebook(tmp_path / 'o.ipynb', **quick_params(synthetic_cifar100, tmp_path, run_name='s', epochs=1, teacher='resnet8x4'))
     s = json.loads((tmp_path / 's' / 'summary.json').read_text())
-    head = 64 * 100 + 100   # resnet8's and resnet14's heads have the same shape (64 -> 100)
-    assert s['deploy_params'] == s['student_params'] - head + s['projector_params'] + head
+    student_head, teacher_head = 64 * 100 + 100, 256 * 100 + 100   # resnet8: 64 -> 100; resnet8x4: 256 -> 100
+    assert s['deploy_params'] == s['student_params'] - student_head + s['projector_params'] + teacher_head
+    assert s['projector_params'] > 0 and s['deploy_params'] != s['student_params'] + s['projector_params']
 
 
 def test_finished_run_is_never_overwritten(synthetic_cifar100, tmp_path):

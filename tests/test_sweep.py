@@ -162,8 +162,9 @@ def test_dry_run_validates_and_launches_nothing(tmp_path, capsys):
     assert not (tmp_path / 'runs' / 'dry').exists() or not any((tmp_path / 'runs' / 'dry').iterdir())
 
 
-SHIPPED = {'baseline': 36, 'losses': 36, 'layers': 39, 'projectors': 57, 'direction': 27,
-           'baseline_quick': 24, 'losses_quick': 36, 'layers_quick': 39, 'projectors_quick': 57, 'direction_quick': 27,
+EVERY_LOSS = 3 * len(list_losses())   # `loss: all`, three seeds
+SHIPPED = {'baseline': 36, 'losses': EVERY_LOSS, 'layers': 39, 'projectors': 57, 'direction': 27,
+           'baseline_quick': 24, 'losses_quick': EVERY_LOSS, 'layers_quick': 39, 'projectors_quick': 57, 'direction_quick': 27,
            'fast_path': 9, 'fast_path_quick': 9, 'cifar10_cpu': 32}
 
 
@@ -206,3 +207,24 @@ def test_shipped_sweeps_expand_and_validate(name):
         assert {c['layer_weights'] for c in resolved} == {'uniform', 'increasing', 'decreasing', 'last_only'}
     if name.startswith('baseline'):
         assert {c['method'] for c in resolved} == {'scratch', 'kd', 'fitnet', 'simkd'}
+
+
+@pytest.mark.parametrize('failure', ['raises', 'UNKNOWN'])
+def test_failed_slurm_query_is_unknown_never_running(failure, tmp_path, monkeypatch):
+    "A job whose SLURM status cannot be read is reported as unknown with the error, and neither counted as running nor relaunched."
+    import submitit
+    from kd_nb.sweep import run_state, counts
+    class Unreachable(submitit.SlurmJob):
+        @property
+        def state(self):
+            if failure == 'raises': raise OSError('slurm_load_jobs error: Socket timed out')
+            return 'UNKNOWN'
+    monkeypatch.setattr(submitit, 'SlurmJob', Unreachable)
+    folder = tmp_path / 'run'; folder.mkdir()
+    (folder / 'summary.json').write_text(json.dumps({'status': 'running'}))
+    state = run_state(folder, {'cluster': 'slurm', 'folder': str(tmp_path), 'job_id': '42'})
+    assert state['status'] == 'unknown' and 'job 42' in state['error']
+    assert ('Socket timed out' if failure == 'raises' else 'returned UNKNOWN') in state['error']
+    assert counts([state['status']]) == '1 unknown'
+    (folder / 'summary.json').write_text(json.dumps({'status': 'done'}))
+    assert run_state(folder, {'cluster': 'slurm', 'folder': str(tmp_path), 'job_id': '42'})['status'] == 'done'
