@@ -177,7 +177,7 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 26
+# %% ../nbs/10_sweep.ipynb 27
 def validate(sweep, configs=None) -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
@@ -192,11 +192,11 @@ def validate(sweep, configs=None) -> list[dict]:
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 31
+# %% ../nbs/10_sweep.ipynb 32
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 34
+# %% ../nbs/10_sweep.ipynb 35
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -225,7 +225,7 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 37
+# %% ../nbs/10_sweep.ipynb 38
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
     folder = RunFolder(folder)
@@ -234,7 +234,7 @@ def run_state(folder, record: dict | None = None) -> dict:
         state = folder.state(queued=False)
         return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 41
+# %% ../nbs/10_sweep.ipynb 43
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -276,7 +276,7 @@ def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 47
+# %% ../nbs/10_sweep.ipynb 49
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -300,7 +300,7 @@ def papermill_command(spec: dict) -> list[str]:
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 51
+# %% ../nbs/10_sweep.ipynb 53
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 57
+# %% ../nbs/10_sweep.ipynb 59
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -373,7 +373,7 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 65
+# %% ../nbs/10_sweep.ipynb 67
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -387,7 +387,7 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 68
+# %% ../nbs/10_sweep.ipynb 70
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
     "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -411,7 +411,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 71
+# %% ../nbs/10_sweep.ipynb 73
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -433,7 +433,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 74
+# %% ../nbs/10_sweep.ipynb 76
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:
