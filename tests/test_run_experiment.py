@@ -108,7 +108,7 @@ def test_failed_run_records_status_and_error(synthetic_cifar100, tmp_path):
 
 def test_same_run_name_twice_at_once(synthetic_cifar100, tmp_path):
     "A second run of the same name and knobs while the first lives is refused, naming the live process; other knobs get NAME-2."
-    p = quick_params(synthetic_cifar100, tmp_path, method='scratch', epochs=3, run_name='twin')
+    p = quick_params(synthetic_cifar100, tmp_path, method='scratch', epochs=12, run_name='twin')   # alive while the twin starts
     first = subprocess.Popen(cli_args(tmp_path / 'a.ipynb', **p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = tmp_path / 'twin' / 'summary.json'
     wait_for(lambda: summary.exists() and json.loads(summary.read_text()).get('status') == 'running', 120, 'first run started')
@@ -117,7 +117,7 @@ def test_same_run_name_twice_at_once(synthetic_cifar100, tmp_path):
     assert "RunInUse: run_name: 'twin' is being run by process" in str(e.value)   # the first run's kernel, named
     run_notebook(tmp_path / 'c.ipynb', **{**p, 'seed': 1, 'epochs': 1})      # other knobs: a folder of its own
     assert first.wait(timeout=300) == 0
-    assert json.loads(summary.read_text())['status'] == 'done' and len(pd.read_csv(tmp_path / 'twin' / 'metrics.csv')) == 3
+    assert json.loads(summary.read_text())['status'] == 'done' and len(pd.read_csv(tmp_path / 'twin' / 'metrics.csv')) == 12
     assert json.loads((tmp_path / 'twin-2' / 'summary.json').read_text())['seed'] == 1
     assert not (tmp_path / 'twin-3').exists()
 
