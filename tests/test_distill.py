@@ -282,3 +282,40 @@ def test_loss_heads_train_with_the_student_and_are_not_deployed(name, teacher):
     out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), indices=torch.tensor([1, 2, 3, 4]))
     out.total.backward()
     assert all(p.grad is not None for l in heads for p in l.parameters())
+
+
+# --- CRD's memory bank is part of the run's checkpoint
+
+def test_crd_bank_and_metrics_resume_exactly(tmp_path):
+    "A run of CRD (sample indices) and DKD (progress) killed after epoch 1 and resumed ends as the uninterrupted run: same bank, same metrics."
+    from kd_nb.data import DeviceLoader
+    from kd_nb.trainer import TrainConfig, fit, trainable_state
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(24) % 10
+    loader = lambda train: DeviceLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3, train)
+    cfg = TrainConfig(epochs=2, lr_milestones=(1,), progress=False, compile='off')
+
+    class Killed(Exception): pass
+
+    def run(run_dir, kill_after=None):
+        torch.manual_seed(0)
+        d = make_distiller('fitnet', get_model('resnet8', num_classes=10), get_model('resnet8', num_classes=10),
+                           losses=['crd', 'dkd'], layers=(4,), num_samples=24, loss_options={'crd': {'nce_k': 16}})
+        def stop(epoch, row):
+            if epoch == kill_after: raise Killed
+        try: history = fit(d, loader(True), loader(False), cfg, run_dir, log=lambda *a: None, on_epoch_end=stop)
+        except Killed: return None, d
+        return history, d
+
+    whole, d_whole = run(tmp_path / 'whole')
+    assert run(tmp_path / 'cut', kill_after=1)[0] is None
+    resumed, d_resumed = run(tmp_path / 'cut')
+    timing = ('epoch_time_s', 'images_per_s')
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    assert whole[1]['train_crd@4'] > 0 and whole[0]['train_dkd'] > 0
+    bank = lambda d: d.feature_losses[0]['crd'].memory
+    assert torch.equal(bank(d_resumed).memory_s, bank(d_whole).memory_s) and torch.equal(bank(d_resumed).z, bank(d_whole).z)
+    state = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=False)['distiller']
+    assert torch.equal(state['feature_losses.0.crd.memory.memory_t'], bank(d_whole).memory_t)
+    assert {k for k in trainable_state(d_whole) if k.startswith('feature_losses.0.crd.memory.')} == \
+        {f'feature_losses.0.crd.memory.{b}' for b in ('memory_s', 'memory_t', 'z')}
