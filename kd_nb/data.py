@@ -661,6 +661,10 @@ class EpochBatches:
         self.epoch = epoch
     def _order(self, g):
         return torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
+    def __iter__(self): return ((x, y) for x, y, _ in self.indexed())
+    def indexed(self):
+        "The batches as (x, y, the samples' indices in this loader's data set, on its device)"
+        raise NotImplementedError(f'{type(self).__name__} must define indexed()')
 
 class DeviceLoader(EpochBatches):
     "Batches of a uint8 image tensor kept on `device`, augmented there (random crop + flip), normalized"
@@ -690,13 +694,13 @@ class DeviceLoader(EpochBatches):
         flip = (torch.rand(n, generator=g) < 0.5) & self.flip
         return [t.to(self.device) for t in (order, dx, dy, flip)]
 
-    def __iter__(self):
+    def indexed(self):
         order, dx, dy, flip = self._draws()
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment: x = crop_flip(x, dx[idx], dy[idx], flip[idx], self.padding)
-            yield normalize_uint8(x, self.mean, self.std), self.labels[idx]
+            yield normalize_uint8(x, self.mean, self.std), self.labels[idx], idx
 
 # %% ../nbs/00_data.ipynb 126
 class SeededTransform(Dataset):
@@ -727,12 +731,14 @@ class PILLoader(EpochBatches):
         super().set_epoch(epoch)
         self.items.epoch = epoch
 
-    def __iter__(self):
+    def indexed(self):
         g = epoch_generator(self.seed, self.epoch)
         order = self._order(g)
         dl = DataLoader(self.items, self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
                         drop_last=self.drop_last, pin_memory=self.device.type == 'cuda', generator=g)
-        for x, y in dl: yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for b, (x, y) in enumerate(dl):
+            idx = order[b * self.batch_size:b * self.batch_size + len(y)]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 
 # %% ../nbs/00_data.ipynb 135
 def split_indices(n, val_size=0, limit=0, seed=0):

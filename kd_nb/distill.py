@@ -9,13 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import CifarNet, feature_shapes, count_params, count_flops
-from .losses import LOSSES, check_loss, build_loss, step_needs
+from .losses import LOSSES, AlignmentLoss, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'STEP_INPUTS', 'default_loss_weights', 'schedule_weights',
-           'Alignment', 'StepOutput', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters',
-           'aux_loss', 'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable']
+           'Alignment', 'StepOutput', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller',
+           'aux_parameters', 'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent',
+           'Deployment', 'deployable']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -123,19 +124,24 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
-STEP_INPUTS = ('labels', 'teacher')   # the step needs `distill_step` passes to a loss
+STEP_INPUTS = ('labels', 'teacher', 'indices', 'progress')   # the step needs `distill_step` passes to a loss
 
-def _supplied(teacher, width=None) -> dict:
+def _supplied(teacher, width=None, num_samples=None) -> dict:
     "What a distiller supplies to its losses: their build needs' values, and the step inputs it passes per batch (None here)."
     run = {'num_classes': teacher.head.out_features, **dict.fromkeys(STEP_INPUTS)}
+    if num_samples is not None: run['num_samples'] = num_samples
     return run if width is None else {'channels': width, **run}
+
+def stage_pairs(layers) -> list:
+    "The (earlier, later) stages a `kind='stages'` loss reads at each of `layers`: the previous listed stage, or k - 1 for the first (None at stage 1)."
+    return [(a, k) if a >= 1 else None for a, k in zip([layers[0] - 1, *layers[:-1]], layers)] if layers else []
 
 # %% ../nbs/04_distill.ipynb 27
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
                  layers=(), layer_weights='uniform', layer_losses=None, projector='simkd', factor=2,
-                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None):
+                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None, num_samples=None):
         super().__init__()
         self.student, self.teacher, self.ce_weight, self.method = student, teacher, float(ce_weight), method
         losses = _loss_pairs(losses, method)
@@ -146,7 +152,7 @@ class Distiller(nn.Module):
         self.logit_losses, feature_names = nn.ModuleDict(), []
         for name, w in losses:
             self.weights[name] = w
-            if LOSSES[name].kind == 'logits': self.logit_losses[name] = build_loss(name, options.get(name), _supplied(teacher))
+            if LOSSES[name].kind == 'logits': self.logit_losses[name] = build_loss(name, options.get(name), _supplied(teacher, None, num_samples))
             else: feature_names.append(name)
         self.layers = tuple(int(k) for k in layers)
         bad = [k for k in self.layers if not 1 <= k <= 4]
@@ -169,15 +175,24 @@ class Distiller(nn.Module):
         self.alignments, self.feature_losses, self.alignment_weights = nn.ModuleList(), nn.ModuleList(), []
         if self.layers:
             shapes_s, shapes_t = feature_shapes(student, input_size), feature_shapes(teacher, input_size)
+        staged = lambda names: [n for n in names if LOSSES[n].kind == 'stages']
         for k, lam, only in zip(self.layers, self.layer_weights, per_layer):
             names = ([only] if only else feature_names) if lam else []
+            names = [n for n in names if n not in staged(names)]
             if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
             al = Alignment(k, shapes_s[k - 1], shapes_t[k - 1], projector, factor, direction, target=bool(names))
             self.alignments.append(al)
             self.alignment_weights.append(lam)
-            self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(teacher, al.width)) for n in names}))
+            self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(teacher, al.width, num_samples)) for n in names}))
             for n in names:
                 if n not in self.weights: self.weights[n] = default_loss_weights(method, [n])[0]
+        self.stage_losses, self.stage_pairs, self.stage_weights = nn.ModuleList(), [], []
+        for pair, lam, only in zip(stage_pairs(self.layers), self.layer_weights, per_layer):
+            names = staged([only] if only else feature_names) if lam and pair else []
+            if names: self._add_stage_losses(pair, lam, names, options, num_samples, shapes_s, shapes_t)
+        missing = [n for n in staged(feature_names + [n for n in per_layer if n]) if not any(n in l for l in self.stage_losses)]
+        if missing: raise ValueError(f"layers: {', '.join(missing)} compares two stages, and layers {self.layers} give no pair "
+                                     f"(stage 1 has none before it); valid: a stage from 2 to 4, or two stages or more")
         self.reuse_head, self.direction = reuse_head, direction
         # The teacher head reads teacher-width features; other directions train a linear head of their own by CE.
         self.own_head = None
@@ -191,8 +206,17 @@ class Distiller(nn.Module):
         if self.teacher is not None: self.teacher.eval()
         return self
 
+    def _add_stage_losses(self, pair, lam, names, options, num_samples, shapes_s, shapes_t):
+        "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
+        ws, wt = [shapes_s[k - 1][0] for k in pair], [shapes_t[k - 1][0] for k in pair]
+        if ws != wt: raise ValueError(f"{', '.join(names)}: stages {pair[0]}->{pair[1]} are {ws[0]}->{ws[1]} channels wide in the "
+                                      f"student and {wt[0]}->{wt[1]} in the teacher; valid: a student and teacher of equal widths there")
+        self.stage_pairs.append(pair); self.stage_weights.append(lam)
+        self.stage_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, None, num_samples)) for n in names}))
+        for n in names: self.weights.setdefault(n, default_loss_weights(self.method, [n])[0])
+
     def forward(self, x): return predict(self, self.student.forward_features(x))
-    def step(self, x, y): return distill_step(self, x, y)
+    def step(self, x, y, indices=None, progress=None): return distill_step(self, x, y, indices, progress)
 
 # %% ../nbs/04_distill.ipynb 30
 @torch.no_grad()
@@ -208,22 +232,31 @@ def predict(self: Distiller, feats, s_last=None):
     head = self.own_head if self.own_head is not None else self.teacher.head
     return head(F.adaptive_avg_pool2d(s_last, 1).flatten(1))
 
-def distill_step(self: Distiller, x, y) -> StepOutput:
-    "Losses and prediction for one batch; the teacher runs once, without gradient (its projectors keep theirs)."
+def _step_inputs(loss, inputs: dict) -> dict:
+    "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
+    missing = [n for n in step_needs(loss) if inputs[n] is None]
+    if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
+    return {n: inputs[n] for n in step_needs(loss)}
+
+def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
+    "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
     ft, zt = _teacher_outputs(self.teacher, x, bool(self.logit_losses)) if self.teacher is not None else (None, None)
-    sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if losses else None)
-             for al, losses in zip(self.alignments, self.feature_losses)]
+    sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if al.target else None)
+             for al in self.alignments]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
     if self.ce_weight: out.terms['ce'] = self.ce_weight * F.cross_entropy(out.logits.float(), y)
-    inputs = {'labels': y, 'teacher': self.teacher}
-    needed = lambda loss: {n: inputs[n] for n in step_needs(loss)}
+    inputs = {'labels': y, 'teacher': self.teacher, 'indices': indices, 'progress': progress}
+    needed = lambda loss: _step_inputs(loss, inputs)
     for name, loss in self.logit_losses.items(): out.terms[name] = self.weights[name] * loss(out.logits, zt, **needed(loss))
     for al, lam, (s, t), losses in zip(self.alignments, self.alignment_weights, sides, self.feature_losses):
         if not losses: continue  # the reused head's stage without a feature loss: prediction only
         s, t = al.match(s, t)
         out.aligned.append((s, t, losses))
         for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
+    for (a, b), lam, losses in zip(self.stage_pairs, self.stage_weights, self.stage_losses):
+        s, t = (fs.stages[a - 1], fs.stages[b - 1]), (ft.stages[a - 1], ft.stages[b - 1])
+        for name, loss in losses.items(): out.terms[f'{name}@{b}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
     return out
 
 # %% ../nbs/04_distill.ipynb 34
@@ -247,13 +280,18 @@ def aux_loss(out: StepOutput):
     return sum(terms) if terms else None
 
 def trained_modules(distiller: Distiller) -> list:
-    "The distiller's parts that the main optimizer trains: all but the teacher and the feature losses that do not need `trainable`."
-    mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses')]
-    return mods + [l for losses in distiller.feature_losses for l in losses.values() if 'trainable' in l.needs]
+    "The distiller's parts that the main optimizer trains: all but the teacher and the feature and stage losses that do not need `trainable`."
+    mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses', 'stage_losses')]
+    return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
+                   for l in losses.values() if 'trainable' in l.needs]
 
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
+
+def step_inputs(distiller: Distiller) -> set:
+    "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
+    return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
 # %% ../nbs/04_distill.ipynb 69
 class ReusedHeadStudent(nn.Module):

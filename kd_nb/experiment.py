@@ -121,9 +121,9 @@ def train_config(cfg: dict) -> TrainConfig:
                        weight_decay=float(cfg['weight_decay']), lr_milestones=tuple(cfg['lr_milestones']),
                        seed=int(cfg['seed']), progress=cfg['progress'], **{k: cfg[k] for k in FAST_PATH_KNOBS})
 
-def build_distiller(cfg: dict, student, teacher=None):
-    "The `Distiller` that the resolved configuration `cfg` describes."
-    return make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'],
+def build_distiller(cfg: dict, student, teacher=None, num_samples=None):
+    "The `Distiller` that the resolved configuration `cfg` describes, for a training set of `num_samples` images."
+    return make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'], num_samples=num_samples,
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
@@ -199,8 +199,8 @@ def resolve_config(**knobs) -> dict:
         load_checkpoint(get_model(k['teacher'], info.num_classes), path, knob='teacher_ckpt')
     k['data_source'] = data_source(k['dataset'], project_path(k['data_dir']))
     with torch.device('meta'):
-        build_distiller(k, get_model(k['student'], info.num_classes),
-                        None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes))
+        build_distiller(k, get_model(k['student'], info.num_classes),   # the training set's size is known once loaded
+                        None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes), num_samples=1)
     return k
 
 # %% ../nbs/09_experiment.ipynb 39
@@ -384,7 +384,7 @@ def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     "Step 5: the student and its distiller, on the device."
     torch.manual_seed(exp.cfg['seed'])
     student = get_model(exp.cfg['student'], loaders.info.num_classes)
-    d = build_distiller(exp.cfg, student, teacher.model if teacher else None).to(exp.device)
+    d = build_distiller(exp.cfg, student, teacher.model if teacher else None, loaders.train.num_samples).to(exp.device)
     exp.log(f"loss terms: {list(d.weights)}; layers: {list(d.layers)}; projector: {exp.cfg['projector']} ({exp.cfg['direction']})")
     return d
 

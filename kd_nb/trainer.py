@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss
+from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs
 from .hardware import (check_mode, AMP_MODES, amp_dtype, autocast, as_input, world, init_distributed, shard,
                             all_reduce_sum, barrier, sync_buffers, average_gradients)
 from .runs import LAST, BEST, EpochLog
@@ -166,13 +166,13 @@ class TrainStep(nn.Module):
         self.parts = nn.ModuleList(trained_modules(distiller))
         object.__setattr__(self, 'distiller', distiller)  # reached but not registered: DDP must not sync the teacher
 
-    def forward(self, x, y):
-        out = self.distiller.step(x, y)
+    def forward(self, x, y, indices=None, progress=None):
+        out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
-def train_step(step, x, y, opt, aux_opt=None, amp=None):
-    "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not); returns the `StepOutput`."
-    with autocast(x.device, amp): total, out = step(x, y)
+def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
+    "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`."
+    with autocast(x.device, amp): total, out = step(x, y, **inputs)
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -260,14 +260,18 @@ def atomic_save(obj, path: Path):
     tmp.replace(path)
 
 # %% ../nbs/07_trainer.ipynb 57
-def _train_epoch(p: Prepared, distiller, loader, cfg, desc):
+def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
     sums, keys, n = None, None, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and rank == 0), mininterval=2):
+    needs = step_inputs(distiller)
+    progress = torch.tensor((epoch + 1) / cfg.epochs, device=next(distiller.parameters()).device) if 'progress' in needs else None
+    batches = loader.indexed() if 'indices' in needs else ((x, y, None) for x, y in loader)
+    for x, y, idx in tqdm(batches, total=len(loader), desc=desc, leave=False, disable=not (cfg.progress and rank == 0), mininterval=2):
         n += len(y)
         x, y = as_input(shard(x, rank, size), cfg.channels_last), shard(y, rank, size)
-        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp)
+        idx = None if idx is None else shard(idx, rank, size)
+        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, indices=idx, progress=progress)
         p.sched.step()
         keys = keys or ['loss', *out.terms]
         b = len(y)
@@ -285,6 +289,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     p.opt.load_state_dict(ck['optimizer']); p.sched.load_state_dict(ck['scheduler'])
     if p.aux_opt is not None: p.aux_opt.load_state_dict(ck['aux_optimizer'])
     torch.set_rng_state(ck['rng'])
+    if ck.get('cuda_rng') is not None and len(ck['cuda_rng']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(ck['cuda_rng'])
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
@@ -307,7 +312,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
             train_loader.set_epoch(epoch)
             lr = p.opt.param_groups[0]['lr']
             t0 = time.perf_counter()
-            row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}")}
+            row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}", epoch)}
             train_time = time.perf_counter() - t0
             sync_buffers(distiller)
             row.update(evaluate(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
@@ -321,7 +326,8 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
                 atomic_save({'distiller': trainable_state(distiller), 'optimizer': p.opt.state_dict(),
                              'scheduler': p.sched.state_dict(), 'aux_optimizer': p.aux_opt.state_dict() if p.aux_opt else None,
                              'history': [*history, row], 'best_acc': max(best, row['test_acc1']), 'epoch': epoch + 1,
-                             'rng': torch.get_rng_state()}, run_dir / LAST)
+                             'rng': torch.get_rng_state(),
+                             'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
                 epoch_log(row)
             history = [*history, row] if epoch_log is None else epoch_log.history
             best = max(best, row['test_acc1'])

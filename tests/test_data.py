@@ -18,7 +18,7 @@ from torch import nn
 from conftest import REAL_DATA
 from kd_nb.data import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_SUPERCLASSES, MANIFEST, cifar100_coarse_labels,
                         data_manifest, data_source, dataset_info, import_cifar, load_cifar, make_loaders,
-                        make_synthetic_cifar, no_data_message)
+                        make_synthetic_cifar, no_data_message, DeviceLoader, normalize_uint8)
 
 
 def small_cnn(num_classes):
@@ -334,3 +334,16 @@ def test_import_the_jpeg_copy_of_cifar10(tmp_path):
     again = import_cifar(archive, 'cifar10', tmp_path, progress=False)
     assert again.already_imported
     print(f'\nCIFAR-10 (JPEG copy): 60,000 images imported in {seconds:.1f} s\n{report}')
+
+
+def test_indexed_batches_name_their_samples():
+    "`indexed()` yields each batch with its samples' positions in the loader's data set, and the same batches as iteration."
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=g), torch.arange(10) * 3
+    loader = DeviceLoader(images, labels, 4, (0.5,) * 3, (0.25,) * 3, train=True, augment=False)
+    loader.set_epoch(2)
+    batches = list(loader.indexed())
+    assert [len(i) for _, _, i in batches] == [4, 4, 2] and sorted(torch.cat([i for _, _, i in batches]).tolist()) == list(range(10))
+    for (x, y, idx), (x2, y2) in zip(batches, loader):
+        assert torch.equal(y, labels[idx]) and torch.equal(x, normalize_uint8(images[idx], loader.mean, loader.std))
+        assert torch.equal(x, x2) and torch.equal(y, y2)

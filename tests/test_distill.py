@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 
 from kd_nb.distill import (DIRECTIONS, LAYER_SCHEDULES, METHOD_DEFAULTS, Alignment, Distiller, aux_parameters,
-                           default_loss_weights, deployable, make_distiller, schedule_weights, student_parameters,
-                           trained_modules)
+                           default_loss_weights, deployable, make_distiller, schedule_weights, stage_pairs, step_inputs,
+                           student_parameters, trained_modules)
 from kd_nb.losses import LOSSES, list_losses
 from kd_nb.models import count_params, get_model
 from kd_nb.projectors import ConvRegProjector
@@ -188,13 +188,18 @@ def test_one_home_for_what_trains(teacher, monkeypatch):
 
 # --- every registered loss and method, without naming them
 
+INPUTS = {'indices': torch.tensor([5, 0, 9, 3]), 'progress': torch.tensor(0.5)}   # the step inputs a run passes
+
+
 @pytest.mark.parametrize('name', list_losses())
 def test_every_loss_trains_the_student_through_a_distiller(name, teacher):
-    "A logit loss under KD, a feature loss on SimKD's stage 4: the step has the loss's term and its gradient reaches the student."
+    "A logit loss under KD, a feature (or stage) loss on SimKD's stage 4: the step has the loss's term and its gradient reaches the student."
     torch.manual_seed(0)
     method = 'kd' if LOSSES[name].kind == 'logits' else 'simkd'
-    d = make_distiller(method, student(), teacher, losses=[name]).train()
-    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    same_widths = get_model('resnet8x4', num_classes=10) if LOSSES[name].kind == 'stages' else student()
+    d = make_distiller(method, same_widths, teacher, losses=[name], num_samples=10).train()
+    assert step_inputs(d) == {n for n in LOSSES[name].needs if n in INPUTS} | ({'labels'} & set(LOSSES[name].needs))
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), **{n: INPUTS[n] for n in step_inputs(d) if n in INPUTS})
     assert any(k.split('@')[0] == name for k in out.terms) and torch.isfinite(out.total)
     out.total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
@@ -208,3 +213,109 @@ def test_every_method_steps_and_deploys(method, teacher):
     assert set(out.terms) == ({'ce'} if d.ce_weight else set()) | {n if LOSSES[n].kind == 'logits' else f'{n}@{k}'
                                                                  for n, _ in METHOD_DEFAULTS[method]['losses'] for k in d.layers or [None]}
     assert deployable(d).module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --- the losses that read two stages, and the inputs a step is given
+
+def test_stage_pairs():
+    assert stage_pairs((1, 2, 3, 4)) == [None, (1, 2), (2, 3), (3, 4)]     # RepDistiller's FSP pairs
+    assert stage_pairs((4,)) == [(3, 4)] and stage_pairs((2, 4)) == [(1, 2), (2, 4)] and stage_pairs(()) == []
+
+
+def test_fsp_reads_the_raw_stage_maps_of_both_networks(teacher):
+    torch.manual_seed(0)
+    s8x4 = get_model('resnet8x4', num_classes=10)
+    d = make_distiller('fitnet', s8x4, teacher, losses=['fsp'], layers=(1, 2, 3, 4), ce_weight=1.0).train()
+    assert not d.alignments and not list(d.stage_losses.parameters()) and d.stage_pairs == [(1, 2), (2, 3), (3, 4)]
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    out = d.step(x, y)
+    assert set(out.terms) == {'ce', 'fsp@2', 'fsp@3', 'fsp@4'}
+    fs, ft = s8x4.forward_features(x).stages, teacher.forward_features(x).stages
+    fsp = LOSSES['fsp']()
+    assert torch.allclose(out.terms['fsp@3'], 50.0 * 0.25 * fsp((fs[1], fs[2]), (ft[1], ft[2])), rtol=1e-5)
+    out.total.backward()
+    assert s8x4.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert deployable(d).projector_params == 0
+    # per layer, next to an aligned loss; only stages with a term are built
+    d = make_distiller('simkd', get_model('resnet8x4', num_classes=10), teacher, layers=(3, 4), layer_losses=['fsp', 'l2'])
+    assert [a.stage for a in d.alignments] == [4] and d.stage_pairs == [(2, 3)]
+    assert set(d.step(x, y).terms) == {'fsp@3', 'l2@4'} and d.weights == {'fsp': 50.0, 'l2': 1.0}
+    with pytest.raises(ValueError, match=r"fsp: stages 3->4 are 32->64 channels wide in the student and 128->256 in the teacher"):
+        make_distiller('simkd', student(), teacher, losses=['fsp'])
+    with pytest.raises(ValueError, match=r"layers: fsp compares two stages, and layers \(1,\) give no pair"):
+        make_distiller('fitnet', get_model('resnet8x4', num_classes=10), teacher, losses=['fsp'], layers=(1,))
+
+
+def test_a_missing_step_input_is_named(teacher):
+    d = make_distiller('kd', student(), teacher, losses=['dkd'])
+    assert step_inputs(d) == {'labels', 'progress'}
+    with pytest.raises(ValueError, match="loss 'dkd': needs progress at every step"):
+        d.step(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="loss 'crd': needs num_samples, which this run does not supply"):
+        make_distiller('simkd', student(), teacher, losses=['crd'])
+    d = make_distiller('simkd', student(), teacher, losses=['crd'], num_samples=10)
+    with pytest.raises(ValueError, match="loss 'crd': needs indices at every step"):
+        d.step(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+
+
+def test_dkd_warms_up_with_progress(teacher):
+    torch.manual_seed(0)
+    d = make_distiller('kd', student(), teacher, losses=['dkd']).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    term = lambda p: d.step(x, y, progress=torch.tensor(p)).terms['dkd'].item()
+    assert term(0.0) == 0 and term(10 / 240) == pytest.approx(term(1.0) / 2, rel=1e-5) and term(20 / 240) == pytest.approx(term(1.0))
+
+
+@pytest.mark.parametrize('name', ['vid', 'cc', 'crd'])
+def test_loss_heads_train_with_the_student_and_are_not_deployed(name, teacher):
+    "The regressor and variance of VID, the embeddings of CC and CRD: in the main optimizer, never in the deployed cost."
+    torch.manual_seed(0)
+    d = make_distiller('fitnet', student(), teacher, losses=[name], num_samples=10, layers=(3, 4), ce_weight=1.0)
+    heads = [l for losses in d.feature_losses for l in losses.values()]
+    assert heads and all(l in trained_modules(d) for l in heads)
+    main = ids(student_parameters(d))
+    assert all(id(p) in main for l in heads for p in l.parameters())
+    alone = make_distiller('fitnet', student(), teacher, losses=['l2'], layers=(3, 4), ce_weight=1.0)
+    assert count_params(d) - count_params(alone) == sum(count_params(l) for l in heads) > 0
+    dep, ref = deployable(d), deployable(alone)
+    assert (dep.params, dep.flops, dep.projector_params) == (ref.params, ref.flops, ref.projector_params)
+    out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), indices=torch.tensor([1, 2, 3, 4]))
+    out.total.backward()
+    assert all(p.grad is not None for l in heads for p in l.parameters())
+
+
+# --- CRD's memory bank is part of the run's checkpoint
+
+def test_crd_bank_and_metrics_resume_exactly(tmp_path):
+    "A run of CRD (sample indices) and DKD (progress) killed after epoch 1 and resumed ends as the uninterrupted run: same bank, same metrics."
+    from kd_nb.data import DeviceLoader
+    from kd_nb.trainer import TrainConfig, fit, trainable_state
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(24) % 10
+    loader = lambda train: DeviceLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3, train)
+    cfg = TrainConfig(epochs=2, lr_milestones=(1,), progress=False, compile='off')
+
+    class Killed(Exception): pass
+
+    def run(run_dir, kill_after=None):
+        torch.manual_seed(0)
+        d = make_distiller('fitnet', get_model('resnet8', num_classes=10), get_model('resnet8', num_classes=10),
+                           losses=['crd', 'dkd'], layers=(4,), num_samples=24, loss_options={'crd': {'nce_k': 16}})
+        def stop(epoch, row):
+            if epoch == kill_after: raise Killed
+        try: history = fit(d, loader(True), loader(False), cfg, run_dir, log=lambda *a: None, on_epoch_end=stop)
+        except Killed: return None, d
+        return history, d
+
+    whole, d_whole = run(tmp_path / 'whole')
+    assert run(tmp_path / 'cut', kill_after=1)[0] is None
+    resumed, d_resumed = run(tmp_path / 'cut')
+    timing = ('epoch_time_s', 'images_per_s')
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    assert whole[1]['train_crd@4'] > 0 and whole[0]['train_dkd'] > 0
+    bank = lambda d: d.feature_losses[0]['crd'].memory
+    assert torch.equal(bank(d_resumed).memory_s, bank(d_whole).memory_s) and torch.equal(bank(d_resumed).z, bank(d_whole).z)
+    state = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=False)['distiller']
+    assert torch.equal(state['feature_losses.0.crd.memory.memory_t'], bank(d_whole).memory_t)
+    assert {k for k in trainable_state(d_whole) if k.startswith('feature_losses.0.crd.memory.')} == \
+        {f'feature_losses.0.crd.memory.{b}' for b in ('memory_s', 'memory_t', 'z')}

@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from kd_nb.losses import (LOSSES, MEASURED_WEIGHT, NEEDS, build_loss, check_loss, check_options, get_loss,
+from kd_nb.losses import (KINDS, LOSSES, MEASURED_WEIGHT, NEEDS, build_loss, check_loss, check_options, get_loss,
                           grad_norm_ratios, list_losses, loss_options, register_loss, step_needs, AlignmentLoss)
 from kd_nb.models import get_model
 
@@ -22,16 +24,30 @@ def step_inputs(loss, device='cpu') -> dict:
 
 
 def pair(name, device='cpu', dtype=torch.float32, seed=0):
+    "Student and teacher inputs of loss `name`: logits, maps, or (for `kind='stages'`) a pair of maps each."
     g = torch.Generator().manual_seed(seed)
-    shape = (BATCH, CLASSES) if LOSSES[name].kind == 'logits' else (BATCH, CHANNELS, 4, 4)
-    return (torch.randn(shape, generator=g).to(device, dtype), torch.randn(shape, generator=g).to(device, dtype))
+    shapes = {'logits': [(BATCH, CLASSES)], 'feature': [(BATCH, CHANNELS, 4, 4)],
+              'stages': [(BATCH, CHANNELS, 8, 8), (BATCH, 2 * CHANNELS, 4, 4)]}[LOSSES[name].kind]
+    side = lambda: [torch.randn(sh, generator=g).to(device, dtype) for sh in shapes]
+    s, t = side(), side()
+    return (tuple(s), tuple(t)) if LOSSES[name].kind == 'stages' else (s[0], t[0])
+
+
+def tensors(x): return x if isinstance(x, tuple) else (x,)
+def apply(f, x): return tuple(map(f, x)) if isinstance(x, tuple) else f(x)
+
+
+def value(loss, s, t, device='cpu', seed=0):
+    "`loss(s, t)` with its step inputs, from a copy of `loss` and the random generator seeded: a loss with state (a memory bank, random negatives) gives the same value twice."
+    torch.manual_seed(seed)
+    return copy.deepcopy(loss)(s, t, **step_inputs(loss, device))
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_registry_declarations(name):
     "Each loss states what it needs from the known `NEEDS`, its kind, its weight and source; `aux_loss` exactly when it needs its own optimizer."
     loss = build(name)
-    assert set(loss.needs) <= set(NEEDS) and loss.kind in ('feature', 'logits') and loss.name == name
+    assert set(loss.needs) <= set(NEEDS) and loss.kind in KINDS and loss.name == name
     assert loss.default_weight > 0 and loss.weight_source and type(loss).__doc__
     assert callable(getattr(loss, 'aux_loss', None)) == ('own_optimizer' in loss.needs)
     assert not set(loss_options(name)) & set(loss.needs)
@@ -57,15 +73,16 @@ def test_scalar_float32_and_target_differentiable(name, device):
     "A loss detaches nothing: a target that requires grad (a trainable projection of the teacher) gets the gradient."
     loss = build(name).to(device)
     s, t = pair(name, device)
-    s.requires_grad_(); t.requires_grad_()
-    value = loss(s, t, **step_inputs(loss, device))
-    value.backward()
-    assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value)
-    assert torch.isfinite(s.grad).all()
+    for x in tensors(s) + tensors(t): x.requires_grad_()
+    v = value(loss, s, t, device)
+    v.backward()
+    assert v.shape == () and v.dtype == torch.float32 and torch.isfinite(v)
+    assert all(torch.isfinite(x.grad).all() for x in tensors(s))
     if 'own_optimizer' in loss.needs: return   # a generator loss against its own discriminator: t trains the discriminator
-    assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in tensors(t))
+    if not loss.optimum_at_equality: return    # learned heads between the inputs and the comparison
     with torch.no_grad():   # matching the teacher is never worse than an unrelated student
-        assert loss(t, t, **step_inputs(loss, device)).item() <= loss(s, t, **step_inputs(loss, device)).item() + 1e-6
+        assert value(loss, t, t, device).item() <= value(loss, s, t, device).item() + 1e-6
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -74,12 +91,20 @@ def test_autocast_low_precision_inputs(name, device):
     dtype = torch.bfloat16 if device == 'cpu' else torch.float16
     loss = build(name).to(device)
     s, t = pair(name, device, dtype)
-    inputs = step_inputs(loss, device)
     with torch.autocast(device, dtype=dtype):
-        low = loss(s, t, **inputs)
+        low = value(loss, s, t, device)
     assert low.dtype == torch.float32
-    ref = loss(s.float(), t.float(), **inputs)
+    ref = value(loss, apply(torch.Tensor.float, s), apply(torch.Tensor.float, t), device)
     assert torch.allclose(low, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_channels_last_inputs(name):
+    "A channels-last map (the fast path's memory format) gives the value of the contiguous one."
+    loss = build(name)
+    s, t = pair(name)
+    cl = lambda x: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    assert torch.allclose(value(loss, apply(cl, s), apply(cl, t)), value(loss, s, t), rtol=1e-5, atol=1e-6)
 
 
 def test_adversarial_aux_step_trains_only_discriminator():
@@ -124,11 +149,19 @@ def test_trainable_target_learns_through_the_loss():
 def test_published_default_weights_are_their_papers():
     "Each published weight is the one its source names (the measured ones are checked against l2 below)."
     assert LOSSES['rkd']().w_dist == 25 and LOSSES['rkd']().w_angle == 50 and LOSSES['at']().p == 2
-    published = {'l2': 1.0, 'kl': 0.9, 'at': 1000.0, 'sp': 3000.0, 'nst': 50.0, 'rkd': 1.0}
+    published = {'l2': 1.0, 'kl': 0.9, 'at': 1000.0, 'sp': 3000.0, 'nst': 50.0, 'rkd': 1.0,
+                 'pkt': 30000.0, 'vid': 1.0, 'cc': 0.02, 'crd': 0.8, 'fsp': 50.0, 'dkd': 1.0}
     for name, weight in published.items():
         assert LOSSES[name].default_weight == weight and LOSSES[name].weight_source != MEASURED_WEIGHT, name
-    for name, ref in [('at', '1000'), ('sp', '3000'), ('nst', '50'), ('rkd', '-b 1'), ('kl', '0.9'), ('l2', 'SimKD')]:
+    for name, ref in [('at', '1000'), ('sp', '3000'), ('nst', '50'), ('rkd', '-b 1'), ('kl', '0.9'), ('l2', 'SimKD'),
+                      ('pkt', '-b 30000'), ('vid', '-b 1'), ('cc', '-b 0.02'), ('crd', '-b 0.8'), ('fsp', '-b 50'),
+                      ('dkd', 'mdistiller configs/cifar100/dkd')]:
         assert ref in LOSSES[name].weight_source, name
+    dkd, crd, vid = LOSSES['dkd'](), LOSSES['crd'](channels=4, num_samples=10), LOSSES['vid'](channels=4)
+    assert (dkd.alpha, dkd.beta, dkd.T, dkd.warmup) == (1.0, 8.0, 4.0, 20 / 240)
+    assert (crd.memory.k, crd.memory.t, crd.memory.m, crd.embed_s.out_features) == (16384, 0.07, 0.5, 128)
+    assert LOSSES['cc'](channels=4).embed_s.out_features == 128
+    assert torch.allclose(vid.variance(), torch.full((4,), 5.0))
 
 
 def test_a_loss_without_default_weight_cannot_register():
@@ -148,7 +181,7 @@ def test_measured_default_weights_match_the_gradient_norm_of_l2():
     with torch.no_grad():
         f_t, f_s = teacher.forward_features(x).final, student.forward_features(x).final
     measured = sorted(n for n, c in LOSSES.items() if c.weight_source == MEASURED_WEIGHT)
-    assert {'adversarial', 'cka', 'cosine', 'l1', 'mmd', 'smooth_l1'} <= set(measured)
+    assert {'adversarial', 'cka', 'cosine', 'emd', 'l1', 'mmd', 'smooth_l1'} <= set(measured)
     ratios = grad_norm_ratios(f_s, f_t, make_projector('simkd', 256, 256).train(), names=measured + ['l2'])
     assert ratios['l2'] == pytest.approx(1.0)
     for name in measured:
