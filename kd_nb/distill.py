@@ -293,7 +293,7 @@ def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 72
+# %% ../nbs/04_distill.ipynb 73
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
