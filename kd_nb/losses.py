@@ -536,7 +536,7 @@ class EMDLoss(AlignmentLoss):
         ot = lambda a, b: sinkhorn_ot(a, b, e, self.iters)
         return ot(s, t) - (ot(s, s) + ot(t, t)) / 2
 
-# %% ../nbs/02_losses.ipynb 113
+# %% ../nbs/02_losses.ipynb 114
 def nce_loss(x, num_samples, eps=1e-7):
     "CRD's NCE loss (its Eq. 18) of scores `x` (B, 1 + K): column 0 the positive, the rest K negatives drawn uniformly from `num_samples`."
     m, pn = x.shape[1] - 1, 1.0 / num_samples
@@ -557,6 +557,7 @@ def gathered_rows(*ts):
         out.append(torch.cat([p[:int(k)] for p, k in zip(parts, sizes)]))
     return out
 
+# %% ../nbs/02_losses.ipynb 115
 class ContrastMemory(nn.Module):
     "Memory banks of student and teacher embeddings indexed by sample, with CRD's scores and momentum update."
     def __init__(self, feat_dim, num_samples, nce_k, nce_t, nce_m):
@@ -581,7 +582,7 @@ class ContrastMemory(nn.Module):
         for mem, e in ((self.memory_s, es), (self.memory_t, et)):
             mem.index_copy_(0, indices, F.normalize(mem[indices] * self.m + e.detach() * (1 - self.m), dim=1))
 
-# %% ../nbs/02_losses.ipynb 114
+# %% ../nbs/02_losses.ipynb 116
 @register_loss('crd')
 class CRDLoss(AlignmentLoss):
     "Contrastive representation distillation: NCE of each sample's embedding against its other-network memory row vs K random rows."
@@ -604,7 +605,7 @@ class CRDLoss(AlignmentLoss):
         if self.training: self.memory.update(es, et, indices)
         return nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
 
-# %% ../nbs/02_losses.ipynb 129
+# %% ../nbs/02_losses.ipynb 134
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all that need at most `channels` from the run), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()
