@@ -20,10 +20,12 @@ def _key_value(text: str):
     k, v = text.split('=', 1)
     return k.strip(), yaml.safe_load(v) if v.strip() else ''
 
+# %% ../nbs/12_cli.ipynb 6
 def _seeds(text: str) -> list[int]:
     try: return [int(s) for s in text.split(',') if s.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
 
+# %% ../nbs/12_cli.ipynb 7
 def sweep_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-sweep`."
     p = argparse.ArgumentParser(prog='kd-sweep', description='Run sweeps of run_experiment.ipynb and report on them.')
@@ -65,7 +67,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     rep.add_argument('--tables', metavar='DIR', help='also write every table (Markdown, LaTeX) and figure (PDF, PNG) into DIR')
     return p
 
-# %% ../nbs/12_cli.ipynb 7
+# %% ../nbs/12_cli.ipynb 9
 def format_status(rows: list[dict]) -> str:
     "The rows of `sweep_status` as a text table."
     fmt = lambda v, spec='': '-' if v is None else format(v, spec)
@@ -78,6 +80,7 @@ def format_status(rows: list[dict]) -> str:
     lines.append(f"{len(rows)} runs: {counts(r['status'] for r in rows)}")
     return '\n'.join(lines)
 
+# %% ../nbs/12_cli.ipynb 10
 def sweep_main(argv=None) -> int:
     "The `kd-sweep` command."
     args = sweep_parser().parse_args(argv)
@@ -111,7 +114,7 @@ def sweep_main(argv=None) -> int:
     elif res.jobs: print(f"{sweep.name}: submitted {len(res.jobs)} jobs; follow them with: kd-sweep status {args.sweep}")
     return 1 if res.failed else 0
 
-# %% ../nbs/12_cli.ipynb 13
+# %% ../nbs/12_cli.ipynb 16
 def data_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-data`."
     p = argparse.ArgumentParser(prog='kd-data', description='Put CIFAR on disk in the layout torchvision reads.')
@@ -132,6 +135,7 @@ def data_parser() -> argparse.ArgumentParser:
     syn.add_argument('--force', action='store_true', help='replace official files or an imported copy in data_dir')
     return p
 
+# %% ../nbs/12_cli.ipynb 17
 def data_main(argv=None) -> int:
     "The `kd-data` command."
     args = data_parser().parse_args(argv)

@@ -85,18 +85,20 @@ CIFAR100_SUPERCLASSES = {  # coarse label name: its five fine labels; coarse lab
     'vehicles_2': ('lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
 }
 
+# %% ../nbs/00_data.ipynb 10
 def cifar100_coarse_labels() -> np.ndarray:
     "The coarse label (superclass index) of each of CIFAR-100's 100 fine labels"
     coarse = {fine: k for k, fines in enumerate(CIFAR100_SUPERCLASSES.values()) for fine in fines}
     return np.array([coarse[c] for c in CIFAR100_CLASSES])
 
-# %% ../nbs/00_data.ipynb 13
+# %% ../nbs/00_data.ipynb 14
 MANIFEST = 'manifest.json'
 LEGACY_MANIFEST = 'synthetic.json'  # the manifest of synthetic copies written by earlier versions; still read
 
 def _md5(path) -> str:
     with open(path, 'rb') as f: return hashlib.file_digest(f, 'md5').hexdigest()
 
+# %% ../nbs/00_data.ipynb 15
 def read_manifest(folder) -> dict | None:
     "The manifest of the copy in `folder` (`MANIFEST`, or an older `LEGACY_MANIFEST`), None if it has none"
     for name in (MANIFEST, LEGACY_MANIFEST):
@@ -107,6 +109,7 @@ def read_manifest(folder) -> dict | None:
         return {'kind': 'synthetic', **manifest}  # a legacy manifest has no kind: it is synthetic
     return None
 
+# %% ../nbs/00_data.ipynb 16
 def file_problems(folder, md5: dict) -> list:
     "One line per file of `md5` (file name -> md5) that is missing from `folder` or has another md5"
     out = []
@@ -117,7 +120,7 @@ def file_problems(folder, md5: dict) -> list:
         if got != want: out.append(f'{name}: md5 {got} ({path.stat().st_size:,} bytes), expected {want}')
     return out
 
-# %% ../nbs/00_data.ipynb 18
+# %% ../nbs/00_data.ipynb 21
 class ManifestChecked:
     "Mixin for torchvision's CIFAR classes: check the md5s of the copy's manifest instead of the official ones"
     def __init__(self, root, *args, **kwargs):
@@ -134,16 +137,17 @@ class ManifestChecked:
         self.meta = {**type(self).meta, 'md5': md5[self.meta['filename']]}
         super().__init__(root, *args, **kwargs)
 
+# %% ../nbs/00_data.ipynb 22
 class ManifestCIFAR10(ManifestChecked, torchvision.datasets.CIFAR10):
     "torchvision's `CIFAR10` for a copy with a manifest (synthetic or imported)"
     dataset_name, dataset_class = 'cifar10', 'CIFAR10'
 
+# %% ../nbs/00_data.ipynb 23
 class ManifestCIFAR100(ManifestChecked, torchvision.datasets.CIFAR100):
     "torchvision's `CIFAR100` for a copy with a manifest (synthetic or imported)"
     dataset_name, dataset_class = 'cifar100', 'CIFAR100'
 
-
-# %% ../nbs/00_data.ipynb 22
+# %% ../nbs/00_data.ipynb 27
 DATASETS = {
     'cifar10': DatasetInfo(
         'cifar10', 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), torchvision.datasets.CIFAR10,
@@ -154,6 +158,8 @@ DATASETS = {
         'cifar-100-python', 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
         ('train',), ('test',), 'meta', CIFAR100_CLASSES),
 }
+
+# %% ../nbs/00_data.ipynb 28
 MANIFEST_CLASSES = {'cifar10': ManifestCIFAR10, 'cifar100': ManifestCIFAR100}
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -161,7 +167,7 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS: raise ValueError(f"dataset: unknown {name!r}; valid: {', '.join(DATASETS)}")
     return DATASETS[name]
 
-# %% ../nbs/00_data.ipynb 28
+# %% ../nbs/00_data.ipynb 34
 def data_manifest(dataset, data_dir) -> dict | None:
     "The manifest of the copy of `dataset` in `data_dir` (synthetic or imported); None for official files (or none)"
     return read_manifest(Path(data_dir).expanduser()/dataset_info(dataset).base_folder)
@@ -176,10 +182,11 @@ def data_source(dataset, data_dir) -> str:
     "What `dataset` in `data_dir` is: 'official', 'synthetic' or 'imported: <source name> (lossy|lossless)'"
     return _source_label(data_manifest(dataset, data_dir))
 
-# %% ../nbs/00_data.ipynb 32
+# %% ../nbs/00_data.ipynb 38
 class Py2Str(bytes):
     "Bytes that pickle as a Python 2 `str` (decoded by `pickle.load`'s `encoding`)"
 
+# %% ../nbs/00_data.ipynb 39
 class Py2Pickler(pickle._Pickler):
     "Protocol-2 pickler that writes bytes as Python 2 `str`, and numpy's globals under `numpy.core`, as Python 2 did"
     dispatch = pickle._Pickler.dispatch.copy()
@@ -197,11 +204,12 @@ class Py2Pickler(pickle._Pickler):
         self.write(pickle.GLOBAL + f"numpy.core.{module.removeprefix('numpy._core.')}\n{name}\n".encode())
         self.memoize(obj)
 
+# %% ../nbs/00_data.ipynb 40
 def py2_pickle(obj, path):
     "Write `obj` to `path` as Python 2 would have (protocol 2)"
     with open(path, 'wb') as f: Py2Pickler(f, protocol=2).dump(obj)
 
-# %% ../nbs/00_data.ipynb 37
+# %% ../nbs/00_data.ipynb 45
 def _split_pickles(info, split, labels, images, filenames, coarse=None):
     "(file name, dict) pairs of one split in the official layout: `images` uint8 (N, 3, 32, 32), `filenames` str"
     files = info.train_files if split == 'train' else info.test_files
@@ -215,18 +223,20 @@ def _split_pickles(info, split, labels, images, filenames, coarse=None):
                             Py2Str(b'coarse_labels'): coarse[idx].tolist()})
         yield files[b], entry
 
+# %% ../nbs/00_data.ipynb 46
 def _meta_pickle(info, names, coarse_names=None, per_batch=10000):
     names = [Py2Str(n.encode()) for n in names]
     if info.name == 'cifar10':
         return {Py2Str(b'label_names'): names, Py2Str(b'num_cases_per_batch'): per_batch, Py2Str(b'num_vis'): 3072}
     return {Py2Str(b'fine_label_names'): names, Py2Str(b'coarse_label_names'): [Py2Str(n.encode()) for n in coarse_names]}
 
+# %% ../nbs/00_data.ipynb 47
 def _write_manifest(folder, info, fields):
     "Write `MANIFEST` into `folder`: `fields` and the md5 of each file of `info`"
     md5 = {f: _md5(Path(folder)/f) for f in info.files}
     (Path(folder)/MANIFEST).write_text(json.dumps({'manifest_version': 1, **fields, 'md5': md5}, indent=1))
 
-# %% ../nbs/00_data.ipynb 39
+# %% ../nbs/00_data.ipynb 49
 def _existing_copy(info, root):
     "(kind, description, manifest) of what `root` holds of `info`'s dataset; None if nothing"
     folder = Path(root)/info.base_folder
@@ -243,6 +253,7 @@ def _existing_copy(info, root):
         return 'imported', f"a copy imported from {src['name']} (sha256 {src['sha256'][:12]}...)", manifest
     return 'synthetic', f"a synthetic copy (seed {manifest.get('seed')}, spread {manifest.get('spread')})", manifest
 
+# %% ../nbs/00_data.ipynb 50
 def _install(info, root, write):
     "Run `write(folder)` on a new folder inside `root`, then make it `root/info.base_folder`, replacing what is there"
     root = Path(root)
@@ -264,7 +275,7 @@ def _install(info, root, write):
         raise
     shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/00_data.ipynb 42
+# %% ../nbs/00_data.ipynb 53
 def synthetic_images(labels, patterns, rng):
     "uint8 (N, 3, 32, 32) images: a random 32x32 window of `patterns[label]` with contrast, brightness and noise"
     n, size = len(labels), patterns.shape[-1]
@@ -275,6 +286,7 @@ def synthetic_images(labels, patterns, rng):
     x = contrast * (windows - 0.5) + 0.5 + brightness + rng.normal(0, 0.1, windows.shape)
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
+# %% ../nbs/00_data.ipynb 54
 def class_patterns(num_classes, rng, grid=5, size=40, spread=1.0):
     "A fixed random low-frequency RGB pattern per class, (num_classes, 3, size, size) in [0, 1], `spread` x as far from their mean as drawn"
     coarse = torch.from_numpy(rng.uniform(0.1, 0.9, (num_classes, 3, grid, grid)))
@@ -282,7 +294,7 @@ def class_patterns(num_classes, rng, grid=5, size=40, spread=1.0):
     coarse = mean + spread * (coarse - mean)
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode='bilinear', align_corners=False).numpy()
 
-# %% ../nbs/00_data.ipynb 46
+# %% ../nbs/00_data.ipynb 58
 def make_synthetic_cifar(root, dataset='cifar100', n_train=5000, n_test=1000, seed=0, spread=1.0, force=False) -> Path:
     "Write a learnable synthetic `dataset` in the official on-disk format under `root`; return `root`. `spread` < 1 brings the classes closer (harder)"
     info = dataset_info(dataset)
@@ -317,11 +329,12 @@ def make_synthetic_cifar(root, dataset='cifar100', n_train=5000, n_test=1000, se
 SYNTHETIC_DEFAULTS = {k: p.default for k, p in inspect.signature(make_synthetic_cifar).parameters.items()
                       if k in ('n_train', 'n_test', 'seed', 'spread')}  # for command lines
 
-# %% ../nbs/00_data.ipynb 60
+# %% ../nbs/00_data.ipynb 72
 def _synthetic_sizes(info):
     return (f"{info.num_classes} classes, {SYNTHETIC_DEFAULTS['n_train']:,} training and "
             f"{SYNTHETIC_DEFAULTS['n_test']:,} test images")
 
+# %% ../nbs/00_data.ipynb 73
 def _offline_ways(info, root) -> str:
     d = shlex.quote(str(root))
     src = '/path/to/cifar10-jpeg.tar.gz' if info.name == 'cifar10' else '/path/to/cifar100-images.tar.gz'
@@ -332,6 +345,7 @@ def _offline_ways(info, root) -> str:
             f"internet needed:\n"
             f"       kd-data synthetic {d} --dataset {info.name}")
 
+# %% ../nbs/00_data.ipynb 74
 def no_data_message(dataset, data_dir, missing=None, error=None) -> str:
     "What to do when files of `dataset` are missing from `data_dir` (`error`: why the download failed, if tried)"
     info, root = dataset_info(dataset), Path(data_dir).expanduser()
@@ -341,7 +355,7 @@ def no_data_message(dataset, data_dir, missing=None, error=None) -> str:
             f"  1. the official files (needs internet): load with download=True, or download {info.url} and extract it "
             f"into {str(root)!r};\n" + _offline_ways(info, root))
 
-# %% ../nbs/00_data.ipynb 61
+# %% ../nbs/00_data.ipynb 75
 def _recreate_command(info, root, manifest) -> str:
     "The command that writes the copy of `manifest` again"
     if manifest['kind'] == 'imported':
@@ -350,6 +364,7 @@ def _recreate_command(info, root, manifest) -> str:
     args = ''.join(f', {k}={manifest[k]!r}' for k in ('n_train', 'n_test', 'seed', 'spread') if k in manifest)
     return f"kd_nb.data.make_synthetic_cifar({str(root)!r}, {info.name!r}{args})"
 
+# %% ../nbs/00_data.ipynb 76
 def corrupt_data_message(dataset, data_dir, problems, manifest=None, download=False, error=None) -> str:
     "What to do when the files of `problems` (lines of `file_problems`) failed their check; `manifest`: None if official"
     info, root = dataset_info(dataset), Path(data_dir).expanduser()
@@ -371,8 +386,10 @@ def corrupt_data_message(dataset, data_dir, problems, manifest=None, download=Fa
                    f"files:\n  1. download {info.url} elsewhere and extract it into {str(root)!r};\n"
                    + _offline_ways(info, root))
 
-# %% ../nbs/00_data.ipynb 69
+# %% ../nbs/00_data.ipynb 84
 SPLITS = ('train', 'test')
+
+# %% ../nbs/00_data.ipynb 85
 IMAGE_FORMATS = {'PNG': False, 'JPEG': True}  # format Pillow decodes: lossy?
 SOURCE_TYPES = ('tar.gz', 'tgz', 'tar', 'zip')  # archives; or a folder
 
@@ -383,6 +400,7 @@ def _source_type(path: Path) -> str:
     raise ValueError(f"src: {str(path)!r} is neither a folder nor an archive; valid: a folder, or a "
                      f"{', '.join('.' + t for t in SOURCE_TYPES)} file")
 
+# %% ../nbs/00_data.ipynb 86
 def source_sha256(src) -> str:
     "sha256 of an archive's bytes, or of a folder: of the lines '<relative path>\\0<sha256 of the file>\\n', sorted by path"
     path = Path(src).expanduser()
@@ -393,7 +411,7 @@ def source_sha256(src) -> str:
         with open(path/rel, 'rb') as f: h.update(f"{rel}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
     return h.hexdigest()
 
-# %% ../nbs/00_data.ipynb 71
+# %% ../nbs/00_data.ipynb 88
 class _SourceFiles:
     "The regular files of a folder or archive by relative path, in the order stored, read in place"
     def __init__(self, path, kind): self.path, self.kind, self._archive = path, kind, None
@@ -425,7 +443,7 @@ class _SourceFiles:
     def __exit__(self, *exc):
         if self._archive is not None: self._archive.close()
 
-# %% ../nbs/00_data.ipynb 73
+# %% ../nbs/00_data.ipynb 90
 def _layout(names, info, where) -> tuple:
     "(split -> [(file name, label)] sorted by label and name, enclosing folder) of the images among `names`"
     parts = {n: n.strip('/').split('/') for n in names
@@ -456,7 +474,7 @@ def _layout(names, info, where) -> tuple:
         plan[s].sort(key=lambda e: (e[1], e[0]))
     return plan, top
 
-# %% ../nbs/00_data.ipynb 75
+# %% ../nbs/00_data.ipynb 92
 def _decode(data: bytes, where: str):
     "(uint8 (32, 32, 3) RGB pixels, format) of the PNG or JPEG file `data`"
     try:
@@ -473,7 +491,7 @@ def _decode(data: bytes, where: str):
         raise ValueError(f"{where}: does not decode as an image ({type(e).__name__}: {e}); valid formats: "
                          f"{', '.join(IMAGE_FORMATS)}") from None
 
-# %% ../nbs/00_data.ipynb 78
+# %% ../nbs/00_data.ipynb 95
 @dataclass(repr=False)
 class ImportReport:
     "What `import_cifar` imported: counts per split and class, duplicate images, whether lossy, where, in how long"
@@ -500,7 +518,7 @@ class ImportReport:
         return '\n'.join(rows)
     __repr__ = __str__ = table
 
-# %% ../nbs/00_data.ipynb 80
+# %% ../nbs/00_data.ipynb 97
 def _duplicates(images, names, keep=10) -> dict:
     "Images with identical pixels: repeats within each split, test images also in train, and a few example pairs"
     out, first, examples = {}, {}, []
@@ -514,6 +532,7 @@ def _duplicates(images, names, keep=10) -> dict:
     across = [[first['train'][k], v] for k, v in first['test'].items() if k in first['train']]
     return {**out, 'across_splits': len(across), 'examples': (examples + across)[:keep]}
 
+# %% ../nbs/00_data.ipynb 98
 def _channel_stats(images, chunk=4096) -> tuple:
     "Per-channel mean and std of uint8 (N, H, W, 3) `images` scaled to [0, 1], from exact histograms"
     v, hist = np.arange(256) / 255, np.zeros((3, 256), np.int64)
@@ -522,7 +541,7 @@ def _channel_stats(images, chunk=4096) -> tuple:
     mean = [float(h @ v / h.sum()) for h in hist]
     return [round(m, 4) for m in mean], [round(float(np.sqrt(h @ (v - m) ** 2 / h.sum())), 4) for h, m in zip(hist, mean)]
 
-# %% ../nbs/00_data.ipynb 82
+# %% ../nbs/00_data.ipynb 100
 def _read_source(path, kind, info, progress):
     "Check and decode every image of the source: (paths, labels, uint8 (N, 32, 32, 3) images) per split, formats"
     with _SourceFiles(path, kind) as files:
@@ -539,6 +558,7 @@ def _read_source(path, kind, info, progress):
     names = {s: [n.removeprefix(top) for n, _ in plan[s]] for s in SPLITS}  # paths below the enclosing folder
     return names, {s: np.array([k for _, k in plan[s]]) for s in SPLITS}, images, formats
 
+# %% ../nbs/00_data.ipynb 101
 def _write_import(folder, info, names, labels, images, manifest):
     "Write the splits (in the fixed order), the meta file and the manifest into `folder`"
     for s in SPLITS:
@@ -551,7 +571,7 @@ def _write_import(folder, info, names, labels, images, manifest):
     py2_pickle(_meta_pickle(info, info.classes, list(CIFAR100_SUPERCLASSES), per_batch), folder/info.meta_file)
     _write_manifest(folder, info, manifest)
 
-# %% ../nbs/00_data.ipynb 83
+# %% ../nbs/00_data.ipynb 102
 def import_cifar(src, dataset='cifar10', data_dir='data', force=False, progress=True) -> ImportReport:
     "Write the images of `src` (a folder, .tar, .tar.gz, .tgz or .zip of train/<class>/*, test/<class>/*; PNG or JPEG) into `data_dir` in the official format"
     start, info = time.perf_counter(), dataset_info(dataset)
@@ -583,11 +603,12 @@ def import_cifar(src, dataset='cifar10', data_dir='data', force=False, progress=
     _install(info, root, lambda out: _write_import(out, info, names, labels, images, manifest))
     return ImportReport(dataset, path.name, lossy, folder, counts, duplicates, time.perf_counter() - start)
 
-# %% ../nbs/00_data.ipynb 91
+# %% ../nbs/00_data.ipynb 110
 def _official_problems(info, folder) -> list:
     tv = info.torchvision_class
     return file_problems(folder, {**dict(tv.train_list + tv.test_list), tv.meta['filename']: tv.meta['md5']})
 
+# %% ../nbs/00_data.ipynb 111
 def load_cifar(dataset, data_dir, train, transform=None, download=True):
     "torchvision dataset of the `train` or test split of `dataset` stored under `data_dir`"
     info, root = dataset_info(dataset), Path(data_dir).expanduser()
@@ -605,7 +626,7 @@ def load_cifar(dataset, data_dir, train, transform=None, download=True):
             raise RuntimeError(no_data_message(dataset, root, missing, error=e)) from e
         raise RuntimeError(corrupt_data_message(dataset, root, _official_problems(info, folder), download=True, error=e)) from e
 
-# %% ../nbs/00_data.ipynb 98
+# %% ../nbs/00_data.ipynb 118
 def train_transform(dataset, padding=4, flip=True):
     "PIL -> normalized tensor with the standard random crop (zero padding) and horizontal flip"
     info = dataset_info(dataset)
@@ -620,7 +641,7 @@ def test_transform(dataset):
 
 test_transform.__test__ = False  # not a pytest test, despite its name
 
-# %% ../nbs/00_data.ipynb 102
+# %% ../nbs/00_data.ipynb 122
 def crop_flip(x, dx, dy, flip, padding=4):
     "Zero-pad uint8 `x` (B,C,H,W) by `padding`, crop HxW at (`dx`,`dy`), mirror where `flip`: one gather"
     B, C, H, W = x.shape
@@ -632,13 +653,13 @@ def crop_flip(x, dx, dy, flip, padding=4):
     src = (rows.clamp(0, H - 1) * W + cols.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
     return (x.reshape(B, C, H * W).gather(2, src) * inside.view(B, 1, H * W)).view(B, C, H, W)
 
-# %% ../nbs/00_data.ipynb 107
+# %% ../nbs/00_data.ipynb 127
 def normalize_uint8(x, mean, std):
     "Float32 `(x/255 - mean)/std` of uint8 `x` (B,C,H,W), computed as one multiply-add"
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
 
-# %% ../nbs/00_data.ipynb 111
+# %% ../nbs/00_data.ipynb 131
 def derive_seed(*keys) -> int:
     "A 63-bit seed mixed from non-negative int `keys`"
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) >> 1
@@ -647,11 +668,12 @@ def epoch_generator(seed, epoch) -> torch.Generator:
     "CPU generator for the shuffling and augmentation of `epoch`"
     return torch.Generator().manual_seed(derive_seed(seed, epoch))
 
-# %% ../nbs/00_data.ipynb 116
+# %% ../nbs/00_data.ipynb 136
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f'{name}: must be an int >= {minimum}, got {value!r}')
 
+# %% ../nbs/00_data.ipynb 137
 class EpochBatches:
     "What both loaders share: batches per epoch, the epoch counter and the epoch's sample order"
     def __len__(self): return (self.num_samples // self.batch_size if self.drop_last
@@ -666,6 +688,7 @@ class EpochBatches:
         "The batches as (x, y, the samples' indices in this loader's data set, on its device)"
         raise NotImplementedError(f'{type(self).__name__} must define indexed()')
 
+# %% ../nbs/00_data.ipynb 138
 class DeviceLoader(EpochBatches):
     "Batches of a uint8 image tensor kept on `device`, augmented there (random crop + flip), normalized"
     def __init__(self, images, labels, batch_size, mean, std, train, device='cpu', seed=0, drop_last=False,
@@ -702,7 +725,7 @@ class DeviceLoader(EpochBatches):
             if self.augment: x = crop_flip(x, dx[idx], dy[idx], flip[idx], self.padding)
             yield normalize_uint8(x, self.mean, self.std), self.labels[idx], idx
 
-# %% ../nbs/00_data.ipynb 126
+# %% ../nbs/00_data.ipynb 148
 class SeededTransform(Dataset):
     "`dataset[i]` through `transform`, with torch's RNG seeded from (`seed`, `epoch`, i)"
     def __init__(self, dataset, transform, seed=0):
@@ -714,6 +737,7 @@ class SeededTransform(Dataset):
             torch.manual_seed(derive_seed(self.seed, self.epoch, i))
             return self.transform(img), y
 
+# %% ../nbs/00_data.ipynb 149
 class PILLoader(EpochBatches):
     "Batches of (PIL image, label) `dataset` through `transform` in a `DataLoader`, moved to `device`"
     def __init__(self, dataset, batch_size, transform, train, device='cpu', seed=0, num_workers=2, drop_last=False,
@@ -740,13 +764,14 @@ class PILLoader(EpochBatches):
             idx = order[b * self.batch_size:b * self.batch_size + len(y)]
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 
-# %% ../nbs/00_data.ipynb 135
+# %% ../nbs/00_data.ipynb 158
 def split_indices(n, val_size=0, limit=0, seed=0):
     "Sorted (kept, validation) index tensors of `n` samples: `val_size` held out, then at most `limit` kept (0 = all)"
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, n)))
     val, rest = perm[:val_size], perm[val_size:]
     return (rest[:limit] if limit else rest).sort().values, val.sort().values
 
+# %% ../nbs/00_data.ipynb 159
 @dataclass
 class Loaders:
     "The loaders of an experiment"
@@ -755,6 +780,7 @@ class Loaders:
     val: object
     info: DatasetInfo
 
+# %% ../nbs/00_data.ipynb 160
 def make_loaders(dataset, data_dir, batch_size=64, eval_batch_size=512, fast=True, device='cpu', seed=0, val_size=0,
                  train_limit=0, test_limit=0, download=True, num_workers=2) -> Loaders:
     "Train/test/val loaders of `dataset`: `DeviceLoader` when `fast`, else `PILLoader`"

@@ -29,6 +29,7 @@ def pick_device(name='auto') -> torch.device:
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return device
 
+# %% ../nbs/05_hardware.ipynb 6
 def device_name(device) -> str:
     "The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."
     device = torch.device(device)
@@ -39,12 +40,13 @@ def device_name(device) -> str:
     except OSError: pass
     return platform.processor() or platform.machine() or 'cpu'
 
-# %% ../nbs/05_hardware.ipynb 10
+# %% ../nbs/05_hardware.ipynb 11
 def available_cores() -> int:
     "The CPU cores this process may run on (its affinity mask; all cores where the OS has no such mask)."
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+# %% ../nbs/05_hardware.ipynb 12
 def busy_threads(samples: int = 5, interval: float = 0.05) -> int:
     "Threads of other processes ready to run now: the fewest runnable tasks over `samples` looks at `/proc/loadavg`, this one aside (0 where unknown)."
     counts = []
@@ -54,6 +56,7 @@ def busy_threads(samples: int = 5, interval: float = 0.05) -> int:
         if i + 1 < samples: time.sleep(interval)
     return max(0, min(counts))
 
+# %% ../nbs/05_hardware.ipynb 13
 def set_threads(threads: int = 0) -> int:
     "Make torch use `threads` CPU threads (0: `available_cores()`); warn when the machine is oversubscribed. Returns the number set."
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -67,7 +70,7 @@ def set_threads(threads: int = 0) -> int:
                       f"is oversubscribed and every run on it slows down; run fewer at once or lower `threads`", stacklevel=2)
     return n
 
-# %% ../nbs/05_hardware.ipynb 16
+# %% ../nbs/05_hardware.ipynb 19
 AMP_MODES = ('auto', 'off', 'bf16')
 
 def check_mode(value, name, valid, when_true=None):
@@ -76,6 +79,7 @@ def check_mode(value, name, valid, when_true=None):
     if v not in valid: raise ValueError(f"{name}: unknown {value!r}; valid: {', '.join(valid)}")
     return v
 
+# %% ../nbs/05_hardware.ipynb 20
 def native_bf16(device) -> bool:
     "Whether `device` computes bf16 in hardware: a CUDA GPU of compute capability >= 8.0, or a CPU with AVX512-BF16 or AMX."
     device = torch.device(device)
@@ -88,33 +92,39 @@ def native_bf16(device) -> bool:
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
 
+# %% ../nbs/05_hardware.ipynb 21
 def amp_dtype(amp, device) -> torch.dtype | None:
     "The autocast dtype of `amp` on `device`: bf16 for 'bf16', and for 'auto' where `native_bf16(device)`; else None (fp32)."
     amp = check_mode(amp, 'amp', AMP_MODES)
     return torch.bfloat16 if amp == 'bf16' or (amp == 'auto' and native_bf16(device)) else None
 
+# %% ../nbs/05_hardware.ipynb 22
 def precision_name(dtype) -> str:
     "'bf16' or 'fp32': the compute precision an `amp_dtype` result stands for."
     return 'bf16' if dtype == torch.bfloat16 else 'fp32'
 
+# %% ../nbs/05_hardware.ipynb 23
 def autocast(device, dtype):
     "Autocast to `dtype` on `device`'s type, or nothing when `dtype` is None."
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
+# %% ../nbs/05_hardware.ipynb 24
 def as_input(x, channels_last: bool):
     "An input batch in the memory format the models were put in."
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
-# %% ../nbs/05_hardware.ipynb 26
+# %% ../nbs/05_hardware.ipynb 34
 def world() -> tuple[int, int]:
     "(rank, world size) of this process in the initialized process group; (0, 1) without one."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+# %% ../nbs/05_hardware.ipynb 35
 def is_main() -> bool:
     "Whether this process is rank 0 of its process group, or of the torchrun job it is about to join."
     return (world()[0] if dist.is_available() and dist.is_initialized() else int(os.environ.get('RANK', 0))) == 0
 
+# %% ../nbs/05_hardware.ipynb 36
 def init_distributed(device) -> tuple[int, int]:
     "Under torchrun (`WORLD_SIZE` > 1) join the process group once, NCCL for CUDA and Gloo otherwise; (rank, world size)."
     size = int(os.environ.get('WORLD_SIZE', 1))
@@ -128,30 +138,36 @@ def init_distributed(device) -> tuple[int, int]:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return world()
 
+# %% ../nbs/05_hardware.ipynb 37
 def shard(t, rank: int, size: int):
     "This process's contiguous slice of a batch (the whole batch when alone)."
     return t if size == 1 else t.tensor_split(size)[rank]
 
+# %% ../nbs/05_hardware.ipynb 38
 def all_reduce_sum(t):
     "`t` summed over all processes, in place (unchanged when alone)."
     if world()[1] > 1: dist.all_reduce(t)
     return t
 
+# %% ../nbs/05_hardware.ipynb 39
 def broadcast_object(obj):
     "Rank 0's `obj` on every process."
     if world()[1] == 1: return obj
     box = [obj]; dist.broadcast_object_list(box, src=0)
     return box[0]
 
+# %% ../nbs/05_hardware.ipynb 40
 def barrier():
     "Wait for every process (no-op when alone)."
     if world()[1] > 1: dist.barrier()
 
+# %% ../nbs/05_hardware.ipynb 41
 def sync_buffers(module: nn.Module):
     "Copy rank 0's buffers (batch-norm statistics) to every process."
     if world()[1] > 1:
         for b in module.buffers(): dist.broadcast(b, src=0)
 
+# %% ../nbs/05_hardware.ipynb 42
 def average_gradients(params):
     "Average the gradients of `params` over the processes (for parts outside DistributedDataParallel)."
     size = world()[1]

@@ -67,6 +67,7 @@ def _dummy_input(module: nn.Module, size: tuple[int, ...]) -> Tensor:
     device = param.device if param is not None else 'cpu'
     return torch.randn(*size, device=device)
 
+# %% ../nbs/01_models.ipynb 17
 @torch.no_grad()
 def count_flops(module: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:
     "FLOPs per image of one forward pass (conv and matmul, 2 per multiply-add)."
@@ -79,7 +80,7 @@ def count_flops(module: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32))
         module.train(was_training)
     return counter.get_total_flops() // input_size[0]
 
-# %% ../nbs/01_models.ipynb 17
+# %% ../nbs/01_models.ipynb 18
 @torch.no_grad()
 def feature_shapes(model: CifarNet, input_size: int = 32) -> list[tuple[int, int, int]]:
     "(C, H, W) of the four stage maps for a square input of side `input_size`."
@@ -91,7 +92,7 @@ def feature_shapes(model: CifarNet, input_size: int = 32) -> list[tuple[int, int
         model.train(was_training)
     return [tuple(s.shape[1:]) for s in stages]
 
-# %% ../nbs/01_models.ipynb 22
+# %% ../nbs/01_models.ipynb 23
 def init_weights(model: nn.Module, linear_std: float | None = None) -> nn.Module:
     "He-normal (fan-out) convs, identity batch norms, optionally N(0, `linear_std`) linears."
     for m in model.modules():
@@ -106,14 +107,14 @@ def init_weights(model: nn.Module, linear_std: float | None = None) -> nn.Module
             nn.init.zeros_(m.bias)
     return model
 
-# %% ../nbs/01_models.ipynb 26
+# %% ../nbs/01_models.ipynb 27
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
 def conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
-# %% ../nbs/01_models.ipynb 29
+# %% ../nbs/01_models.ipynb 30
 class ResNetBlock(nn.Module):
     "Post-activation basic block: two 3x3 convs plus an identity or 1x1 (`downsample`) shortcut."
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
@@ -129,7 +130,7 @@ class ResNetBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(out + shortcut)
 
-# %% ../nbs/01_models.ipynb 30
+# %% ../nbs/01_models.ipynb 31
 class CifarResNet(CifarNet):
     "CIFAR ResNet of depth 6n+2 with basic blocks; `filters` = widths of (stem, layer1, layer2, layer3)."
     def __init__(self, depth: int, filters: tuple[int, int, int, int], num_classes: int = 100):
@@ -154,7 +155,7 @@ class CifarResNet(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 39
+# %% ../nbs/01_models.ipynb 40
 class BottleneckBlock(nn.Module):
     "1x1 reduce to `width`, 3x3 (strided), 1x1 expand to 4 `width`; identity or 1x1 (`shortcut`) shortcut."
     expansion = 4
@@ -173,7 +174,7 @@ class BottleneckBlock(nn.Module):
         out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
-# %% ../nbs/01_models.ipynb 40
+# %% ../nbs/01_models.ipynb 41
 class BottleneckResNet(CifarNet):
     "3x3 stem and four layers of bottleneck blocks (widths 64-512); `num_blocks` (3, 4, 6, 3) is ResNet-50."
     head_name = 'linear'
@@ -198,7 +199,7 @@ class BottleneckResNet(CifarNet):
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4): stages.append(x := layer(x))
         return stages
 
-# %% ../nbs/01_models.ipynb 47
+# %% ../nbs/01_models.ipynb 48
 class WideBlock(nn.Module):
     "Pre-activation block of a Wide ResNet."
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
@@ -214,6 +215,7 @@ class WideBlock(nn.Module):
         out = self.conv2(self.relu2(self.bn2(self.conv1(a))))
         return (x if self.convShortcut is None else self.convShortcut(a)) + out
 
+# %% ../nbs/01_models.ipynb 49
 class WideGroup(nn.Module):
     "`n` wide blocks; the first one changes width and stride."
     def __init__(self, n: int, c_in: int, c_out: int, stride: int):
@@ -223,7 +225,7 @@ class WideGroup(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
 
-# %% ../nbs/01_models.ipynb 49
+# %% ../nbs/01_models.ipynb 51
 class WideResNet(CifarNet):
     "WRN-`depth`-`widen`: depth 6n+4, widths (16, 16k, 32k, 64k)."
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
@@ -246,7 +248,7 @@ class WideResNet(CifarNet):
         f3 = self.block2(f2)
         return [f1, f2, f3, self.relu(self.bn1(self.block3(f3)))]
 
-# %% ../nbs/01_models.ipynb 56
+# %% ../nbs/01_models.ipynb 58
 VGG_CONFIGS = MappingProxyType({
     'S': ((64,), (128,), (256,), (512,), (512,)),
     'A': ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -255,7 +257,7 @@ VGG_CONFIGS = MappingProxyType({
     'E': ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 })
 
-# %% ../nbs/01_models.ipynb 57
+# %% ../nbs/01_models.ipynb 59
 def vgg_block(c_in: int, widths: tuple[int, ...]) -> nn.Sequential:
     "conv-BN-ReLU for each width, without the final ReLU."
     layers = []
@@ -264,6 +266,7 @@ def vgg_block(c_in: int, widths: tuple[int, ...]) -> nn.Sequential:
         c_in = c_out
     return nn.Sequential(*layers[:-1])
 
+# %% ../nbs/01_models.ipynb 60
 class VGG(CifarNet):
     "VGG with batch norm and a single linear classifier; `cfg` is a key of `VGG_CONFIGS`."
     head_name = 'classifier'
@@ -288,7 +291,7 @@ class VGG(CifarNet):
         f4 = F.relu(self.block4(self.pool(f3) if big_input else f3))
         return [f1, f2, f3, f4]
 
-# %% ../nbs/01_models.ipynb 61
+# %% ../nbs/01_models.ipynb 64
 class InvertedResidual(nn.Module):
     "Expand (1x1) - depthwise (3x3) - project (1x1, linear), residual when shapes allow."
     def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
@@ -303,10 +306,11 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
-# %% ../nbs/01_models.ipynb 62
+# %% ../nbs/01_models.ipynb 65
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
+# %% ../nbs/01_models.ipynb 66
 class MobileNetV2(CifarNet):
     "CIFAR MobileNetV2 with expansion `expand` and width multiplier `width`."
     head_name = 'classifier.0'
@@ -335,13 +339,13 @@ class MobileNetV2(CifarNet):
         f3 = x = self.blocks[4](self.blocks[3](x))
         return [f1, f2, f3, self.conv2(self.blocks[6](self.blocks[5](x)))]
 
-# %% ../nbs/01_models.ipynb 69
+# %% ../nbs/01_models.ipynb 73
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     "Interleave the channels of `groups` equal channel groups."
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
-# %% ../nbs/01_models.ipynb 72
+# %% ../nbs/01_models.ipynb 76
 class ShuffleV1Block(nn.Module):
     "ShuffleNetV1 unit; stride 2 concatenates an average-pooled shortcut, stride 1 adds the input."
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
@@ -360,7 +364,7 @@ class ShuffleV1Block(nn.Module):
         res = self.shortcut(x)
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
-# %% ../nbs/01_models.ipynb 73
+# %% ../nbs/01_models.ipynb 77
 class ShuffleNetV1(CifarNet):
     "CIFAR ShuffleNetV1: 1x1 stem to 24 channels, three layers of `ShuffleV1Block`."
     head_name = 'linear'
@@ -381,7 +385,7 @@ class ShuffleNetV1(CifarNet):
         f2 = self.layer2(f1)
         return [stem, f1, f2, self.layer3(f2)]
 
-# %% ../nbs/01_models.ipynb 79
+# %% ../nbs/01_models.ipynb 83
 class ShuffleV2Block(nn.Module):
     "ShuffleNetV2 basic unit: split, transform one half, concatenate, shuffle."
     def __init__(self, channels: int):
@@ -396,6 +400,7 @@ class ShuffleV2Block(nn.Module):
         x = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return channel_shuffle(torch.cat([keep, F.relu(self.bn3(self.conv3(x)))], 1), 2)
 
+# %% ../nbs/01_models.ipynb 84
 class ShuffleV2DownBlock(nn.Module):
     "ShuffleNetV2 down-sampling unit: two stride-2 branches, concatenated and shuffled."
     def __init__(self, c_in: int, c_out: int):
@@ -413,7 +418,7 @@ class ShuffleV2DownBlock(nn.Module):
         right = F.relu(self.bn5(self.conv5(right)))
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
-# %% ../nbs/01_models.ipynb 80
+# %% ../nbs/01_models.ipynb 85
 class ShuffleNetV2(CifarNet):
     "CIFAR ShuffleNetV2; `widths` = three layer widths + final conv width, `depths` = basic units per layer."
     head_name = 'linear'
@@ -434,7 +439,7 @@ class ShuffleNetV2(CifarNet):
         f3 = self.layer3(f2)
         return [f1, f2, f3, F.relu(self.bn2(self.conv2(f3)))]
 
-# %% ../nbs/01_models.ipynb 85
+# %% ../nbs/01_models.ipynb 90
 _resnet, _x2, _x4 = (16, 16, 32, 64), (16, 32, 64, 128), (32, 64, 128, 256)
 
 MODELS = MappingProxyType({
@@ -451,17 +456,19 @@ MODELS = MappingProxyType({
     'ShuffleV2_1_5': partial(ShuffleNetV2, (176, 352, 704, 1024)),
 })
 
-# %% ../nbs/01_models.ipynb 86
+# %% ../nbs/01_models.ipynb 91
 def list_models() -> list[str]:
     "Names accepted by `get_model`."
     return list(MODELS)
 
+# %% ../nbs/01_models.ipynb 92
 def check_model(name: str, knob: str = 'model') -> str:
     "`name` if it is a zoo model; otherwise a `ValueError` starting with `knob` and listing the valid names."
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"{knob}: unknown {name!r}; valid: {', '.join(MODELS)}")
     return name
 
+# %% ../nbs/01_models.ipynb 93
 def get_model(name: str, num_classes: int = 100) -> CifarNet:
     "A freshly initialised zoo model `name` with a `num_classes`-way head."
     check_model(name, 'name')
@@ -471,7 +478,7 @@ def get_model(name: str, num_classes: int = 100) -> CifarNet:
     model.arch = name
     return model
 
-# %% ../nbs/01_models.ipynb 98
+# %% ../nbs/01_models.ipynb 105
 def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     "Write `{'model': model.state_dict(), **extra}` to `path`."
     path = Path(path)
@@ -479,7 +486,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> Path:
     torch.save({'model': model.state_dict(), **extra}, path)
     return path
 
-# %% ../nbs/01_models.ipynb 99
+# %% ../nbs/01_models.ipynb 106
 def _read_state_dict(path: Path, knob: str = 'path') -> dict[str, Tensor]:
     if not path.is_file(): raise ValueError(f"{knob}: no checkpoint file at {path}")
     try:
@@ -497,11 +504,12 @@ def _read_state_dict(path: Path, knob: str = 'path') -> dict[str, Tensor]:
         ckpt = {k[len('module.'):]: v for k, v in ckpt.items()}
     return dict(ckpt)
 
+# %% ../nbs/01_models.ipynb 107
 def _listed(keys: list[str], limit: int = 10) -> str:
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return ', '.join(keys[:limit]) + more
 
-# %% ../nbs/01_models.ipynb 100
+# %% ../nbs/01_models.ipynb 108
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, knob: str = 'path') -> nn.Module:
     "Load the weights in `path` into `model` (in place) and return it; errors start with `knob`."
     path = Path(path)

@@ -26,6 +26,8 @@ def align_spatial(s, t):
 
 # %% ../nbs/03_projectors.ipynb 13
 FACTORS = (1, 2, 4, 8)
+
+# %% ../nbs/03_projectors.ipynb 14
 PROJECTOR_KNOBS = ('factor',)  # run knobs a projector may take, each a constructor argument of the same name
 PROJECTORS = {}
 
@@ -39,12 +41,15 @@ def register_projector(name):
         return cls
     return deco
 
+# %% ../nbs/03_projectors.ipynb 15
 def _is_int(v): return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+# %% ../nbs/03_projectors.ipynb 16
 def _check_factor(factor):
     if not _is_int(factor) or factor not in FACTORS:
         raise ValueError(f"factor: got {factor!r}; valid: {', '.join(map(str, FACTORS))}")
 
+# %% ../nbs/03_projectors.ipynb 17
 def _hidden_width(out_channels, factor):
     "Bottleneck width `out_channels // factor`, after checking `factor`."
     _check_factor(factor)
@@ -52,10 +57,13 @@ def _hidden_width(out_channels, factor):
         raise ValueError(f"factor: {factor} leaves out_channels={out_channels} with no hidden channels; valid: a factor <= {out_channels}")
     return out_channels // factor
 
+# %% ../nbs/03_projectors.ipynb 18
 def _conv1x1(cin, cout): return nn.Conv2d(cin, cout, kernel_size=1, bias=False)
+
+# %% ../nbs/03_projectors.ipynb 19
 def _conv3x3(cin, cout, groups=1): return nn.Conv2d(cin, cout, kernel_size=3, padding=1, groups=groups, bias=False)
 
-# %% ../nbs/03_projectors.ipynb 16
+# %% ../nbs/03_projectors.ipynb 22
 @register_projector('simkd')
 class SimKDProjector(nn.Module):
     "SimKD's bottleneck projector: conv1x1 -> conv3x3 -> conv1x1 (width `out_channels // factor` inside), each with BN and ReLU."
@@ -70,7 +78,7 @@ class SimKDProjector(nn.Module):
 
     def forward(self, x): return self.transfer(x)
 
-# %% ../nbs/03_projectors.ipynb 24
+# %% ../nbs/03_projectors.ipynb 30
 @register_projector('identity')
 class IdentityProjector(nn.Identity):
     "No projection; only valid when the student and teacher widths are equal."
@@ -80,18 +88,21 @@ class IdentityProjector(nn.Identity):
             raise ValueError(f"projector 'identity' needs equal widths, got in={in_channels} out={out_channels}; use one of: {others}")
         super().__init__()
 
+# %% ../nbs/03_projectors.ipynb 31
 @register_projector('linear')
 class LinearProjector(nn.Sequential):
     "Per-position linear map: conv1x1 + BN."
     def __init__(self, in_channels, out_channels):
         super().__init__(_conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels))
 
+# %% ../nbs/03_projectors.ipynb 32
 @register_projector('conv3x3')
 class Conv3x3Projector(nn.Sequential):
     "One 3x3 convolution: conv3x3 + BN + ReLU."
     def __init__(self, in_channels, out_channels):
         super().__init__(_conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
+# %% ../nbs/03_projectors.ipynb 33
 @register_projector('dwsep')
 class DWSepProjector(nn.Sequential):
     "Depthwise-separable 3x3: depthwise conv3x3 + BN + ReLU, then pointwise conv1x1 + BN + ReLU."
@@ -100,6 +111,7 @@ class DWSepProjector(nn.Sequential):
             _conv3x3(in_channels, in_channels, groups=in_channels), nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
             _conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
+# %% ../nbs/03_projectors.ipynb 34
 @register_projector('mlp')
 class MLPProjector(nn.Module):
     "Global average pool, then Linear -> BN1d -> ReLU -> Linear (hidden `out_channels // factor`); output (B, out, 1, 1)."
@@ -112,7 +124,7 @@ class MLPProjector(nn.Module):
 
     def forward(self, x): return self.mlp(x.mean((2, 3)))[:, :, None, None]
 
-# %% ../nbs/03_projectors.ipynb 31
+# %% ../nbs/03_projectors.ipynb 41
 def _regressor_conv(in_channels, out_channels, in_size, out_size):
     "ConvReg's convolution from an `in_size` map to an `out_size` map (both `(H, W)`)."
     (hs, ws), (ht, wt) = in_size, out_size
@@ -122,6 +134,7 @@ def _regressor_conv(in_channels, out_channels, in_size, out_size):
     raise ValueError(f"convreg: cannot map a {hs}x{ws} map to {ht}x{wt}; valid: out_size half of in_size, twice in_size, "
                      f"or no larger than in_size in both dims")
 
+# %% ../nbs/03_projectors.ipynb 42
 @register_projector('convreg')
 class ConvRegProjector(nn.Module):
     "FitNet's hint regressor (`ConvReg` of RepDistiller, mdistiller, SimKD): a conv with bias chosen by the two sizes, BN, ReLU."
@@ -144,28 +157,32 @@ class ConvRegProjector(nn.Module):
 
     def forward(self, x): return self.relu(self.bn(self.conv(x)))
 
-# %% ../nbs/03_projectors.ipynb 39
+# %% ../nbs/03_projectors.ipynb 50
 def list_projectors():
     "Names accepted by `make_projector`, in the order they were registered."
     return list(PROJECTORS)
 
+# %% ../nbs/03_projectors.ipynb 51
 def projector_knobs(name) -> tuple:
     "The run knobs (of `PROJECTOR_KNOBS`) projector `name` takes; the others do not change it."
     check_projector(name)
     return PROJECTORS[name].knobs
 
+# %% ../nbs/03_projectors.ipynb 52
 def check_projector(name, factor=2, knob='projector'):
     "Raise `ValueError` unless `name` is a registered projector and `factor` one of `FACTORS`."
     if not isinstance(name, str) or name not in PROJECTORS:
         raise ValueError(f"{knob}: unknown {name!r}; valid: {', '.join(PROJECTORS)}")
     _check_factor(factor)
 
+# %% ../nbs/03_projectors.ipynb 53
 def _check_size(size, arg):
     if size is None: return None
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
         raise ValueError(f"{arg}: must be (H, W), two positive ints, got {size!r}")
     return tuple(int(v) for v in size)
 
+# %% ../nbs/03_projectors.ipynb 54
 def make_projector(name, in_channels, out_channels, factor=2, in_size=None, out_size=None):
     "Projector `name` from (B, in_channels, *in_size) to (B, out_channels, *out_size); `factor` sets bottleneck width `out_channels // factor`."
     check_projector(name, factor)

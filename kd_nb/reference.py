@@ -5,6 +5,7 @@
 # %% ../nbs/08_reference.ipynb 3
 from __future__ import annotations
 import torch
+from fastcore.basics import patch
 import torch.nn as nn
 import torch.nn.functional as F
 from .projectors import make_projector
@@ -65,41 +66,45 @@ class ReferenceSimKD:
         f = model.forward_features(x)   # model(input, is_feat=True): the stage maps and the logits
         return f.stages, model.head(f.embedding)
 
-    def step(self, input, target, mark=None) -> float:
-        "One training step of `train_distill`; `mark(phase)` is called after 'student', 'teacher', 'student', 'optimizer' work. Returns the loss."
-        mark = mark or (lambda phase: None)
-        self.model_s.train(); self.simkd.train(); self.model_t.eval()
-        feat_s, logit_s = self._feats(self.model_s, input)
-        mark('student')
-        with torch.no_grad():
-            feat_t, logit_t = self._feats(self.model_t, input)
-            feat_t = [f.detach() for f in feat_t]
-        mark('teacher')
-        loss_cls = self.criterion_cls(logit_s, target)
-        loss_div = self.criterion_div(logit_s, logit_t)
-        trans_feat_s, trans_feat_t, pred_feat_s = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
-        loss_kd = F.mse_loss(trans_feat_s, trans_feat_t)
-        loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
-        acc1, acc5 = accuracy(pred_feat_s, target, topk=(1, 5))
-        self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
-        self.optimizer.zero_grad()
-        loss.backward()
-        mark('student')
-        self.optimizer.step()
-        mark('optimizer')
-        return self.meters[-1][0]
+# %% ../nbs/08_reference.ipynb 10
+@patch
+def step(self: ReferenceSimKD, input, target, mark=None) -> float:
+    "One training step of `train_distill`; `mark(phase)` is called after 'student', 'teacher', 'student', 'optimizer' work. Returns the loss."
+    mark = mark or (lambda phase: None)
+    self.model_s.train(); self.simkd.train(); self.model_t.eval()
+    feat_s, logit_s = self._feats(self.model_s, input)
+    mark('student')
+    with torch.no_grad():
+        feat_t, logit_t = self._feats(self.model_t, input)
+        feat_t = [f.detach() for f in feat_t]
+    mark('teacher')
+    loss_cls = self.criterion_cls(logit_s, target)
+    loss_div = self.criterion_div(logit_s, logit_t)
+    trans_feat_s, trans_feat_t, pred_feat_s = self.simkd(feat_s[-1], feat_t[-1], self.model_t.head)
+    loss_kd = F.mse_loss(trans_feat_s, trans_feat_t)
+    loss = self.gamma * loss_cls + self.alpha * loss_div + self.beta * loss_kd
+    acc1, acc5 = accuracy(pred_feat_s, target, topk=(1, 5))
+    self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
+    self.optimizer.zero_grad()
+    loss.backward()
+    mark('student')
+    self.optimizer.step()
+    mark('optimizer')
+    return self.meters[-1][0]
 
-    @torch.no_grad()
-    def evaluate(self, batches) -> int:
-        "`validate_distill` over `batches`: student, teacher and SimKD module per batch; the number of images."
-        self.model_s.eval(); self.simkd.eval()
-        n = 0
-        for input, target in batches:
-            feat_s, _ = self._feats(self.model_s, input)
-            feat_t, _ = self._feats(self.model_t, input)
-            _, _, output = self.simkd(feat_s[-1], [f.detach() for f in feat_t][-1], self.model_t.head)
-            loss = self.criterion_cls(output, target)
-            acc1, acc5 = accuracy(output, target, topk=(1, 5))
-            self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
-            n += len(target)
-        return n
+# %% ../nbs/08_reference.ipynb 11
+@patch
+@torch.no_grad()
+def evaluate(self: ReferenceSimKD, batches) -> int:
+    "`validate_distill` over `batches`: student, teacher and SimKD module per batch; the number of images."
+    self.model_s.eval(); self.simkd.eval()
+    n = 0
+    for input, target in batches:
+        feat_s, _ = self._feats(self.model_s, input)
+        feat_t, _ = self._feats(self.model_t, input)
+        _, _, output = self.simkd(feat_s[-1], [f.detach() for f in feat_t][-1], self.model_t.head)
+        loss = self.criterion_cls(output, target)
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        self.meters.append((loss.item(), acc1[0].item(), acc5[0].item()))
+        n += len(target)
+    return n

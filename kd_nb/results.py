@@ -787,6 +787,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
+# %% ../nbs/11_results.ipynb 179
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -794,12 +795,12 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 183
+# %% ../nbs/11_results.ipynb 184
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 185
+# %% ../nbs/11_results.ipynb 186
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -807,7 +808,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 187
+# %% ../nbs/11_results.ipynb 188
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -816,10 +817,10 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 191
+# %% ../nbs/11_results.ipynb 192
 TABLE_BLOCK = re.compile(r'(<!-- table: (?P<runs>\S+) vs (?P<baselines>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 192
+# %% ../nbs/11_results.ipynb 193
 def runs_tables(runs_dir, baselines=('simkd',)) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -828,18 +829,18 @@ def runs_tables(runs_dir, baselines=('simkd',)) -> str:
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 194
+# %% ../nbs/11_results.ipynb 195
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
     return TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
                            + m.group(5), text)
 
-# %% ../nbs/11_results.ipynb 198
+# %% ../nbs/11_results.ipynb 199
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 199
+# %% ../nbs/11_results.ipynb 200
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -853,7 +854,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 201
+# %% ../nbs/11_results.ipynb 202
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -866,7 +867,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 203
+# %% ../nbs/11_results.ipynb 204
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)

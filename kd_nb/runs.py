@@ -26,6 +26,7 @@ def read_json(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
 
+# %% ../nbs/06_runs.ipynb 8
 def write_json(obj, path):
     "Write `obj` as JSON to `path` atomically."
     path = Path(path)
@@ -33,6 +34,7 @@ def write_json(obj, path):
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
+# %% ../nbs/06_runs.ipynb 9
 def write_metrics(history: list[dict], path):
     "Write one CSV row per epoch (all keys that any epoch has) to `path`, atomically."
     path = Path(path)
@@ -42,13 +44,14 @@ def write_metrics(history: list[dict], path):
         w = csv.DictWriter(f, fieldnames=keys); w.writeheader(); w.writerows(history)
     os.replace(tmp, path)
 
-# %% ../nbs/06_runs.ipynb 14
+# %% ../nbs/06_runs.ipynb 16
 def _write_holder(f):
     f.seek(0); f.truncate()
     f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'since': time.strftime('%Y-%m-%d %H:%M:%S')}))
     f.flush()
     return f
 
+# %% ../nbs/06_runs.ipynb 17
 def _try_lock(folder: Path):
     "An open file holding the exclusive lock of `folder`, or None when another process holds it."
     f = open(Path(folder) / LOCK, 'a+')
@@ -58,6 +61,7 @@ def _try_lock(folder: Path):
         return None
     return _write_holder(f)
 
+# %% ../nbs/06_runs.ipynb 18
 @contextmanager
 def folder_lock(folder):
     "Hold the lock of `folder` for the `with` block, waiting while another process holds it."
@@ -66,6 +70,7 @@ def folder_lock(folder):
     try: yield _write_holder(f)
     finally: f.close()
 
+# %% ../nbs/06_runs.ipynb 19
 def lock_holder(folder) -> dict | None:
     "Who holds the lock of `folder` (`pid`, `host`, `since`), or None when no live process does."
     path = Path(folder) / LOCK
@@ -76,7 +81,7 @@ def lock_holder(folder) -> dict | None:
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
-# %% ../nbs/06_runs.ipynb 19
+# %% ../nbs/06_runs.ipynb 24
 def notebook_error(path) -> str | None:
     "The first error output of an executed notebook, as `Name: message`."
     nb = read_json(path) or {}
@@ -85,6 +90,7 @@ def notebook_error(path) -> str | None:
             if out.get('output_type') == 'error': return f"{out.get('ename')}: {out.get('evalue')}"
     return None
 
+# %% ../nbs/06_runs.ipynb 25
 @dataclass
 class RunFolder:
     "A run's folder: its files and its state."
@@ -119,7 +125,7 @@ class RunFolder:
                     epochs=self.params.get('epochs', s.get('epochs')), best_test_acc=s.get('best_test_acc'),
                     final_test_acc=s.get('final_test_acc'), wall_time_s=s.get('wall_time_s'))
 
-# %% ../nbs/06_runs.ipynb 25
+# %% ../nbs/06_runs.ipynb 31
 class RunInUse(RuntimeError):
     "A live process is already running this run in this folder."
 
@@ -134,7 +140,7 @@ def _wait_for_config(folder: RunFolder, seconds=10.0) -> dict:
     while not folder.params and folder.holder and time.time() < deadline: time.sleep(0.1)
     return folder.params
 
-# %% ../nbs/06_runs.ipynb 28
+# %% ../nbs/06_runs.ipynb 34
 class Run(RunFolder):
     "An open run: its folder, locked by this process until `close` (or the end of the process)."
     def __init__(self, path, resumed: bool, lock):
@@ -170,7 +176,7 @@ class Run(RunFolder):
 
     def __repr__(self): return f"Run({str(self.path)!r}, resumed={self.resumed})"
 
-# %% ../nbs/06_runs.ipynb 30
+# %% ../nbs/06_runs.ipynb 36
 def open_run(root, name: str, params: dict, keys, env=None) -> Run:
     "Create or resume, and lock, the folder of the run `name` with knobs `params` under `root`; write its `config.json`."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
@@ -196,6 +202,7 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
         break
     return begin_run(run, params, keys, env)
 
+# %% ../nbs/06_runs.ipynb 37
 def begin_run(run: Run, params: dict, keys, env=None) -> Run:
     "Write the run's `config.json` (knobs `params`, environment `env`) and record a new launch in `summary.json` (status running, the `keys` of `params`)."
     write_json({'run_id': run.id, 'params': params, **(env or {}), 'started': time.strftime('%Y-%m-%d %H:%M:%S')},
@@ -205,7 +212,7 @@ def begin_run(run: Run, params: dict, keys, env=None) -> Run:
     run.update(run_id=run.id, status='running', launches=launches, **{k: params.get(k) for k in keys})
     return run
 
-# %% ../nbs/06_runs.ipynb 38
+# %% ../nbs/06_runs.ipynb 45
 class EpochLog:
     "Writes a run's per-epoch rows to `metrics.csv` and, as scalars, to TensorBoard event files in `folder`."
     def __init__(self, folder, history=(), tensorboard: bool = True):
@@ -225,7 +232,7 @@ class EpochLog:
     def close(self):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_runs.ipynb 43
+# %% ../nbs/06_runs.ipynb 50
 _COPY_WHEN_DONE = r'''
 import json, os, shutil, sys, time
 src, dst, parent, deadline = sys.argv[1], sys.argv[2], int(sys.argv[3]), time.time() + float(sys.argv[4])
@@ -246,6 +253,7 @@ if os.path.exists(src):
     tmp = dst + ".tmp"; shutil.copyfile(src, tmp); os.replace(tmp, dst)
 '''
 
+# %% ../nbs/06_runs.ipynb 51
 def papermill_output_path(injected=None):
     "The output notebook of the papermill process running this kernel, or None outside papermill."
     if injected: return Path(injected)
@@ -256,6 +264,7 @@ def papermill_output_path(injected=None):
     paths = [a for a in args if a.endswith('.ipynb')]
     return Path(paths[1]).resolve() if len(paths) >= 2 else None
 
+# %% ../nbs/06_runs.ipynb 52
 def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
     "When papermill has finished, copy its executed notebook into the run folder as `notebook.ipynb`; the source path, or None outside papermill."
     src, dst = papermill_output_path(injected), run.path / NOTEBOOK
@@ -265,12 +274,13 @@ def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
                                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return src
 
-# %% ../nbs/06_runs.ipynb 47
+# %% ../nbs/06_runs.ipynb 56
 def is_run_folder(path) -> bool:
     "Whether `path` holds a run: its config, its executed notebook, or a summary naming it."
     p = Path(path)
     return (p / CONFIG).is_file() or (p / NOTEBOOK).is_file() or 'run_id' in (read_json(p / SUMMARY) or {})
 
+# %% ../nbs/06_runs.ipynb 57
 def find_runs(root) -> list[RunFolder]:
     "Every run folder under `root`, in sorted order (the teachers' cache and `_*`/`.*` folders skipped)."
     found = []

@@ -1,0 +1,119 @@
+"""Every number the README states about a measurement is read back from the committed files it comes from.
+
+The results tables between `<!-- table: ... -->` markers are written by `.ci/readme.py` (tests/test_docs.py); the
+tests here check the rest: the sweep run counts, the benchmark tables, the synthetic-data accuracies and every
+accuracy and interval quoted in the reading of the study on real pixels."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+STUDY = ROOT / 'results' / 'cifar10-jpeg-cpu'
+NUMBER = r'[+\-−]?\d+(?:\.\d+)?'
+
+
+def section(start: str, end: str) -> str:
+    "The README's text from the line holding `start` up to the next line holding `end`."
+    i = README.index(start)
+    return README[i:README.index(end, i + len(start))]
+
+
+def table_rows(start: str) -> list[list[str]]:
+    "The cells of each row of the Markdown table whose header line starts with `start`."
+    lines = README[README.index(start):].splitlines()
+    rows = [l for l in lines[2:len(lines)] if l.startswith('|')]
+    rows = rows[:next((i for i, l in enumerate(lines[2:]) if not l.startswith('|')), len(rows))]
+    return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
+
+
+def num(text: str) -> float: return float(text.replace('−', '-'))
+
+
+def test_sweep_run_counts():
+    "The `runs` column of the sweeps table is what each file expands to."
+    from kd_nb.sweep import expand, load_sweep
+    count = lambda name: len(expand(load_sweep(ROOT / 'sweeps' / name)))
+    rows = table_rows('| sweep file |')
+    files = [r[0].strip('`') for r in rows if r[0] != '`*_quick.yaml`']
+    assert len(rows) >= 9
+    for r in rows:
+        if r[0] == '`*_quick.yaml`':
+            full = [f for f in files if (ROOT / 'sweeps' / f.replace('.yaml', '_quick.yaml')).exists()]
+            assert [int(x) for x in r[2].split(', ')] == [count(f.replace('.yaml', '_quick.yaml')) for f in full]
+        else:
+            assert int(r[2]) == count(r[0].strip('`')), r[0]
+
+
+def benchmark_figures(path) -> tuple:
+    "The four cells of a row of the CPU speed table, as `benchmarks/bench_simkd.py` measured them into `path`."
+    b = json.loads(path.read_text())
+    r, hours = b['ratio'], lambda side: b[side]['recipe_minutes'] / 60
+    return (b['device_name'], f"{r['train']:.2f}x ({r['train_median_of_rounds']:.2f}x)", f"{r['eval']:.1f}x",
+            f"{hours('reference'):.1f} h → {hours('fast'):.1f} h")
+
+
+def test_cpu_speed_table_is_the_benchmark_results():
+    "Each row of the CPU speed table is one committed benchmark result, and the sentence below it quotes their medians."
+    measured = [benchmark_figures(p) for p in sorted((ROOT / 'benchmarks' / 'results').glob('cpu-*.json'))]
+    rows = table_rows('| CPU (2 cores) | fast path |')
+    assert len(rows) >= 4
+    for cpu, _, train, evaluation, recipe in rows:
+        assert any(d in cpu and (train, evaluation, recipe) == tuple(m) for d, *m in measured), (cpu, train, evaluation, recipe)
+    medians = {re.search(r'\((\d\.\d\dx)\)', r[2])[1] for r in rows}
+    quoted = re.findall(r'\d\.\d\dx', section('The CPU target is met', '\n\n'))
+    assert quoted and set(quoted) <= medians
+
+
+@pytest.mark.skipif(not (STUDY / 'fast_path_quick').is_dir(), reason='the fast-path runs are not in this checkout')
+def test_fast_path_accuracy_table_is_its_runs():
+    "Top-1, the per-seed difference and the images/s of the fast-path comparison are what its runs recorded."
+    from kd_nb.results import load_runs, speed_table
+    t = speed_table(load_runs(STUDY / 'fast_path_quick'))
+    rows = table_rows('| resnet20 → resnet8, 12 epochs of 5,000 images')
+    assert len(rows) == len(t) == 3
+    for (_, top1, diff, speed), (_, r) in zip(rows, t.iterrows()):
+        assert top1 == r['mean ± std'].split(' (')[0] and diff.replace('−', '-') == r['Δ per seed'].split(' (')[0]
+        images = speed.split(' ')[0]
+        assert int(images) == round(r['images/s'])
+        if '(' in speed: assert speed.split('(')[1] == f"{r['images/s'] / t['images/s'][0]:.1f}x)"
+
+
+def synthetic_runs():
+    from kd_nb.results import load_runs
+    return load_runs(ROOT / 'results' / 'synthetic' / 'synthetic_quick')
+
+
+@pytest.mark.skipif(not (ROOT / 'results' / 'synthetic' / 'synthetic_quick').is_dir(), reason='the synthetic quick runs are not in this checkout')
+def test_synthetic_quick_accuracies():
+    "The teacher and SimKD accuracies the README gives for the `quick` preset on synthetic CIFAR-100 are the committed runs'."
+    runs = synthetic_runs()
+    simkd = runs[runs.method == 'simkd'].iloc[0]
+    text = section('The synthetic data is sized', '\n\n')
+    assert f"teacher reaches {round(simkd.teacher_test_acc)}%" in text and f"SimKD resnet8 {round(simkd.best_test_acc)}%" in text
+
+
+@pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
+def test_reading_quotes_the_committed_runs():
+    "Every accuracy, difference and interval quoted in the reading of the 50,000-image study is computed from its runs."
+    from kd_nb.results import load_runs, load_metrics, study_stats
+    runs = load_runs(STUDY / 'cifar10_cpu')
+    labels = sorted(set(study_stats(runs, baselines=()).label))
+    stats = study_stats(runs, baselines=labels)
+    means = {f'{m:.{digits}f}' for m in stats['mean'] for digits in (1, 2)}
+    curves = load_metrics(STUDY / 'cifar10_cpu')
+    simkd_s0 = [f'{a:.0f}' for a in curves[curves.run == 'simkd-resnet14x2-resnet8-s0'].sort_values('epoch').test_acc1]
+    diffs = {tuple(f"{d[k]:+.1f}" for k in ('mean', 'lo', 'hi')) for b in labels for d in stats[f'vs {b}'] if d['n'] > 1}
+    gaps = {d[0].lstrip('+-') for d in diffs}   # paired differences, quoted as distances
+    text = section('- **Beyond seed noise**', 'Five student epochs')
+    for m in re.finditer(rf'\(?({NUMBER})(?: points)? \(?\[({NUMBER}), ({NUMBER})\]', text):
+        assert tuple(f'{num(x):+.1f}' for x in m.groups()) in diffs, m[0]
+    for m in re.finditer(r'(\d+\.\d+)%', text): assert m[1] in means, m[0]
+    assert re.search(r'\(((?:\d+, )+\d+)% for seed 0\)', text)[1].split(', ') == simkd_s0
+    ends = {x for d in diffs for x in d}
+    for m in re.finditer(r'(?<![\d.])([+\-−]\d+\.\d)(?![\d%])', text): assert f'{num(m[1]):+.1f}' in ends, m[0]
+    for m in re.finditer(r'by (\d+\.\d) and (\d+\.\d) points', text): assert {m[1], m[2]} <= gaps
+    teacher = runs.teacher_test_acc.dropna().iloc[0]
+    assert f'**{teacher:.2f}% top-1**' in section('### Early training', '| setting |')
