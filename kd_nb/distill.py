@@ -259,7 +259,7 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
         for name, loss in losses.items(): out.terms[f'{name}@{b}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
     return out
 
-# %% ../nbs/04_distill.ipynb 34
+# %% ../nbs/04_distill.ipynb 35
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
@@ -267,7 +267,7 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
     return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 53
+# %% ../nbs/04_distill.ipynb 55
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
 def aux_parameters(distiller: Distiller) -> list:
@@ -293,7 +293,7 @@ def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 69
+# %% ../nbs/04_distill.ipynb 73
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):

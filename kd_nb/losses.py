@@ -9,7 +9,7 @@ __all__ = ['EPS', 'LOSSES', 'MEASURED_WEIGHT', 'NEEDS', 'MATCH_RULES', 'KINDS', 
            'CosineLoss', 'KLDivLoss', 'MMDLoss', 'AttentionTransferLoss', 'SimilarityPreservingLoss',
            'RelationalKDLoss', 'linear_cka', 'CKALoss', 'NSTLoss', 'AdversarialLoss', 'PKTLoss',
            'CorrelationCongruenceLoss', 'VIDLoss', 'DKDLoss', 'FSPLoss', 'sinkhorn_ot', 'EMDLoss', 'nce_loss',
-           'ContrastMemory', 'CRDLoss', 'grad_norm_ratios']
+           'gathered_rows', 'ContrastMemory', 'CRDLoss', 'grad_norm_ratios']
 
 # %% ../nbs/02_losses.ipynb 4
 import inspect
@@ -18,6 +18,7 @@ import numbers
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -535,7 +536,7 @@ class EMDLoss(AlignmentLoss):
         ot = lambda a, b: sinkhorn_ot(a, b, e, self.iters)
         return ot(s, t) - (ot(s, s) + ot(t, t)) / 2
 
-# %% ../nbs/02_losses.ipynb 113
+# %% ../nbs/02_losses.ipynb 114
 def nce_loss(x, num_samples, eps=1e-7):
     "CRD's NCE loss (its Eq. 18) of scores `x` (B, 1 + K): column 0 the positive, the rest K negatives drawn uniformly from `num_samples`."
     m, pn = x.shape[1] - 1, 1.0 / num_samples
@@ -543,6 +544,20 @@ def nce_loss(x, num_samples, eps=1e-7):
     log_d0 = torch.log(m * pn / (x[:, 1:] + m * pn + eps))
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
 
+def gathered_rows(*ts):
+    "Each of `ts` (batches of rows, equal lengths within a process) concatenated over the processes, in rank order; as given when alone."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return ts
+    n = torch.tensor([len(ts[0])], device=ts[0].device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most, out = int(max(sizes)), []
+    for t in ts:   # shards may differ by a row: pad to the longest, gather, trim
+        parts = [t.new_zeros((most, *t.shape[1:])) for _ in sizes]
+        dist.all_gather(parts, torch.cat([t, t.new_zeros((most - len(t), *t.shape[1:]))]))
+        out.append(torch.cat([p[:int(k)] for p, k in zip(parts, sizes)]))
+    return out
+
+# %% ../nbs/02_losses.ipynb 115
 class ContrastMemory(nn.Module):
     "Memory banks of student and teacher embeddings indexed by sample, with CRD's scores and momentum update."
     def __init__(self, feat_dim, num_samples, nce_k, nce_t, nce_m):
@@ -562,11 +577,12 @@ class ContrastMemory(nn.Module):
 
     @torch.no_grad()
     def update(self, es, et, indices):
-        "Each sample's rows move to m * row + (1 - m) * its new embedding, renormalized."
+        "Each sample's rows move to m * row + (1 - m) * its new embedding, renormalized; under DDP, every process's samples."
+        es, et, indices = gathered_rows(es.detach(), et.detach(), indices)
         for mem, e in ((self.memory_s, es), (self.memory_t, et)):
             mem.index_copy_(0, indices, F.normalize(mem[indices] * self.m + e.detach() * (1 - self.m), dim=1))
 
-# %% ../nbs/02_losses.ipynb 114
+# %% ../nbs/02_losses.ipynb 116
 @register_loss('crd')
 class CRDLoss(AlignmentLoss):
     "Contrastive representation distillation: NCE of each sample's embedding against its other-network memory row vs K random rows."
@@ -589,7 +605,7 @@ class CRDLoss(AlignmentLoss):
         if self.training: self.memory.update(es, et, indices)
         return nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
 
-# %% ../nbs/02_losses.ipynb 129
+# %% ../nbs/02_losses.ipynb 134
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all that need at most `channels` from the run), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()
