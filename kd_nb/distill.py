@@ -13,13 +13,14 @@ from .losses import LOSSES, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'STEP_INPUTS', 'default_loss_weights', 'schedule_weights',
-           'Alignment', 'StepOutput', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters',
-           'aux_loss', 'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'teacher_from',
+           'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput', 'num_classes',
+           'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss', 'trained_modules',
+           'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
-    'scratch': dict(ce_weight=1.0, losses=(), layers=(), projector='simkd', reuse_head=False),
+    'scratch': dict(ce_weight=1.0, losses=(), layers=(), projector='simkd', reuse_head=False, teacher_from='none'),
     'kd':      dict(ce_weight=0.1, losses=(('kl', 0.9),), layers=(), projector='simkd', reuse_head=False),
     'fitnet':  dict(ce_weight=1.0, losses=(('l2', 100.0),), layers=(3,), projector='convreg', reuse_head=False),
     'simkd':   dict(ce_weight=0.0, losses=(('l2', 1.0),), layers=(4,), projector='simkd', reuse_head=True),
@@ -28,6 +29,19 @@ DIRECTIONS = ('up', 'down', 'middle')
 LAYER_SCHEDULES = ('uniform', 'increasing', 'decreasing', 'last_only')
 
 # %% ../nbs/04_distill.ipynb 7
+TEACHER_FROM = ('given', 'student', 'none', 'virtual', 'peers')
+SCHEME_KEYS = ('teacher_from', 'virtual', 'peers', 'axis')   # entry keys that are not `Distiller` settings
+
+def teacher_from(method: str) -> str:
+    "Where the teacher of `method` comes from: one of `TEACHER_FROM`."
+    if method not in METHOD_DEFAULTS: raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
+    return METHOD_DEFAULTS[method].get('teacher_from', 'given')
+
+def needs_teacher(method: str) -> bool:
+    "Whether a run of `method` trains or loads a teacher network (`given`, or `student`: of the student's architecture)."
+    return teacher_from(method) in ('given', 'student')
+
+# %% ../nbs/04_distill.ipynb 11
 def default_loss_weights(method, losses) -> list[float]:
     "Weights of the loss names `losses` under `method`: its own losses keep its weights, every other loss its `default_weight`."
     if method is not None and method not in METHOD_DEFAULTS:
@@ -40,7 +54,7 @@ def default_loss_weights(method, losses) -> list[float]:
         weights.append(float(own[name] if name in own else LOSSES[name].default_weight))
     return weights
 
-# %% ../nbs/04_distill.ipynb 12
+# %% ../nbs/04_distill.ipynb 16
 _RAW_SCHEDULES = {'uniform': lambda i, n: 1.0, 'increasing': lambda i, n: i + 1.0,
                   'decreasing': lambda i, n: float(n - i), 'last_only': lambda i, n: float(i == n - 1)}
 
@@ -57,7 +71,7 @@ def schedule_weights(schedule, n_layers: int) -> list[float]:
     if not all(w >= 0 for w in ws): raise ValueError(f"layer_weights: weights must be numbers >= 0, got {ws}")
     return ws
 
-# %% ../nbs/04_distill.ipynb 16
+# %% ../nbs/04_distill.ipynb 20
 def _pool_to(x, hw):
     return x if tuple(x.shape[-2:]) == tuple(hw) else F.adaptive_avg_pool2d(x, hw)
 
@@ -99,7 +113,7 @@ class Alignment(nn.Module):
 
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
-# %% ../nbs/04_distill.ipynb 25
+# %% ../nbs/04_distill.ipynb 29
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term and the aligned feature pairs."
@@ -125,12 +139,16 @@ def _loss_pairs(losses, method=None) -> list:
 
 STEP_INPUTS = ('labels', 'teacher')   # the step needs `distill_step` passes to a loss
 
+def num_classes(model) -> int:
+    "Classes of a network (its head's outputs) or of a teacher that declares `num_classes`."
+    return getattr(model, 'num_classes', None) or model.head.out_features
+
 def _supplied(teacher, width=None) -> dict:
     "What a distiller supplies to its losses: their build needs' values, and the step inputs it passes per batch (None here)."
-    run = {'num_classes': teacher.head.out_features, **dict.fromkeys(STEP_INPUTS)}
+    run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
     return run if width is None else {'channels': width, **run}
 
-# %% ../nbs/04_distill.ipynb 27
+# %% ../nbs/04_distill.ipynb 31
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
@@ -194,10 +212,11 @@ class Distiller(nn.Module):
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y): return distill_step(self, x, y)
 
-# %% ../nbs/04_distill.ipynb 30
+# %% ../nbs/04_distill.ipynb 34
 @torch.no_grad()
-def _teacher_outputs(teacher, x, need_logits):
-    "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss."
+def _teacher_outputs(teacher, x, y, need_logits):
+    "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
+    if getattr(teacher, 'reads_labels', False): return None, teacher(y)
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
@@ -211,7 +230,7 @@ def predict(self: Distiller, feats, s_last=None):
 def distill_step(self: Distiller, x, y) -> StepOutput:
     "Losses and prediction for one batch; the teacher runs once, without gradient (its projectors keep theirs)."
     fs = self.student.forward_features(x)
-    ft, zt = _teacher_outputs(self.teacher, x, bool(self.logit_losses)) if self.teacher is not None else (None, None)
+    ft, zt = _teacher_outputs(self.teacher, x, y, bool(self.logit_losses)) if self.teacher is not None else (None, None)
     sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if losses else None)
              for al, losses in zip(self.alignments, self.feature_losses)]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
@@ -226,15 +245,19 @@ def distill_step(self: Distiller, x, y) -> StepOutput:
         for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
     return out
 
-# %% ../nbs/04_distill.ipynb 34
+# %% ../nbs/04_distill.ipynb 38
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
+    scheme = {k: cfg.pop(k) for k in SCHEME_KEYS if k in cfg}
+    source = scheme.get('teacher_from', 'given')
+    if source == 'none': teacher = None
+    if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
+    return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 53
+# %% ../nbs/04_distill.ipynb 57
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
 def aux_parameters(distiller: Distiller) -> list:
@@ -255,7 +278,7 @@ def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 69
+# %% ../nbs/04_distill.ipynb 73
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -289,3 +312,22 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     flops = count_flops(module, (1, 3, input_size, input_size))
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
+
+# %% ../nbs/04_distill.ipynb 79
+class VirtualTeacher(nn.Module):
+    "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
+    reads_labels = True   # `distill_step` gives it the labels, not the images
+    def __init__(self, num_classes: int, a: float = 0.99, T: float = 20.0):
+        super().__init__()
+        if not 1 / num_classes < a < 1: raise ValueError(f"tf_correct_prob: must be in (1/{num_classes}, 1), got {a!r}")
+        if not T > 0: raise ValueError(f"tf_temperature: must be > 0, got {T!r}")
+        self.num_classes, self.a, self.T = int(num_classes), float(a), float(T)
+
+    def forward(self, y):
+        p = torch.full((len(y), self.num_classes), (1 - self.a) / (self.num_classes - 1), device=y.device)
+        return p.scatter_(1, y[:, None], self.a) / self.T
+
+METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=(), projector='simkd', reuse_head=False,
+                                 teacher_from='virtual', virtual=dict(a=0.99, T=20.0), loss_options={'kl': {'T': 1.0}}, axis='scheme')
+METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
+                                  teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')

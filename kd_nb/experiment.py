@@ -14,25 +14,28 @@ from .data import dataset_info, make_loaders, data_source, source_sha256
 from .models import get_model, check_model, list_models, load_checkpoint, count_params
 from .losses import check_loss, list_losses, loss_options as loss_option_defaults
 from .projectors import check_projector, list_projectors
-from .distill import METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable
+from .distill import (METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
+                     teacher_from, needs_teacher)
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
                             is_main, broadcast_object, barrier)
 from .runs import Run, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
 from .trainer import TrainConfig, PRESETS, check_preset, recipe_lr, fit, evaluate
 
 # %% auto 0
-__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'RUN_KEYS', 'SCRATCH_KNOBS',
-           'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'milestone', 'check_choice', 'registered',
-           'parse_layers', 'project_root', 'project_path', 'project_relative', 'train_config', 'build_distiller',
-           'resolve_config', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher',
-           'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run', 'get_teacher',
-           'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
+__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'RUN_KEYS',
+           'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'milestone', 'check_choice',
+           'registered', 'parse_layers', 'project_root', 'project_path', 'project_relative', 'train_config',
+           'build_distiller', 'parse_float', 'resolve_config', 'git_commit', 'environment', 'teacher_params',
+           'teacher_dir', 'Teacher', 'prepare_teacher', 'run_figures', 'Experiment', 'setup', 'load_data',
+           'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves',
+           'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
     dataset='cifar100', data_dir='data', download=True, teacher='resnet32x4', teacher_ckpt='', teacher_seed=None,
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
-    layer_losses='', projector='', factor=2, direction='up', loss_options='{}', preset='paper', epochs=None,
+    layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
+    tf_temperature=None, preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
     val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', threads=0, run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
@@ -127,7 +130,11 @@ def build_distiller(cfg: dict, student, teacher=None):
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
-                          loss_options=cfg['loss_options'])
+                          loss_options=cfg['loss_options'], virtual=_virtual(cfg))
+
+def _virtual(cfg: dict) -> dict | None:
+    "The virtual teacher's settings (`tf_reg`), None for other methods."
+    return None if cfg.get('tf_correct_prob') is None else dict(a=cfg['tf_correct_prob'], T=cfg['tf_temperature'])
 
 # %% ../nbs/09_experiment.ipynb 30
 def _resolve_losses(k: dict, m: dict, given: dict):
@@ -145,9 +152,37 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     for n in k['loss']: check_loss(n, knob='loss')
     for n in k['layer_losses']: check_loss(n, knob='layer_losses')
     for n in used: check_loss(n, opts.get(n), knob='loss_options')
-    k['loss_options'] = json.loads(json.dumps({n: {**loss_option_defaults(n), **opts.get(n, {})} for n in used}, default=list))
+    own = m.get('loss_options', {})   # a method's own options (Tf-KD's temperatures) over each loss's defaults
+    k['loss_options'] = json.loads(json.dumps({n: {**loss_option_defaults(n), **own.get(n, {}), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 31
+# %% ../nbs/09_experiment.ipynb 32
+def parse_float(value, knob: str) -> float:
+    "`value` as a float (numbers, or text of one); anything else raises naming `knob`."
+    try:
+        if isinstance(value, bool): raise ValueError
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError): raise ValueError(f"{knob}: expected a number, got {value!r}") from None
+
+def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
+    "`knob` of `k` cast by `cast` (its `default` when unset) where it `applies`; elsewhere None, and refused when set."
+    v = k[knob]
+    if not applies:
+        if v not in (None, ''): raise ValueError(f"{knob}: only for {where}; got {v!r} with method {k['method']!r}")
+        return None
+    return cast(default if v in (None, '') else v, knob)
+
+# %% ../nbs/09_experiment.ipynb 33
+SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature')
+
+def _resolve_scheme(k: dict, m: dict):
+    "The scheme knobs of `k` checked against its method `m`, and `scheme`: those in use (None when none is)."
+    virtual, tf = m.get('teacher_from') == 'virtual', m.get('virtual', {})
+    where = f"methods with a virtual teacher ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'virtual')})"
+    k['tf_correct_prob'] = _scheme_knob(k, 'tf_correct_prob', virtual, tf.get('a'), parse_float, where)
+    k['tf_temperature'] = _scheme_knob(k, 'tf_temperature', virtual, tf.get('T'), parse_float, where)
+    k['scheme'] = {n: k[n] for n in SCHEME_KNOBS if k[n] is not None} or None
+
+# %% ../nbs/09_experiment.ipynb 34
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -158,7 +193,8 @@ def resolve_config(**knobs) -> dict:
     m = METHOD_DEFAULTS[check_choice(k['method'], 'method', list(METHOD_DEFAULTS))]
     check_choice(k['device'], 'device', DEVICES)
     check_model(k['student'], 'student')
-    if k['method'] != 'scratch': check_model(k['teacher'], 'teacher')
+    if teacher_from(k['method']) == 'student': k['teacher'] = k['student']   # tf_self: the student's architecture
+    if needs_teacher(k['method']): check_model(k['teacher'], 'teacher')
     for n in BOOL_KNOBS: k[n] = parse_bool(k[n], n)
     if k['deterministic'] != 'auto': k['deterministic'] = parse_bool(k['deterministic'], 'deterministic')
     if isinstance(k['compile'], str) and k['compile'].lower() in _TRUE + _FALSE: k['compile'] = parse_bool(k['compile'], 'compile')
@@ -182,6 +218,7 @@ def resolve_config(**knobs) -> dict:
     if k['method'] == 'scratch' and (knobs.get('loss') or knobs.get('layers')):
         raise ValueError(f"loss/layers: method 'scratch' trains without a teacher; got loss={knobs.get('loss')!r} layers={knobs.get('layers')!r}")
     _resolve_losses(k, m, k['loss_options'])
+    _resolve_scheme(k, m)
     k['layers'] = parse_layers(k['layers']) if k['layers'] not in (None, '') else list(m['layers'])
     lw = k['layer_weights']
     k['layer_weights'] = lw if lw in LAYER_SCHEDULES else parse_list(lw, 'layer_weights', float)
@@ -200,15 +237,15 @@ def resolve_config(**knobs) -> dict:
     k['data_source'] = data_source(k['dataset'], project_path(k['data_dir']))
     with torch.device('meta'):
         build_distiller(k, get_model(k['student'], info.num_classes),
-                        None if k['method'] == 'scratch' else get_model(k['teacher'], info.num_classes))
+                        get_model(k['teacher'], info.num_classes) if needs_teacher(k['method']) else None)
     return k
 
-# %% ../nbs/09_experiment.ipynb 39
+# %% ../nbs/09_experiment.ipynb 44
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
             'preset', 'epochs', 'batch_size', 'lr', 'lr_milestones', 'weight_decay', 'momentum', 'train_limit',
-            'test_limit', 'val_size', 'fast_data', 'seed', 'amp')
+            'test_limit', 'val_size', 'fast_data', 'seed', 'amp', 'scheme')
 
 def git_commit(root=None) -> str | None:
     "The commit checked out in `root` (default: the project root), or None outside a git checkout."
@@ -223,11 +260,12 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 44
+# %% ../nbs/09_experiment.ipynb 49
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
-                     factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'])
+                     factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
+                     **dict.fromkeys(SCHEME_KNOBS))
 
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
@@ -262,7 +300,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 48
+# %% ../nbs/09_experiment.ipynb 53
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     teacher = get_model(cfg['teacher'], loaders.info.num_classes)
@@ -314,7 +352,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 53
+# %% ../nbs/09_experiment.ipynb 58
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -347,9 +385,9 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 57
+# %% ../nbs/09_experiment.ipynb 62
 def _auto_name(cfg):
-    pair = cfg['student'] if cfg['method'] == 'scratch' else f"{cfg['teacher']}-{cfg['student']}"
+    pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
 def watch_failures(run: Run):
@@ -372,10 +410,10 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 60
+# %% ../nbs/09_experiment.ipynb 65
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
-    "Step 4: the frozen teacher (None for `scratch`)."
-    if exp.cfg['method'] == 'scratch': return None
+    "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
+    if not needs_teacher(exp.cfg['method']): return None
     t = prepare_teacher(exp.cfg, loaders, exp.device, exp.log)
     exp.log(f"teacher {exp.cfg['teacher']}: {t.test_acc:.2f}% top-1 ({t.source})")
     return t
@@ -399,7 +437,7 @@ def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: 
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
 
-# %% ../nbs/09_experiment.ipynb 65
+# %% ../nbs/09_experiment.ipynb 70
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -413,7 +451,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 68
+# %% ../nbs/09_experiment.ipynb 73
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -459,6 +497,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 72
+# %% ../nbs/09_experiment.ipynb 77
 #| eval: false
 if __name__ == '__main__': main()

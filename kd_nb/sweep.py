@@ -13,6 +13,7 @@ import torch
 from .hardware import available_cores
 from .runs import STATES, NOTEBOOK, RunFolder, read_json, write_json, same_config
 from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path
+from .distill import METHOD_DEFAULTS, teacher_from, needs_teacher
 
 # %% auto 0
 __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SweepError',
@@ -135,10 +136,14 @@ def slug(value) -> str:
     s = re.sub(r'[^A-Za-z0-9_.+=]+', '.', str(value).replace(',', '+')).strip('.') or 'none'
     return s if len(s) <= 40 else f"{s[:32]}.{hashlib.sha1(s.encode()).hexdigest()[:7]}"
 
+def _given_teacher(method) -> bool:
+    "Whether `method` is taught by a teacher its run names (unknown methods too: validation reports them)."
+    return method not in METHOD_DEFAULTS or teacher_from(method) == 'given'
+
 def make_run_name(cfg: dict, varied=()) -> str:
     "`method-teacher-student` (`scratch-student`), then `knob_value` for each varied knob, then `s<seed>`."
     get = lambda k: cfg.get(k, DEFAULT_KNOBS[k])
-    head = [get('method'), get('student')] if get('method') == 'scratch' else [get('method'), get('teacher'), get('student')]
+    head = [get('method'), get('teacher'), get('student')] if _given_teacher(get('method')) else [get('method'), get('student')]
     parts = [f'{k}_{slug(cfg[k])}' for k in varied if k not in (*PREFIX_KNOBS, 'seed')]
     return '-'.join([*map(slug, head), *parts, f"s{get('seed')}"])
 
@@ -166,7 +171,10 @@ def expand(sweep, overrides=None) -> list[dict]:
             cfg = {**sweep.base, **dict(point), **sweep.overrides}
             if seed is not None: cfg['seed'] = seed
             cfg.setdefault('seed', DEFAULT_KNOBS['seed'])
-            if cfg.get('method', DEFAULT_KNOBS['method']) == 'scratch': cfg.update(teacher='', teacher_ckpt='')
+            method = cfg.get('method', DEFAULT_KNOBS['method'])
+            if not _given_teacher(method):   # no teacher (scratch, tf_reg), or one of the student's architecture (tf_self)
+                cfg['teacher'] = cfg.get('student', DEFAULT_KNOBS['student']) if needs_teacher(method) else ''
+                if not needs_teacher(method): cfg['teacher_ckpt'] = ''
             key = _config_key(cfg)
             if key in by_key: continue
             name = make_run_name(cfg, [k for k, _ in point])
