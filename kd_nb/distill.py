@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .models import CifarNet, feature_shapes, count_params, count_flops
+from .models import CifarNet, feature_shapes, count_params, count_flops, get_model
 from .losses import LOSSES, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
@@ -16,7 +16,8 @@ from .projectors import PROJECTORS, check_projector, make_projector
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'teacher_from',
            'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput', 'num_classes',
            'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss', 'trained_modules',
-           'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher']
+           'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller',
+           'mutual_step']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -253,6 +254,7 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
     scheme = {k: cfg.pop(k) for k in SCHEME_KEYS if k in cfg}
     source = scheme.get('teacher_from', 'given')
+    if source == 'peers': return MutualDistiller(student, scheme.get('peers', 2), method=method, **cfg)
     if source == 'none': teacher = None
     if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
     return Distiller(student, teacher, method=method, **cfg)
@@ -331,3 +333,43 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
                                  teacher_from='virtual', virtual=dict(a=0.99, T=20.0), loss_options={'kl': {'T': 1.0}}, axis='scheme')
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
+
+# %% ../nbs/04_distill.ipynb 86
+class MutualDistiller(nn.Module):
+    "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
+    def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
+                 method=None, layers=(), reuse_head=False, **unused):
+        super().__init__()
+        if isinstance(peers, bool) or not isinstance(peers, int) or peers < 2: raise ValueError(f"peers: must be an int >= 2, got {peers!r}")
+        if layers or reuse_head: raise ValueError(f"layers: mutual learning aligns no layers and reuses no head; got layers={layers!r}")
+        self.peers = nn.ModuleList([student, *(get_model(student.arch, num_classes(student)) for _ in range(peers - 1))])
+        self.ce_weight, self.method, self.teacher, self.weights, options = float(ce_weight), method, None, {}, loss_options or {}
+        self.logit_losses = nn.ModuleDict()
+        for name, w in _loss_pairs(losses, method):
+            if LOSSES[name].kind != 'logits': raise ValueError(f"loss: mutual learning compares predictions; {name!r} is not a logit loss")
+            self.weights[name], self.logit_losses[name] = w, build_loss(name, options.get(name), _supplied(student))
+        self.alignments, self.feature_losses, self.layers, self.reuse_head, self.own_head = nn.ModuleList(), nn.ModuleList(), (), False, None
+        self.register_buffer('chosen', torch.zeros((), dtype=torch.long))   # the deployed peer: the best at the last evaluation
+
+    @property
+    def student(self): return self.peers[int(self.chosen)]
+    def monitored(self) -> dict: return {f'peer{i + 1}': p for i, p in enumerate(self.peers)}
+    def select(self, row: dict): self.chosen.fill_(max(range(len(self.peers)), key=lambda i: row[f'peer{i + 1}_test_acc1']))
+    def forward(self, x): return self.student(x)
+    def step(self, x, y): return mutual_step(self, x, y)
+
+# %% ../nbs/04_distill.ipynb 87
+def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
+    "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
+    logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None}
+    out = StepOutput(logits[0])
+    for k, z in enumerate(logits):
+        others = [o.detach() for j, o in enumerate(logits) if j != k]
+        if self.ce_weight: out.terms[f'ce_peer{k + 1}'] = self.ce_weight * F.cross_entropy(z.float(), y)
+        for name, loss in self.logit_losses.items():
+            needed = {n: inputs[n] for n in step_needs(loss)}
+            out.terms[f'{name}_peer{k + 1}'] = self.weights[name] * sum(loss(z, o, **needed) for o in others) / len(others)
+    return out
+
+METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
+                              teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')

@@ -35,7 +35,7 @@ DEFAULT_KNOBS = dict(
     dataset='cifar100', data_dir='data', download=True, teacher='resnet32x4', teacher_ckpt='', teacher_seed=None,
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
-    tf_temperature=None, preset='paper', epochs=None,
+    tf_temperature=None, peers=None, preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
     val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', threads=0, run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
@@ -130,7 +130,7 @@ def build_distiller(cfg: dict, student, teacher=None):
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
-                          loss_options=cfg['loss_options'], virtual=_virtual(cfg))
+                          loss_options=cfg['loss_options'], virtual=_virtual(cfg), peers=cfg.get('peers'))
 
 def _virtual(cfg: dict) -> dict | None:
     "The virtual teacher's settings (`tf_reg`), None for other methods."
@@ -172,7 +172,7 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
     return cast(default if v in (None, '') else v, knob)
 
 # %% ../nbs/09_experiment.ipynb 33
-SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature')
+SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers')
 
 def _resolve_scheme(k: dict, m: dict):
     "The scheme knobs of `k` checked against its method `m`, and `scheme`: those in use (None when none is)."
@@ -180,6 +180,9 @@ def _resolve_scheme(k: dict, m: dict):
     where = f"methods with a virtual teacher ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'virtual')})"
     k['tf_correct_prob'] = _scheme_knob(k, 'tf_correct_prob', virtual, tf.get('a'), parse_float, where)
     k['tf_temperature'] = _scheme_knob(k, 'tf_temperature', virtual, tf.get('T'), parse_float, where)
+    peers = m.get('teacher_from') == 'peers'
+    k['peers'] = _scheme_knob(k, 'peers', peers, m.get('peers'), lambda v, n: parse_int(v, n, 2),
+                              f"methods trained by peers ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'peers')})")
     k['scheme'] = {n: k[n] for n in SCHEME_KNOBS if k[n] is not None} or None
 
 # %% ../nbs/09_experiment.ipynb 34
@@ -335,7 +338,9 @@ def run_figures(history: list, distiller, data_source: str, teacher: Teacher | N
         teacher_source=teacher.source if teacher else None, teacher_sha256=teacher.sha256 if teacher else None,
         student_params=count_params(distiller.student), projector_params=dep.projector_params,
         projector_flops=dep.projector_flops, deploy_params=dep.params, deploy_flops=dep.flops, epochs=len(history),
-        data_source=data_source, images_per_s=sum(r['images_per_s'] for r in history) / len(history))
+        data_source=data_source, images_per_s=sum(r['images_per_s'] for r in history) / len(history),
+        **{f'{k[:-len("_test_acc1")]}_best_test_acc': max(r[k] for r in history)   # each monitored model (peers, online teacher)
+           for k in history[-1] if k.endswith('_test_acc1') and k != 'test_acc1'})
 
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."

@@ -22,7 +22,7 @@ __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 
            'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'check_milestones', 'schedule_steps', 'TrainConfig',
            'seed_everything', 'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile',
            'CompileFallback', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
-           'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
+           'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -240,7 +240,16 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 52
+# %% ../nbs/07_trainer.ipynb 49
+def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
+    "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it."
+    row = {}
+    for name, model in (distiller.monitored() if hasattr(distiller, 'monitored') else {}).items():
+        row.update(evaluate(model, loader, f'{name}_test', channels_last, amp))
+    if hasattr(distiller, 'select'): distiller.select(row)
+    return {**row, **evaluate(distiller, loader, 'test', channels_last, amp)}
+
+# %% ../nbs/07_trainer.ipynb 55
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher."
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith('teacher.')}
@@ -259,7 +268,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 57
+# %% ../nbs/07_trainer.ipynb 60
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc):
     distiller.train()
     rank, size = world()
@@ -288,7 +297,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 58
+# %% ../nbs/07_trainer.ipynb 61
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
@@ -305,12 +314,13 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     try:
         for epoch in range(start, cfg.epochs):
             train_loader.set_epoch(epoch)
+            if hasattr(distiller, 'set_epoch'): distiller.set_epoch(epoch)   # a schedule of its own (online warm-up)
             lr = p.opt.param_groups[0]['lr']
             t0 = time.perf_counter()
             row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}")}
             train_time = time.perf_counter() - t0
             sync_buffers(distiller)
-            row.update(evaluate(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
+            row.update(evaluate_all(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
             row.update(epoch_time_s=time.perf_counter() - t0, images_per_s=row['train_samples'] / train_time)
             log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_acc1']:.2f}% test {row['test_acc1']:.2f}% ({row['epoch_time_s']:.1f}s)")
