@@ -13,11 +13,11 @@ from .losses import LOSSES, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'teacher_from',
-           'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput', 'num_classes',
-           'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss', 'trained_modules',
-           'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller',
-           'mutual_step']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
+           'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput',
+           'num_classes', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss',
+           'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher',
+           'MutualDistiller', 'mutual_step', 'online_teacher_outputs']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -154,13 +154,14 @@ class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
                  layers=(), layer_weights='uniform', layer_losses=None, projector='simkd', factor=2,
-                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None):
+                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None, teacher_mode='frozen',
+                 online_warmup=0):
         super().__init__()
         self.student, self.teacher, self.ce_weight, self.method = student, teacher, float(ce_weight), method
         losses = _loss_pairs(losses, method)
         if teacher is None and (losses or layers or reuse_head):
             raise ValueError("teacher: needed for distillation losses, layers or reuse_head; only method 'scratch' trains without one")
-        if teacher is not None: teacher.requires_grad_(False).eval()
+        self.online, self.warmup, self.ramp = _teacher_mode(teacher, teacher_mode), int(online_warmup), 1.0
         options, self.weights = loss_options or {}, {}
         self.logit_losses, feature_names = nn.ModuleDict(), []
         for name, w in losses:
@@ -207,11 +208,13 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None: self.teacher.eval()
+        if self.teacher is not None and not self.online: self.teacher.eval()
         return self
 
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y): return distill_step(self, x, y)
+    def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
+    def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
 # %% ../nbs/04_distill.ipynb 34
 @torch.no_grad()
@@ -226,12 +229,14 @@ def predict(self: Distiller, feats, s_last=None):
     if not self.reuse_head: return self.student.head(feats.embedding)
     if s_last is None: s_last = self.alignments[-1].student_side(feats.final)
     head = self.own_head if self.own_head is not None else self.teacher.head
-    return head(F.adaptive_avg_pool2d(s_last, 1).flatten(1))
+    h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
+    return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
 def distill_step(self: Distiller, x, y) -> StepOutput:
     "Losses and prediction for one batch; the teacher runs once, without gradient (its projectors keep theirs)."
     fs = self.student.forward_features(x)
-    ft, zt = _teacher_outputs(self.teacher, x, y, bool(self.logit_losses)) if self.teacher is not None else (None, None)
+    if self.online: ft, zt, teacher_ce = online_teacher_outputs(self.teacher, x, y)
+    else: (ft, zt), teacher_ce = _teacher_outputs(self.teacher, x, y, bool(self.logit_losses)) if self.teacher is not None else (None, None), None
     sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if losses else None)
              for al, losses in zip(self.alignments, self.feature_losses)]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
@@ -244,6 +249,7 @@ def distill_step(self: Distiller, x, y) -> StepOutput:
         s, t = al.match(s, t)
         out.aligned.append((s, t, losses))
         for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
+    if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
 # %% ../nbs/04_distill.ipynb 38
@@ -273,7 +279,8 @@ def aux_loss(out: StepOutput):
 
 def trained_modules(distiller: Distiller) -> list:
     "The distiller's parts that the main optimizer trains: all but the teacher and the feature losses that do not need `trainable`."
-    mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses')]
+    frozen = ('feature_losses',) if getattr(distiller, 'online', False) else ('teacher', 'feature_losses')   # an online teacher trains
+    mods = [m for name, m in distiller.named_children() if name not in frozen]
     return mods + [l for losses in distiller.feature_losses for l in losses.values() if 'trainable' in l.needs]
 
 def student_parameters(distiller: Distiller) -> list:
@@ -373,3 +380,26 @@ def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
 
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
+
+# %% ../nbs/04_distill.ipynb 93
+TEACHER_MODES = ('frozen', 'online')
+
+def _teacher_mode(teacher, mode: str) -> bool:
+    "Whether the teacher trains online (`mode` 'online'); a frozen one is set to eval mode without gradients."
+    if mode not in TEACHER_MODES: raise ValueError(f"teacher_mode: unknown {mode!r}; valid: {', '.join(TEACHER_MODES)}")
+    if mode == 'online' and teacher is None: raise ValueError("teacher_mode: 'online' trains a teacher; this method has none")
+    if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
+    return mode == 'online'
+
+def online_teacher_outputs(teacher, x, y):
+    "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
+    feats = teacher.forward_features(x)
+    logits = teacher.head(feats.embedding)
+    targets = type(feats)([f.detach() for f in feats.stages], feats.embedding.detach())
+    return targets, logits.detach(), F.cross_entropy(logits.float(), y)
+
+def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
+    "Scale the student's distillation terms by the warm-up ramp and add the teacher's cross-entropy."
+    for name in out.terms:
+        if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
+    out.terms['teacher_ce'] = teacher_ce

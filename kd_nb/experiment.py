@@ -15,14 +15,14 @@ from .models import get_model, check_model, list_models, load_checkpoint, count_
 from .losses import check_loss, list_losses, loss_options as loss_option_defaults
 from .projectors import check_projector, list_projectors
 from .distill import (METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
-                     teacher_from, needs_teacher)
+                     teacher_from, needs_teacher, TEACHER_MODES)
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
                             is_main, broadcast_object, barrier)
 from .runs import Run, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
 from .trainer import TrainConfig, PRESETS, check_preset, recipe_lr, fit, evaluate
 
 # %% auto 0
-__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'RUN_KEYS',
+__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'SCHEME_OFF', 'RUN_KEYS',
            'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'milestone', 'check_choice',
            'registered', 'parse_layers', 'project_root', 'project_path', 'project_relative', 'train_config',
            'build_distiller', 'parse_float', 'resolve_config', 'git_commit', 'environment', 'teacher_params',
@@ -35,7 +35,8 @@ DEFAULT_KNOBS = dict(
     dataset='cifar100', data_dir='data', download=True, teacher='resnet32x4', teacher_ckpt='', teacher_seed=None,
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
-    tf_temperature=None, peers=None, preset='paper', epochs=None,
+    tf_temperature=None, peers=None, teacher_mode='frozen', online_warmup=None,
+    preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
     val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', threads=0, run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
@@ -130,7 +131,8 @@ def build_distiller(cfg: dict, student, teacher=None):
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
-                          loss_options=cfg['loss_options'], virtual=_virtual(cfg), peers=cfg.get('peers'))
+                          loss_options=cfg['loss_options'], virtual=_virtual(cfg), peers=cfg.get('peers'),
+                          teacher_mode=cfg.get('teacher_mode'), online_warmup=cfg.get('online_warmup'))
 
 def _virtual(cfg: dict) -> dict | None:
     "The virtual teacher's settings (`tf_reg`), None for other methods."
@@ -172,7 +174,17 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
     return cast(default if v in (None, '') else v, knob)
 
 # %% ../nbs/09_experiment.ipynb 33
-SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers')
+SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup')
+SCHEME_OFF = {'teacher_mode': 'frozen'}   # a knob's value that is no scheme (the classic runs, recorded without one)
+
+def _resolve_online(k: dict):
+    "`teacher_mode` and, for an online teacher, `online_warmup` (default: a tenth of the epochs, at least one)."
+    mode = check_choice(k['teacher_mode'], 'teacher_mode', TEACHER_MODES)
+    if mode == 'online' and not needs_teacher(k['method']):
+        raise ValueError(f"teacher_mode: 'online' trains the teacher of a method that has one "
+                         f"({', '.join(n for n in METHOD_DEFAULTS if needs_teacher(n))}); method {k['method']!r} has none")
+    k['online_warmup'] = _scheme_knob(k, 'online_warmup', mode == 'online', max(1, round(k['epochs'] / 10)),
+                                      lambda v, n: parse_int(v, n, 0), "teacher_mode 'online'")
 
 def _resolve_scheme(k: dict, m: dict):
     "The scheme knobs of `k` checked against its method `m`, and `scheme`: those in use (None when none is)."
@@ -183,7 +195,8 @@ def _resolve_scheme(k: dict, m: dict):
     peers = m.get('teacher_from') == 'peers'
     k['peers'] = _scheme_knob(k, 'peers', peers, m.get('peers'), lambda v, n: parse_int(v, n, 2),
                               f"methods trained by peers ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'peers')})")
-    k['scheme'] = {n: k[n] for n in SCHEME_KNOBS if k[n] is not None} or None
+    _resolve_online(k)
+    k['scheme'] = {n: k[n] for n in SCHEME_KNOBS if k[n] is not None and k[n] != SCHEME_OFF.get(n)} or None
 
 # %% ../nbs/09_experiment.ipynb 34
 def resolve_config(**knobs) -> dict:
@@ -268,7 +281,7 @@ SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], los
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
-                     **dict.fromkeys(SCHEME_KNOBS))
+                     **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
@@ -306,6 +319,10 @@ def _cached_teacher(tdir: Path, model) -> bool:
 # %% ../nbs/09_experiment.ipynb 53
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
+    if cfg.get('teacher_mode') == 'online' and not cfg['teacher_ckpt']:   # trained with the student, from scratch
+        torch.manual_seed(cfg['teacher_seed'])
+        teacher = get_model(cfg['teacher'], loaders.info.num_classes).to(device)
+        return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], 'online, from scratch')
     teacher = get_model(cfg['teacher'], loaders.info.num_classes)
     if cfg['teacher_ckpt']:
         source = str(project_path(cfg['teacher_ckpt']))

@@ -251,8 +251,9 @@ def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
 
 # %% ../nbs/07_trainer.ipynb 55
 def trainable_state(distiller: Distiller) -> dict:
-    "The distiller's state without the frozen teacher."
-    return {k: v for k, v in distiller.state_dict().items() if not k.startswith('teacher.')}
+    "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
+    online = getattr(distiller, 'online', False)
+    return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
 
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
