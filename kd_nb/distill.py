@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .models import CifarNet, feature_shapes, count_params, count_flops, get_model
+from .models import CifarNet, Features, feature_shapes, count_params, count_flops, get_model
 from .losses import LOSSES, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
@@ -16,8 +16,8 @@ from .projectors import PROJECTORS, check_projector, make_projector
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
            'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput',
            'num_classes', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters', 'aux_loss',
-           'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'Deployment', 'deployable', 'VirtualTeacher',
-           'MutualDistiller', 'mutual_step', 'online_teacher_outputs']
+           'trained_modules', 'student_parameters', 'ReusedHeadStudent', 'deployed_module', 'Deployment', 'deployable',
+           'VirtualTeacher', 'MutualDistiller', 'mutual_step', 'online_teacher_outputs', 'DeployedTeacher']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -297,6 +297,12 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
+def deployed_module(distiller) -> nn.Module:
+    "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
+    if not distiller.reuse_head: return distiller.student
+    head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
+    return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
+
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -311,13 +317,10 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     s, was_training = distiller.student, distiller.training
     proj_params = sum(count_params(a.student_proj) for a in distiller.alignments)
     proj_flops = sum(count_flops(a.student_proj, (1, a.s_shape[0], *a.in_hw)) for a in distiller.alignments)
+    module = deployed_module(distiller)
     if distiller.reuse_head:
-        al = distiller.alignments[-1]
-        head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
-        module = ReusedHeadStudent(s, al, head)
-        params = count_params(s) - count_params(s.head) + count_params(al.student_proj) + count_params(head)
-    else:
-        module, params = s, count_params(s)
+        params = count_params(s) - count_params(s.head) + count_params(module.alignment.student_proj) + count_params(module.head)
+    else: params = count_params(s)
     flops = count_flops(module, (1, 3, input_size, input_size))
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
@@ -403,3 +406,23 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
     for name in out.terms:
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
+
+# %% ../nbs/04_distill.ipynb 98
+class DeployedTeacher(nn.Module):
+    "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+    @property
+    def head(self): return self.module.head
+
+    def forward_stages(self, x):
+        m = self.module
+        if not isinstance(m, ReusedHeadStudent): return m.forward_stages(x)
+        stages = m.student.forward_stages(x)
+        return [*stages[:-1], m.alignment.student_side(stages[-1])]
+
+    def forward_features(self, x):
+        stages = self.forward_stages(x)
+        return Features(stages, stages[-1].mean(dim=(2, 3)))
+    def forward(self, x): return self.head(self.forward_features(x).embedding)

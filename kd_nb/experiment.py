@@ -15,20 +15,20 @@ from .models import get_model, check_model, list_models, load_checkpoint, count_
 from .losses import check_loss, list_losses, loss_options as loss_option_defaults
 from .projectors import check_projector, list_projectors
 from .distill import (METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
-                     teacher_from, needs_teacher, TEACHER_MODES)
+                     teacher_from, needs_teacher, TEACHER_MODES, deployed_module, DeployedTeacher)
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
                             is_main, broadcast_object, barrier)
-from .runs import Run, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
+from .runs import Run, RunFolder, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
 from .trainer import TrainConfig, PRESETS, check_preset, recipe_lr, fit, evaluate
 
 # %% auto 0
 __all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'SCHEME_OFF', 'RUN_KEYS',
            'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'milestone', 'check_choice',
            'registered', 'parse_layers', 'project_root', 'project_path', 'project_relative', 'train_config',
-           'build_distiller', 'parse_float', 'resolve_config', 'git_commit', 'environment', 'teacher_params',
-           'teacher_dir', 'Teacher', 'prepare_teacher', 'run_figures', 'Experiment', 'setup', 'load_data',
-           'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves',
-           'run_experiment', 'parse_knobs', 'main']
+           'build_distiller', 'parse_float', 'TeacherRunPending', 'find_teacher_run', 'teacher_chain', 'run_teacher',
+           'resolve_config', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher',
+           'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run', 'get_teacher',
+           'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -36,7 +36,7 @@ DEFAULT_KNOBS = dict(
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
     tf_temperature=None, peers=None, teacher_mode='frozen', online_warmup=None,
-    preset='paper', epochs=None,
+    teacher_run='', preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
     val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', threads=0, run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
@@ -174,7 +174,47 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
     return cast(default if v in (None, '') else v, knob)
 
 # %% ../nbs/09_experiment.ipynb 33
-SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup')
+class TeacherRunPending(ValueError):
+    "A `teacher_run` that has not finished (yet): no folder, no `done` summary or no `best.pt`."
+
+def find_teacher_run(name: str, runs_dir) -> Path:
+    "The folder `name` names, from the project root or under `runs_dir`, if it holds a finished run whose `best.pt` has its deployed model."
+    folder = next((f for f in (project_path(name), project_path(runs_dir) / name) if f.is_dir()), None)
+    if folder is None: raise TeacherRunPending(f"teacher_run: no run folder {str(project_path(name))!r} nor {str(project_path(runs_dir) / name)!r}")
+    if RunFolder(folder).summary.get('status') != 'done' or not (folder / BEST).is_file():
+        raise TeacherRunPending(f"teacher_run: {str(folder)!r} holds no finished run (summary.json status 'done' and best.pt)")
+    if 'deployed' not in torch.load(folder / BEST, map_location='cpu', weights_only=False):
+        raise ValueError(f"teacher_run: {str(folder / BEST)!r} has no deployed model (written before runs saved it); run it again")
+    return folder
+
+def teacher_chain(folder) -> list:
+    "The teacher runs from the one in `folder` up: each `{'run': path, 'sha256': of its best.pt}`, nearest first."
+    link = {'run': project_relative(folder), 'sha256': source_sha256(Path(folder) / BEST)}
+    return [link, *(RunFolder(folder).params.get('teacher_chain') or [])]
+
+# %% ../nbs/09_experiment.ipynb 34
+def _resolve_teacher_run(k: dict):
+    "`teacher_run` as the project-relative folder of a finished run, `teacher` as its architecture, and `teacher_chain`."
+    k['teacher_run'], k['teacher_chain'] = k['teacher_run'] or '', None
+    if not k['teacher_run']: return
+    if not needs_teacher(k['method']): raise ValueError(f"teacher_run: method {k['method']!r} trains without a teacher")
+    if k['teacher_ckpt']: raise ValueError(f"teacher_run: give a teacher run or a teacher_ckpt, not both; got {k['teacher_ckpt']!r}")
+    if k['teacher_mode'] != 'frozen': raise ValueError("teacher_run: a run's deployed model teaches frozen; teacher_mode must be 'frozen'")
+    folder = find_teacher_run(k['teacher_run'], k['runs_dir'])
+    k['teacher_run'], k['teacher_chain'] = project_relative(folder), teacher_chain(folder)
+    k['teacher'] = RunFolder(folder).params['student']
+
+def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
+    "The model the run in `folder` deployed, rebuilt from its `config.json` (its own teacher run's, recursively) and, with `load`, its `best.pt`."
+    params = RunFolder(folder).params
+    teacher = (run_teacher(project_path(params['teacher_run']), num_classes, load=False) if params.get('teacher_run') else
+               get_model(params['teacher'], num_classes) if needs_teacher(params['method']) else None)
+    module = deployed_module(build_distiller(params, get_model(params['student'], num_classes), teacher))
+    if load: module.load_state_dict(torch.load(Path(folder) / BEST, map_location='cpu', weights_only=False)['deployed'])
+    return DeployedTeacher(module).requires_grad_(False).eval()
+
+# %% ../nbs/09_experiment.ipynb 35
+SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup', 'teacher_run')
 SCHEME_OFF = {'teacher_mode': 'frozen'}   # a knob's value that is no scheme (the classic runs, recorded without one)
 
 def _resolve_online(k: dict):
@@ -196,9 +236,11 @@ def _resolve_scheme(k: dict, m: dict):
     k['peers'] = _scheme_knob(k, 'peers', peers, m.get('peers'), lambda v, n: parse_int(v, n, 2),
                               f"methods trained by peers ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'peers')})")
     _resolve_online(k)
-    k['scheme'] = {n: k[n] for n in SCHEME_KNOBS if k[n] is not None and k[n] != SCHEME_OFF.get(n)} or None
+    _resolve_teacher_run(k)
+    scheme = {n: k[n] for n in SCHEME_KNOBS if k[n] not in (None, '') and k[n] != SCHEME_OFF.get(n)}
+    k['scheme'] = {**scheme, 'teacher_chain': k['teacher_chain']} if k['teacher_chain'] else scheme or None
 
-# %% ../nbs/09_experiment.ipynb 34
+# %% ../nbs/09_experiment.ipynb 36
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -253,10 +295,14 @@ def resolve_config(**knobs) -> dict:
     k['data_source'] = data_source(k['dataset'], project_path(k['data_dir']))
     with torch.device('meta'):
         build_distiller(k, get_model(k['student'], info.num_classes),
-                        get_model(k['teacher'], info.num_classes) if needs_teacher(k['method']) else None)
+                        _teacher_model(k, info.num_classes) if needs_teacher(k['method']) else None)
     return k
 
-# %% ../nbs/09_experiment.ipynb 44
+def _teacher_model(k: dict, num_classes: int):
+    "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
+    return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
+
+# %% ../nbs/09_experiment.ipynb 46
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -276,12 +322,12 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 49
+# %% ../nbs/09_experiment.ipynb 51
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
-                     **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
+                     teacher_chain=None, **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
@@ -316,9 +362,13 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 53
+# %% ../nbs/09_experiment.ipynb 55
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
+    if cfg.get('teacher_run'):   # a finished run's deployed model
+        folder = project_path(cfg['teacher_run'])
+        teacher = run_teacher(folder, loaders.info.num_classes).to(device)
+        return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(folder / BEST), source_sha256(folder / BEST))
     if cfg.get('teacher_mode') == 'online' and not cfg['teacher_ckpt']:   # trained with the student, from scratch
         torch.manual_seed(cfg['teacher_seed'])
         teacher = get_model(cfg['teacher'], loaders.info.num_classes).to(device)
@@ -374,7 +424,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 58
+# %% ../nbs/09_experiment.ipynb 60
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -407,7 +457,7 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 62
+# %% ../nbs/09_experiment.ipynb 64
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
@@ -432,7 +482,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 65
+# %% ../nbs/09_experiment.ipynb 67
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -459,7 +509,7 @@ def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: 
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
 
-# %% ../nbs/09_experiment.ipynb 70
+# %% ../nbs/09_experiment.ipynb 72
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -473,7 +523,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 73
+# %% ../nbs/09_experiment.ipynb 75
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -519,6 +569,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 77
+# %% ../nbs/09_experiment.ipynb 79
 #| eval: false
 if __name__ == '__main__': main()

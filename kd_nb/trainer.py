@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss
+from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, deployed_module
 from .hardware import (check_mode, AMP_MODES, amp_dtype, autocast, as_input, world, init_distributed, shard,
                             all_reduce_sum, barrier, sync_buffers, average_gradients)
 from .runs import LAST, BEST, EpochLog
@@ -328,6 +328,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
             if epoch_log is not None:
                 if row['test_acc1'] > best:
                     atomic_save({'model': distiller.student.state_dict(), 'distiller': trainable_state(distiller),
+                                 'deployed': deployed_module(distiller).state_dict(),   # what a teacher_run reads
                                  'epoch': epoch + 1, 'test_acc1': row['test_acc1']}, run_dir / BEST)
                 atomic_save({'distiller': trainable_state(distiller), 'optimizer': p.opt.state_dict(),
                              'scheduler': p.sched.state_dict(), 'aux_optimizer': p.aux_opt.state_dict() if p.aux_opt else None,
