@@ -12,16 +12,17 @@ from queue import Queue
 import torch
 from .hardware import available_cores
 from .runs import STATES, NOTEBOOK, RunFolder, read_json, write_json, same_config
-from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path
+from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path, TeacherRunPending
 from .distill import METHOD_DEFAULTS, teacher_from, needs_teacher
 
 # %% auto 0
 __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SweepError',
            'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values', 'expand',
-           'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state', 'PlannedRun', 'plan',
-           'select', 'sweep_status', 'run_notebook_path', 'run_spec', 'papermill_command', 'update_record',
-           'never_started', 'execute_run', 'visible_devices', 'worker_threads', 'worker_env', 'run_local',
-           'outcome_line', 'slurm_parameters', 'run_slurm', 'SweepResult', 'counts', 'run_sweep']
+           'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state',
+           'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
+           'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
+           'worker_env', 'run_local', 'outcome_line', 'slurm_parameters', 'slurm_dependency', 'run_slurm',
+           'SweepResult', 'counts', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -185,26 +186,38 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 27
-def validate(sweep, configs=None) -> list[dict]:
+# %% ../nbs/10_sweep.ipynb 28
+def teacher_runs(configs) -> dict:
+    "Run name -> the run of the same sweep it names as `teacher_run` (only those that name one)."
+    names = {c['run_name'] for c in configs}
+    return {c['run_name']: c['teacher_run'] for c in configs if c.get('teacher_run') in names}
+
+def _resolve(knobs: dict, teacher: str | None, sweep, runs_root):
+    "`resolve_config` of a run; one whose teacher run of the same sweep has not finished is checked without it, and marked as waiting for it."
+    if teacher is None: return resolve_config(**knobs)
+    knobs = {**knobs, 'runs_dir': str(sweep_dir(sweep, runs_root))}   # where the run will find its teacher run
+    try: return resolve_config(**knobs)
+    except TeacherRunPending: return {**resolve_config(**{**knobs, 'teacher_run': ''}), 'teacher_run': teacher, 'waits_for': teacher}
+
+def validate(sweep, configs=None, runs_root='runs') -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
     configs = expand(sweep) if configs is None else configs
-    resolved, cache = [], {}
+    resolved, cache, after = [], {}, teacher_runs(configs)
     for cfg in configs:
         knobs = {k: v for k, v in cfg.items() if k != 'run_name'}
         key = _config_key(knobs)
         try:
-            if key not in cache: cache[key] = resolve_config(**knobs)
+            if key not in cache: cache[key] = _resolve(knobs, after.get(cfg['run_name']), sweep, runs_root)
         except ValueError as e: raise SweepError(f"{sweep.source}: run {cfg['run_name']!r}: {e}") from None
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 32
+# %% ../nbs/10_sweep.ipynb 33
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 35
+# %% ../nbs/10_sweep.ipynb 36
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -233,7 +246,7 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 38
+# %% ../nbs/10_sweep.ipynb 39
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
     folder = RunFolder(folder)
@@ -242,7 +255,7 @@ def run_state(folder, record: dict | None = None) -> dict:
         state = folder.state(queued=False)
         return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 43
+# %% ../nbs/10_sweep.ipynb 44
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -261,7 +274,7 @@ def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
     configs = expand(sweep)
     root = sweep_dir(sweep, runs_root)
     planned = []
-    for cfg, res in zip(configs, validate(sweep, configs)):
+    for cfg, res in zip(configs, validate(sweep, configs, runs_root)):
         folder = RunFolder(root / cfg['run_name'])
         old = folder.params
         if check and old and not same_config(old, res, RUN_KEYS):
@@ -284,7 +297,18 @@ def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 49
+# %% ../nbs/10_sweep.ipynb 45
+def launch_waves(names: list, after: dict) -> list[list]:
+    "`names` in waves: a run that waits for another of `names` (`after`: run -> its teacher run) goes into a wave after that one's."
+    wave = {}
+    def depth(n, seen=()):
+        if n in seen: raise SweepError(f"teacher_run: runs {' -> '.join([*seen, n])} name each other as teachers")
+        if n not in wave: wave[n] = depth(after[n], (*seen, n)) + 1 if after.get(n) in names else 0
+        return wave[n]
+    for n in names: depth(n)
+    return [[n for n in names if wave[n] == w] for w in range(max(wave.values(), default=-1) + 1)]
+
+# %% ../nbs/10_sweep.ipynb 53
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -308,7 +332,7 @@ def papermill_command(spec: dict) -> list[str]:
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 53
+# %% ../nbs/10_sweep.ipynb 57
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +362,7 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 59
+# %% ../nbs/10_sweep.ipynb 63
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -381,7 +405,7 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 67
+# %% ../nbs/10_sweep.ipynb 71
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -395,13 +419,25 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 70
-def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
-    "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
+# %% ../nbs/10_sweep.ipynb 74
+def slurm_dependency(params: dict, job_id) -> dict:
+    "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
+    return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
+
+def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print, after=None):
+    "Submit `specs` (teacher runs before their students) through submitit, a run that waits for another (`after`: run -> teacher run) with a job dependency; wait for them (default: only for the local and debug clusters)."
     import submitit
     ex = submitit.AutoExecutor(folder=Path(folder) / '%j', cluster=cluster)
-    ex.update_parameters(**slurm_parameters(options, cluster, name))
-    jobs = ex.map_array(execute_run, specs) if array else [ex.submit(execute_run, s) for s in specs]
+    params = slurm_parameters(options, cluster, name)
+    ex.update_parameters(**params)
+    after = {n: t for n, t in (after or {}).items() if t in {s['name'] for s in specs}}
+    first = [s for s in specs if s['name'] not in after]
+    jobs = dict(zip([s['name'] for s in first], (ex.map_array(execute_run, first) if array else [ex.submit(execute_run, s) for s in first]) if first else []))
+    for s in specs:
+        if s['name'] not in after: continue
+        ex.update_parameters(**slurm_dependency(params, jobs[after[s['name']]].job_id))
+        jobs[s['name']] = ex.submit(execute_run, s)
+    jobs = [jobs[s['name']] for s in specs]
     for spec, job in zip(specs, jobs):
         pid = job.job_id if cluster == 'local' else os.getpid()
         update_record(spec['record'], backend='slurm', cluster=cluster, job_id=job.job_id, folder=str(Path(folder) / '%j'),
@@ -419,7 +455,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 73
+# %% ../nbs/10_sweep.ipynb 77
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -441,7 +477,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 76
+# %% ../nbs/10_sweep.ipynb 80
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:
@@ -464,10 +500,16 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
         return result
     root = sweep_dir(sweep, runs_root); (root / '_sweep').mkdir(parents=True, exist_ok=True)
     if sweep.path: shutil.copyfile(sweep.path, root / '_sweep' / 'sweep.yaml')
-    specs = [run_spec(sweep, p.config, runs_root) for p in todo]
-    result.launched = [s['name'] for s in specs]
-    if backend == 'local': result.outcomes = run_local(specs, int(workers), devices, log)
-    else:
-        result.jobs, result.outcomes = run_slurm(specs, root / '_slurm', cluster, {**sweep.slurm, **(slurm or {})}, array,
-                                                 wait, f'kd-{sweep.name}', log)
+    after = teacher_runs([p.config for p in planned])
+    waves = [[run_spec(sweep, p.config, runs_root) for p in todo if p.name in w] for w in launch_waves([p.name for p in todo], after)]
+    result.launched = [s['name'] for w in waves for s in w]
+    options = {**sweep.slurm, **(slurm or {})}
+    if backend == 'slurm' and cluster == 'slurm':   # one submission: the scheduler orders the waves by job dependencies
+        result.jobs, result.outcomes = run_slurm(sum(waves, []), root / '_slurm', cluster, options, array, wait, f'kd-{sweep.name}', log, after)
+        return result
+    for w in waves:   # locally (and on submitit's local and debug clusters) a wave starts when the one before has finished
+        if backend == 'local': result.outcomes += run_local(w, int(workers), devices, log)
+        else:
+            jobs, outcomes = run_slurm(w, root / '_slurm', cluster, options, array, True if len(waves) > 1 else wait, f'kd-{sweep.name}', log)
+            result.jobs += jobs; result.outcomes += outcomes
     return result
