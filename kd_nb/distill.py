@@ -325,7 +325,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
 
-# %% ../nbs/04_distill.ipynb 79
+# %% ../nbs/04_distill.ipynb 80
 class VirtualTeacher(nn.Module):
     "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
     reads_labels = True   # `distill_step` gives it the labels, not the images
@@ -344,7 +344,7 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 86
+# %% ../nbs/04_distill.ipynb 87
 class MutualDistiller(nn.Module):
     "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
     def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
@@ -368,7 +368,7 @@ class MutualDistiller(nn.Module):
     def forward(self, x): return self.student(x)
     def step(self, x, y): return mutual_step(self, x, y)
 
-# %% ../nbs/04_distill.ipynb 87
+# %% ../nbs/04_distill.ipynb 88
 def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
     "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
     logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None}
@@ -384,7 +384,7 @@ def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 93
+# %% ../nbs/04_distill.ipynb 94
 TEACHER_MODES = ('frozen', 'online')
 
 def _teacher_mode(teacher, mode: str) -> bool:
@@ -407,7 +407,7 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
 
-# %% ../nbs/04_distill.ipynb 98
+# %% ../nbs/04_distill.ipynb 99
 class DeployedTeacher(nn.Module):
     "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
     def __init__(self, module: nn.Module):

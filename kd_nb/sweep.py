@@ -213,11 +213,11 @@ def validate(sweep, configs=None, runs_root='runs') -> list[dict]:
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 33
+# %% ../nbs/10_sweep.ipynb 34
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 36
+# %% ../nbs/10_sweep.ipynb 37
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -246,7 +246,7 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 39
+# %% ../nbs/10_sweep.ipynb 40
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
     folder = RunFolder(folder)
@@ -255,7 +255,7 @@ def run_state(folder, record: dict | None = None) -> dict:
         state = folder.state(queued=False)
         return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 44
+# %% ../nbs/10_sweep.ipynb 45
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -297,7 +297,7 @@ def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 45
+# %% ../nbs/10_sweep.ipynb 46
 def launch_waves(names: list, after: dict) -> list[list]:
     "`names` in waves: a run that waits for another of `names` (`after`: run -> its teacher run) goes into a wave after that one's."
     wave = {}
@@ -308,7 +308,7 @@ def launch_waves(names: list, after: dict) -> list[list]:
     for n in names: depth(n)
     return [[n for n in names if wave[n] == w] for w in range(max(wave.values(), default=-1) + 1)]
 
-# %% ../nbs/10_sweep.ipynb 53
+# %% ../nbs/10_sweep.ipynb 54
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -332,7 +332,7 @@ def papermill_command(spec: dict) -> list[str]:
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 57
+# %% ../nbs/10_sweep.ipynb 58
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,7 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 63
+# %% ../nbs/10_sweep.ipynb 64
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
@@ -405,7 +405,7 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 71
+# %% ../nbs/10_sweep.ipynb 72
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -419,7 +419,7 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 74
+# %% ../nbs/10_sweep.ipynb 75
 def slurm_dependency(params: dict, job_id) -> dict:
     "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
     return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
@@ -455,7 +455,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 77
+# %% ../nbs/10_sweep.ipynb 81
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -477,7 +477,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 80
+# %% ../nbs/10_sweep.ipynb 84
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:
