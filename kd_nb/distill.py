@@ -149,6 +149,15 @@ def _supplied(teacher, width=None) -> dict:
     run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
     return run if width is None else {'channels': width, **run}
 
+TEACHER_MODES = ('frozen', 'online')
+
+def _teacher_mode(teacher, mode: str) -> bool:
+    "Whether the teacher trains online (`mode` 'online'); a frozen one is set to eval mode without gradients."
+    if mode not in TEACHER_MODES: raise ValueError(f"teacher_mode: unknown {mode!r}; valid: {', '.join(TEACHER_MODES)}")
+    if mode == 'online' and teacher is None: raise ValueError("teacher_mode: 'online' trains a teacher; this method has none")
+    if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
+    return mode == 'online'
+
 # %% ../nbs/04_distill.ipynb 31
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
@@ -385,15 +394,6 @@ METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), p
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
 # %% ../nbs/04_distill.ipynb 94
-TEACHER_MODES = ('frozen', 'online')
-
-def _teacher_mode(teacher, mode: str) -> bool:
-    "Whether the teacher trains online (`mode` 'online'); a frozen one is set to eval mode without gradients."
-    if mode not in TEACHER_MODES: raise ValueError(f"teacher_mode: unknown {mode!r}; valid: {', '.join(TEACHER_MODES)}")
-    if mode == 'online' and teacher is None: raise ValueError("teacher_mode: 'online' trains a teacher; this method has none")
-    if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
-    return mode == 'online'
-
 def online_teacher_outputs(teacher, x, y):
     "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
     feats = teacher.forward_features(x)
