@@ -213,7 +213,7 @@ def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
     if load: module.load_state_dict(torch.load(Path(folder) / BEST, map_location='cpu', weights_only=False)['deployed'])
     return DeployedTeacher(module).requires_grad_(False).eval()
 
-# %% ../nbs/09_experiment.ipynb 42
+# %% ../nbs/09_experiment.ipynb 40
 SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup', 'teacher_run')
 SCHEME_OFF = {'teacher_mode': 'frozen'}   # a knob's value that is no scheme (the classic runs, recorded without one)
 
@@ -240,7 +240,7 @@ def _resolve_scheme(k: dict, m: dict):
     scheme = {n: k[n] for n in SCHEME_KNOBS if k[n] not in (None, '') and k[n] != SCHEME_OFF.get(n)}
     k['scheme'] = {**scheme, 'teacher_chain': k['teacher_chain']} if k['teacher_chain'] else scheme or None
 
-# %% ../nbs/09_experiment.ipynb 43
+# %% ../nbs/09_experiment.ipynb 41
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -302,7 +302,7 @@ def _teacher_model(k: dict, num_classes: int):
     "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
     return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
 
-# %% ../nbs/09_experiment.ipynb 53
+# %% ../nbs/09_experiment.ipynb 54
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -322,7 +322,7 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 58
+# %% ../nbs/09_experiment.ipynb 59
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
@@ -362,7 +362,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 62
+# %% ../nbs/09_experiment.ipynb 63
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     if cfg.get('teacher_run'):   # a finished run's deployed model
@@ -424,7 +424,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 67
+# %% ../nbs/09_experiment.ipynb 68
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -457,7 +457,7 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 71
+# %% ../nbs/09_experiment.ipynb 72
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
@@ -482,7 +482,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 74
+# %% ../nbs/09_experiment.ipynb 75
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -509,7 +509,7 @@ def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: 
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
 
-# %% ../nbs/09_experiment.ipynb 79
+# %% ../nbs/09_experiment.ipynb 80
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -523,7 +523,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 82
+# %% ../nbs/09_experiment.ipynb 83
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -569,6 +569,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 86
+# %% ../nbs/09_experiment.ipynb 87
 #| eval: false
 if __name__ == '__main__': main()
