@@ -8,19 +8,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .models import CifarNet, feature_shapes, count_params, count_flops
+from .models import CifarNet, Features, feature_shapes, count_params, count_flops, get_model
 from .losses import LOSSES, AlignmentLoss, check_loss, build_loss, step_needs
 from .projectors import PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'STEP_INPUTS', 'default_loss_weights', 'schedule_weights',
-           'Alignment', 'StepOutput', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller',
-           'aux_parameters', 'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent',
-           'Deployment', 'deployable']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
+           'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput',
+           'num_classes', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters',
+           'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent', 'deployed_module',
+           'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller', 'mutual_step', 'online_teacher_outputs',
+           'DeployedTeacher']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
-    'scratch': dict(ce_weight=1.0, losses=(), layers=(), projector='simkd', reuse_head=False),
+    'scratch': dict(ce_weight=1.0, losses=(), layers=(), projector='simkd', reuse_head=False, teacher_from='none'),
     'kd':      dict(ce_weight=0.1, losses=(('kl', 0.9),), layers=(), projector='simkd', reuse_head=False),
     'fitnet':  dict(ce_weight=1.0, losses=(('l2', 100.0),), layers=(3,), projector='convreg', reuse_head=False),
     'simkd':   dict(ce_weight=0.0, losses=(('l2', 1.0),), layers=(4,), projector='simkd', reuse_head=True),
@@ -29,6 +31,19 @@ DIRECTIONS = ('up', 'down', 'middle')
 LAYER_SCHEDULES = ('uniform', 'increasing', 'decreasing', 'last_only')
 
 # %% ../nbs/04_distill.ipynb 7
+TEACHER_FROM = ('given', 'student', 'none', 'virtual', 'peers')
+SCHEME_KEYS = ('teacher_from', 'virtual', 'peers', 'axis')   # entry keys that are not `Distiller` settings
+
+def teacher_from(method: str) -> str:
+    "Where the teacher of `method` comes from: one of `TEACHER_FROM`."
+    if method not in METHOD_DEFAULTS: raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
+    return METHOD_DEFAULTS[method].get('teacher_from', 'given')
+
+def needs_teacher(method: str) -> bool:
+    "Whether a run of `method` trains or loads a teacher network (`given`, or `student`: of the student's architecture)."
+    return teacher_from(method) in ('given', 'student')
+
+# %% ../nbs/04_distill.ipynb 11
 def default_loss_weights(method, losses) -> list[float]:
     "Weights of the loss names `losses` under `method`: its own losses keep its weights, every other loss its `default_weight`."
     if method is not None and method not in METHOD_DEFAULTS:
@@ -41,7 +56,7 @@ def default_loss_weights(method, losses) -> list[float]:
         weights.append(float(own[name] if name in own else LOSSES[name].default_weight))
     return weights
 
-# %% ../nbs/04_distill.ipynb 12
+# %% ../nbs/04_distill.ipynb 16
 _RAW_SCHEDULES = {'uniform': lambda i, n: 1.0, 'increasing': lambda i, n: i + 1.0,
                   'decreasing': lambda i, n: float(n - i), 'last_only': lambda i, n: float(i == n - 1)}
 
@@ -58,12 +73,14 @@ def schedule_weights(schedule, n_layers: int) -> list[float]:
     if not all(w >= 0 for w in ws): raise ValueError(f"layer_weights: weights must be numbers >= 0, got {ws}")
     return ws
 
-# %% ../nbs/04_distill.ipynb 16
+# %% ../nbs/04_distill.ipynb 20
 def _pool_to(x, hw):
     return x if tuple(x.shape[-2:]) == tuple(hw) else F.adaptive_avg_pool2d(x, hw)
 
+# %% ../nbs/04_distill.ipynb 21
 def _smaller(a, b): return a if a[0] * a[1] <= b[0] * b[1] else b
 
+# %% ../nbs/04_distill.ipynb 22
 class Alignment(nn.Module):
     "Student stage `stage` (shape `s_shape`) and the teacher's (`t_shape`) projected to one width and size."
     def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up', target=True):
@@ -100,7 +117,7 @@ class Alignment(nn.Module):
 
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
-# %% ../nbs/04_distill.ipynb 25
+# %% ../nbs/04_distill.ipynb 31
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term and the aligned feature pairs."
@@ -111,6 +128,7 @@ class StepOutput:
     @property
     def total(self): return sum(self.terms.values())
 
+# %% ../nbs/04_distill.ipynb 32
 def _loss_pairs(losses, method=None) -> list:
     "`(name, weight)` pairs from loss names or pairs; a missing weight (a bare name, or None) from `default_loss_weights`."
     if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names or (name, weight) pairs, got the string {losses!r}")
@@ -124,30 +142,48 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
+# %% ../nbs/04_distill.ipynb 33
 STEP_INPUTS = ('labels', 'teacher', 'indices', 'progress')   # the step needs `distill_step` passes to a loss
 
+def num_classes(model) -> int:
+    "Classes of a network (its head's outputs) or of a teacher that declares `num_classes`."
+    return getattr(model, 'num_classes', None) or model.head.out_features
+
+# %% ../nbs/04_distill.ipynb 34
 def _supplied(teacher, width=None, num_samples=None) -> dict:
     "What a distiller supplies to its losses: their build needs' values, and the step inputs it passes per batch (None here)."
-    run = {'num_classes': teacher.head.out_features, **dict.fromkeys(STEP_INPUTS)}
+    run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
     if num_samples is not None: run['num_samples'] = num_samples
     return run if width is None else {'channels': width, **run}
 
+# %% ../nbs/04_distill.ipynb 35
 def stage_pairs(layers) -> list:
     "The (earlier, later) stages a `kind='stages'` loss reads at each of `layers`: the previous listed stage, or k - 1 for the first (None at stage 1)."
     return [(a, k) if a >= 1 else None for a, k in zip([layers[0] - 1, *layers[:-1]], layers)] if layers else []
 
-# %% ../nbs/04_distill.ipynb 27
+# %% ../nbs/04_distill.ipynb 36
+TEACHER_MODES = ('frozen', 'online')
+
+def _teacher_mode(teacher, mode: str) -> bool:
+    "Whether the teacher trains online (`mode` 'online'); a frozen one is set to eval mode without gradients."
+    if mode not in TEACHER_MODES: raise ValueError(f"teacher_mode: unknown {mode!r}; valid: {', '.join(TEACHER_MODES)}")
+    if mode == 'online' and teacher is None: raise ValueError("teacher_mode: 'online' trains a teacher; this method has none")
+    if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
+    return mode == 'online'
+
+# %% ../nbs/04_distill.ipynb 38
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
                  layers=(), layer_weights='uniform', layer_losses=None, projector='simkd', factor=2,
-                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None, num_samples=None):
+                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None, num_samples=None,
+                 teacher_mode='frozen', online_warmup=0):
         super().__init__()
         self.student, self.teacher, self.ce_weight, self.method = student, teacher, float(ce_weight), method
         losses = _loss_pairs(losses, method)
         if teacher is None and (losses or layers or reuse_head):
             raise ValueError("teacher: needed for distillation losses, layers or reuse_head; only method 'scratch' trains without one")
-        if teacher is not None: teacher.requires_grad_(False).eval()
+        self.online, self.warmup, self.ramp = _teacher_mode(teacher, teacher_mode), int(online_warmup), 1.0
         options, self.weights = loss_options or {}, {}
         self.logit_losses, feature_names = nn.ModuleDict(), []
         for name, w in losses:
@@ -203,7 +239,7 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None: self.teacher.eval()
+        if self.teacher is not None and not self.online: self.teacher.eval()
         return self
 
     def _add_stage_losses(self, pair, lam, names, options, num_samples, shapes_s, shapes_t):
@@ -217,31 +253,39 @@ class Distiller(nn.Module):
 
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y, indices=None, progress=None): return distill_step(self, x, y, indices, progress)
+    def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
+    def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
-# %% ../nbs/04_distill.ipynb 30
+# %% ../nbs/04_distill.ipynb 41
 @torch.no_grad()
-def _teacher_outputs(teacher, x, need_logits):
-    "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss."
+def _teacher_outputs(teacher, x, y, need_logits):
+    "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
+    if getattr(teacher, 'reads_labels', False): return None, teacher(y)
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
+# %% ../nbs/04_distill.ipynb 42
 def predict(self: Distiller, feats, s_last=None):
     "Logits of the deployed path from the student's features (and the last projected map when already computed)."
     if not self.reuse_head: return self.student.head(feats.embedding)
     if s_last is None: s_last = self.alignments[-1].student_side(feats.final)
     head = self.own_head if self.own_head is not None else self.teacher.head
-    return head(F.adaptive_avg_pool2d(s_last, 1).flatten(1))
+    h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
+    return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
+# %% ../nbs/04_distill.ipynb 43
 def _step_inputs(loss, inputs: dict) -> dict:
     "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
     missing = [n for n in step_needs(loss) if inputs[n] is None]
     if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
     return {n: inputs[n] for n in step_needs(loss)}
 
+# %% ../nbs/04_distill.ipynb 44
 def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
     "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
-    ft, zt = _teacher_outputs(self.teacher, x, bool(self.logit_losses)) if self.teacher is not None else (None, None)
+    if self.online: ft, zt, teacher_ce = online_teacher_outputs(self.teacher, x, y)
+    else: (ft, zt), teacher_ce = _teacher_outputs(self.teacher, x, y, bool(self.logit_losses)) if self.teacher is not None else (None, None), None
     sides = [(al.student_side(fs.stages[al.stage - 1]), al.teacher_side(ft.stages[al.stage - 1]) if al.target else None)
              for al in self.alignments]
     out = StepOutput(predict(self, fs, sides[-1][0] if sides else None))
@@ -257,43 +301,55 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
     for (a, b), lam, losses in zip(self.stage_pairs, self.stage_weights, self.stage_losses):
         s, t = (fs.stages[a - 1], fs.stages[b - 1]), (ft.stages[a - 1], ft.stages[b - 1])
         for name, loss in losses.items(): out.terms[f'{name}@{b}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
+    if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
-# %% ../nbs/04_distill.ipynb 35
+# %% ../nbs/04_distill.ipynb 49
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHOD_DEFAULTS)}")
     cfg = {**METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return Distiller(student, teacher if method != 'scratch' else None, method=method, **cfg)
+    scheme = {k: cfg.pop(k) for k in SCHEME_KEYS if k in cfg}
+    source = scheme.get('teacher_from', 'given')
+    if source == 'peers': return MutualDistiller(student, scheme.get('peers', 2), method=method, **cfg)
+    if source == 'none': teacher = None
+    if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
+    return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 55
+# %% ../nbs/04_distill.ipynb 69
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
+# %% ../nbs/04_distill.ipynb 70
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
+# %% ../nbs/04_distill.ipynb 71
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
     terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
+# %% ../nbs/04_distill.ipynb 72
 def trained_modules(distiller: Distiller) -> list:
-    "The distiller's parts that the main optimizer trains: all but the teacher and the feature and stage losses that do not need `trainable`."
-    mods = [m for name, m in distiller.named_children() if name not in ('teacher', 'feature_losses', 'stage_losses')]
+    "The distiller's parts that the main optimizer trains: all but the teacher (unless online) and the feature and stage losses that do not need `trainable`."
+    frozen = ('feature_losses', 'stage_losses') + (() if getattr(distiller, 'online', False) else ('teacher',))   # an online teacher trains
+    mods = [m for name, m in distiller.named_children() if name not in frozen]
     return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
                    for l in losses.values() if 'trainable' in l.needs]
 
+# %% ../nbs/04_distill.ipynb 73
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
+# %% ../nbs/04_distill.ipynb 74
 def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 73
+# %% ../nbs/04_distill.ipynb 92
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -303,6 +359,14 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
+# %% ../nbs/04_distill.ipynb 93
+def deployed_module(distiller) -> nn.Module:
+    "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
+    if not distiller.reuse_head: return distiller.student
+    head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
+    return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
+
+# %% ../nbs/04_distill.ipynb 94
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -312,18 +376,110 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
+# %% ../nbs/04_distill.ipynb 95
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
     proj_params = sum(count_params(a.student_proj) for a in distiller.alignments)
     proj_flops = sum(count_flops(a.student_proj, (1, a.s_shape[0], *a.in_hw)) for a in distiller.alignments)
+    module = deployed_module(distiller)
     if distiller.reuse_head:
-        al = distiller.alignments[-1]
-        head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
-        module = ReusedHeadStudent(s, al, head)
-        params = count_params(s) - count_params(s.head) + count_params(al.student_proj) + count_params(head)
-    else:
-        module, params = s, count_params(s)
+        params = count_params(s) - count_params(s.head) + count_params(module.alignment.student_proj) + count_params(module.head)
+    else: params = count_params(s)
     flops = count_flops(module, (1, 3, input_size, input_size))
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
+
+# %% ../nbs/04_distill.ipynb 102
+class VirtualTeacher(nn.Module):
+    "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
+    reads_labels = True   # `distill_step` gives it the labels, not the images
+    def __init__(self, num_classes: int, a: float = 0.99, T: float = 20.0):
+        super().__init__()
+        if not 1 / num_classes < a < 1: raise ValueError(f"tf_correct_prob: must be in (1/{num_classes}, 1), got {a!r}")
+        if not T > 0: raise ValueError(f"tf_temperature: must be > 0, got {T!r}")
+        self.num_classes, self.a, self.T = int(num_classes), float(a), float(T)
+
+    def forward(self, y):
+        p = torch.full((len(y), self.num_classes), (1 - self.a) / (self.num_classes - 1), device=y.device)
+        return p.scatter_(1, y[:, None], self.a) / self.T
+
+METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=(), projector='simkd', reuse_head=False,
+                                 teacher_from='virtual', virtual=dict(a=0.99, T=20.0), loss_options={'kl': {'T': 1.0}}, axis='scheme')
+METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
+                                  teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
+
+# %% ../nbs/04_distill.ipynb 109
+class MutualDistiller(nn.Module):
+    "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
+    def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
+                 method=None, layers=(), reuse_head=False, **unused):
+        super().__init__()
+        if isinstance(peers, bool) or not isinstance(peers, int) or peers < 2: raise ValueError(f"peers: must be an int >= 2, got {peers!r}")
+        if layers or reuse_head: raise ValueError(f"layers: mutual learning aligns no layers and reuses no head; got layers={layers!r}")
+        self.peers = nn.ModuleList([student, *(get_model(student.arch, num_classes(student)) for _ in range(peers - 1))])
+        self.ce_weight, self.method, self.teacher, self.weights, options = float(ce_weight), method, None, {}, loss_options or {}
+        self.logit_losses = nn.ModuleDict()
+        for name, w in _loss_pairs(losses, method):
+            if LOSSES[name].kind != 'logits': raise ValueError(f"loss: mutual learning compares predictions; {name!r} is not a logit loss")
+            self.weights[name], self.logit_losses[name] = w, build_loss(name, options.get(name), _supplied(student))
+        self.alignments, self.feature_losses, self.stage_losses = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.layers, self.reuse_head, self.own_head = (), False, None
+        self.register_buffer('chosen', torch.zeros((), dtype=torch.long))   # the deployed peer: the best at the last evaluation
+
+    @property
+    def student(self): return self.peers[int(self.chosen)]
+    def monitored(self) -> dict: return {f'peer{i + 1}': p for i, p in enumerate(self.peers)}
+    def select(self, row: dict): self.chosen.fill_(max(range(len(self.peers)), key=lambda i: row[f'peer{i + 1}_test_acc1']))
+    def forward(self, x): return self.student(x)
+    def step(self, x, y): return mutual_step(self, x, y)
+
+# %% ../nbs/04_distill.ipynb 110
+def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
+    "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
+    logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None}
+    out = StepOutput(logits[0])
+    for k, z in enumerate(logits):
+        others = [o.detach() for j, o in enumerate(logits) if j != k]
+        if self.ce_weight: out.terms[f'ce_peer{k + 1}'] = self.ce_weight * F.cross_entropy(z.float(), y)
+        for name, loss in self.logit_losses.items():
+            needed = {n: inputs[n] for n in step_needs(loss)}
+            out.terms[f'{name}_peer{k + 1}'] = self.weights[name] * sum(loss(z, o, **needed) for o in others) / len(others)
+    return out
+
+METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
+                              teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
+
+# %% ../nbs/04_distill.ipynb 116
+def online_teacher_outputs(teacher, x, y):
+    "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
+    feats = teacher.forward_features(x)
+    logits = teacher.head(feats.embedding)
+    targets = type(feats)([f.detach() for f in feats.stages], feats.embedding.detach())
+    return targets, logits.detach(), F.cross_entropy(logits.float(), y)
+
+def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
+    "Scale the student's distillation terms by the warm-up ramp and add the teacher's cross-entropy."
+    for name in out.terms:
+        if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
+    out.terms['teacher_ce'] = teacher_ce
+
+# %% ../nbs/04_distill.ipynb 121
+class DeployedTeacher(nn.Module):
+    "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+    @property
+    def head(self): return self.module.head
+
+    def forward_stages(self, x):
+        m = self.module
+        if not isinstance(m, ReusedHeadStudent): return m.forward_stages(x)
+        stages = m.student.forward_stages(x)
+        return [*stages[:-1], m.alignment.student_side(stages[-1])]
+
+    def forward_features(self, x):
+        stages = self.forward_stages(x)
+        return Features(stages, stages[-1].mean(dim=(2, 3)))
+    def forward(self, x): return self.head(self.forward_features(x).embedding)

@@ -27,6 +27,7 @@ EPS = 1e-8  # guards every normalisation against all-zero inputs
 
 LOSSES = {}
 
+# %% ../nbs/02_losses.ipynb 6
 MEASURED_WEIGHT = ("no published KD weight: matches the gradient norm of l2 (weight 1) on the student features "
                    "at initialization, SimKD setting (measured in 02_losses)")
 
@@ -47,12 +48,15 @@ NEEDS = {
     'own_optimizer': Need('params', "the loss's parameters train by its `aux_loss`, with an optimizer of their own"),
 }
 
+# %% ../nbs/02_losses.ipynb 7
 def _number(v): return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
+# %% ../nbs/02_losses.ipynb 8
 def _signature_options(cls):
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
+# %% ../nbs/02_losses.ipynb 9
 def _check_declaration(cls):
     "Raise unless `cls` states its default weight and source, a rule per option, and only known `needs`, each build need an option."
     w = getattr(cls, 'default_weight', None)
@@ -65,6 +69,7 @@ def _check_declaration(cls):
     unbuilt = [n for n in cls.needs if NEEDS[n].when == 'build' and n not in _signature_options(cls)]
     if unbuilt: raise ValueError(f"register_loss: {cls.__name__} needs {', '.join(unbuilt)} at build time but has no such constructor option")
 
+# %% ../nbs/02_losses.ipynb 10
 def register_loss(name):
     "Class decorator: add a loss class to `LOSSES` under `name` after `_check_declaration`."
     def deco(cls):
@@ -74,7 +79,7 @@ def register_loss(name):
         return cls
     return deco
 
-# %% ../nbs/02_losses.ipynb 7
+# %% ../nbs/02_losses.ipynb 12
 MATCH_RULES = {'shape': 'the whole shape', 'spatial': 'batch and spatial size', 'batch': 'batch size'}
 
 def check_pair(name, s, t, match='shape', min_ndim=2, max_ndim=None):
@@ -90,7 +95,7 @@ def check_pair(name, s, t, match='shape', min_ndim=2, max_ndim=None):
     if not ok:
         raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must match in {MATCH_RULES[match]}")
 
-# %% ../nbs/02_losses.ipynb 9
+# %% ../nbs/02_losses.ipynb 14
 KINDS = ('feature', 'logits', 'stages')
 
 def _stage_maps(name, x, role):
@@ -99,6 +104,7 @@ def _stage_maps(name, x, role):
         raise ValueError(f"{name}: {role} must be a pair of stage maps (earlier, later), got {type(x).__name__}")
     return tuple(x)
 
+# %% ../nbs/02_losses.ipynb 15
 class AlignmentLoss(nn.Module):
     "Base class: checks shapes and computes `self.compute(s, t, **inputs)` in float32 without autocast; gradients reach `s` and `t`."
     name, kind, match, min_ndim, max_ndim = 'alignment', 'feature', 'shape', 2, None
@@ -118,7 +124,7 @@ class AlignmentLoss(nn.Module):
 
     def compute(self, s, t): raise NotImplementedError(f"{type(self).__name__} must define compute(s, t)")
 
-# %% ../nbs/02_losses.ipynb 12
+# %% ../nbs/02_losses.ipynb 18
 def check_options(name, options, knob='loss'):
     "Raise `ValueError` unless `options` (a dict) are constructor options of loss `name`, each passing its rule."
     if not isinstance(options, dict):
@@ -130,6 +136,7 @@ def check_options(name, options, knob='loss'):
         test, valid = cls.option_rules[k]
         if not test(v): raise ValueError(f"{knob} {name!r}: {k}={v!r} is invalid; valid: {valid}")
 
+# %% ../nbs/02_losses.ipynb 19
 def check_loss(name, options=None, knob='loss'):
     "Raise `ValueError` unless `name` is a registered loss and `options` are options a user sets (not its needs) with valid values."
     if not isinstance(name, str) or name not in LOSSES:
@@ -139,16 +146,19 @@ def check_loss(name, options=None, knob='loss'):
     if filled: raise ValueError(f"{knob} {name!r}: {', '.join(filled)} is filled by the run; valid: {', '.join(loss_options(name)) or 'none'}")
     check_options(name, options, knob)
 
+# %% ../nbs/02_losses.ipynb 20
 def loss_options(name):
     "The options a user sets on loss `name`, with their defaults: its constructor's, less those its `needs` fill."
     if name not in LOSSES: check_loss(name)
     return {k: v for k, v in _signature_options(LOSSES[name]).items() if k not in LOSSES[name].needs}
 
+# %% ../nbs/02_losses.ipynb 21
 def list_losses(kind=None):
     "Sorted names of the registered losses, optionally only those of `kind` (one of `KINDS`)."
     if kind not in (None, *KINDS): raise ValueError(f"list_losses: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
     return sorted(k for k, cls in LOSSES.items() if kind is None or cls.kind == kind)
 
+# %% ../nbs/02_losses.ipynb 22
 def get_loss(name, **kwargs):
     "Instantiate the loss registered as `name` with constructor options `kwargs` (its user options and build needs)."
     if name not in LOSSES: check_loss(name)
@@ -158,6 +168,7 @@ def get_loss(name, **kwargs):
     if missing: raise ValueError(f"loss {name!r}: missing required option(s) {', '.join(missing)}; valid: {', '.join(opts)}")
     return LOSSES[name](**kwargs)
 
+# %% ../nbs/02_losses.ipynb 23
 def build_loss(name, options=None, run=None, knob='loss'):
     "Loss `name` with the user's `options`, its build needs filled from `run` (what the run supplies: need -> value, None for a step need)."
     check_loss(name, options, knob)
@@ -170,11 +181,12 @@ def build_loss(name, options=None, run=None, knob='loss'):
         raise ValueError(f"{knob} {name!r}: has parameters but its needs name neither 'trainable' nor 'own_optimizer'")
     return loss
 
+# %% ../nbs/02_losses.ipynb 24
 def step_needs(loss) -> tuple:
     "The names of the per-batch inputs `loss` takes as keywords of `forward`."
     return tuple(n for n in loss.needs if NEEDS[n].when == 'step')
 
-# %% ../nbs/02_losses.ipynb 22
+# %% ../nbs/02_losses.ipynb 34
 def pooled(x):
     "Global average pool `(B, C, ...)` -> `(B, C)`; 2-d inputs are returned unchanged."
     return x.flatten(2).mean(-1) if x.ndim > 2 else x
@@ -187,20 +199,21 @@ def sq_dists(a, b):
     "Pairwise squared Euclidean distances between the rows of `a` and `b`, clamped at 0."
     return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None] - 2 * a @ b.T).clamp_min(0)
 
-# %% ../nbs/02_losses.ipynb 28
+# %% ../nbs/02_losses.ipynb 40
 @register_loss('l2')
 class L2Loss(AlignmentLoss):
     "Mean squared error over all elements (SimKD)."
     default_weight, weight_source = 1.0, "SimKD (Chen et al. 2022): -b 1 (with -c 0 -d 0) in its README"
     def compute(self, s, t): return F.mse_loss(s, t)
 
-# %% ../nbs/02_losses.ipynb 32
+# %% ../nbs/02_losses.ipynb 44
 @register_loss('l1')
 class L1Loss(AlignmentLoss):
     "Mean absolute error over all elements."
     default_weight, weight_source = 50.0, MEASURED_WEIGHT
     def compute(self, s, t): return F.l1_loss(s, t)
 
+# %% ../nbs/02_losses.ipynb 45
 @register_loss('smooth_l1')
 class SmoothL1Loss(AlignmentLoss):
     "Huber loss: quadratic for |s - t| < `beta`, linear above (`beta=0` is `l1`)."
@@ -212,7 +225,7 @@ class SmoothL1Loss(AlignmentLoss):
         self.beta = float(beta)
     def compute(self, s, t): return F.smooth_l1_loss(s, t, beta=self.beta)
 
-# %% ../nbs/02_losses.ipynb 37
+# %% ../nbs/02_losses.ipynb 50
 COSINE_MODES = ('position', 'pooled')
 
 @register_loss('cosine')
@@ -230,7 +243,7 @@ class CosineLoss(AlignmentLoss):
         cos = (F.normalize(s, dim=1, eps=EPS) * F.normalize(t, dim=1, eps=EPS)).sum(1)
         return 1 - cos.mean()
 
-# %% ../nbs/02_losses.ipynb 41
+# %% ../nbs/02_losses.ipynb 54
 @register_loss('kl')
 class KLDivLoss(AlignmentLoss):
     "Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."
@@ -246,12 +259,13 @@ class KLDivLoss(AlignmentLoss):
         log_q, log_p = F.log_softmax(s / self.T, 1), F.log_softmax(t / self.T, 1)
         return F.kl_div(log_q, log_p, reduction='batchmean', log_target=True) * self.T ** 2
 
-# %% ../nbs/02_losses.ipynb 45
+# %% ../nbs/02_losses.ipynb 58
 MMD_MODES = ('pooled', 'flat')
 
 def _positive_numbers(v):
     return isinstance(v, (tuple, list)) and len(v) > 0 and all(_number(x) and x > 0 for x in v)
 
+# %% ../nbs/02_losses.ipynb 59
 @register_loss('mmd')
 class MMDLoss(AlignmentLoss):
     "Squared MMD between the batch of student and teacher vectors, multi-bandwidth Gaussian kernel (median heuristic)."
@@ -280,7 +294,7 @@ class MMDLoss(AlignmentLoss):
         pair = (kss + ktt - kst - kst.T) * off[:b, :b]
         return pair.sum() / (b * (b - 1))
 
-# %% ../nbs/02_losses.ipynb 50
+# %% ../nbs/02_losses.ipynb 64
 @register_loss('at')
 class AttentionTransferLoss(AlignmentLoss):
     "Attention transfer: mean squared difference of L2-normalized spatial maps mean_c |f|^p (channels may differ)."
@@ -295,7 +309,7 @@ class AttentionTransferLoss(AlignmentLoss):
     def attention(self, f): return F.normalize(f.abs().pow(self.p).mean(1).flatten(1), dim=1, eps=EPS)
     def compute(self, s, t): return (self.attention(s) - self.attention(t)).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb 54
+# %% ../nbs/02_losses.ipynb 68
 @register_loss('sp')
 class SimilarityPreservingLoss(AlignmentLoss):
     "Similarity preserving: squared Frobenius distance of row-normalized batch Gram matrices / B^2."
@@ -305,7 +319,7 @@ class SimilarityPreservingLoss(AlignmentLoss):
     def gram(self, f): f = flat(f); return F.normalize(f @ f.T, dim=1, eps=EPS)
     def compute(self, s, t): return (self.gram(s) - self.gram(t)).pow(2).sum() / s.shape[0] ** 2
 
-# %% ../nbs/02_losses.ipynb 60
+# %% ../nbs/02_losses.ipynb 74
 @register_loss('rkd')
 class RelationalKDLoss(AlignmentLoss):
     "Relational KD on pooled embeddings: w_dist * distance-wise + w_angle * angle-wise Huber losses."
@@ -334,7 +348,7 @@ class RelationalKDLoss(AlignmentLoss):
         return (self.w_dist * F.smooth_l1_loss(self.distances(s), self.distances(t)) +
                 self.w_angle * F.smooth_l1_loss(self.angles(s), self.angles(t)))
 
-# %% ../nbs/02_losses.ipynb 65
+# %% ../nbs/02_losses.ipynb 79
 def linear_cka(x, y):
     "Linear CKA between (B, Dx) and (B, Dy) batch matrices; rows are samples."
     x, y = x - x.mean(0), y - y.mean(0)
@@ -348,7 +362,7 @@ class CKALoss(AlignmentLoss):
     default_weight, weight_source = 20.0, MEASURED_WEIGHT
     def compute(self, s, t): return 1 - linear_cka(flat(s), flat(t))
 
-# %% ../nbs/02_losses.ipynb 71
+# %% ../nbs/02_losses.ipynb 85
 @register_loss('nst')
 class NSTLoss(AlignmentLoss):
     "Neural selectivity transfer: polynomial-kernel MMD between per-channel normalized spatial patterns."
@@ -366,7 +380,7 @@ class NSTLoss(AlignmentLoss):
         s, t = F.normalize(s.flatten(2), dim=2, eps=EPS), F.normalize(t.flatten(2), dim=2, eps=EPS)
         return (self.kernel(s, s) + self.kernel(t, t) - 2 * self.kernel(s, t)).mean()
 
-# %% ../nbs/02_losses.ipynb 75
+# %% ../nbs/02_losses.ipynb 89
 @register_loss('adversarial')
 class AdversarialLoss(AlignmentLoss):
     "Non-saturating GAN loss against an MLP discriminator on pooled features; `aux_loss` trains the discriminator."
@@ -400,7 +414,7 @@ class AdversarialLoss(AlignmentLoss):
             return (F.binary_cross_entropy_with_logits(lt, torch.ones_like(lt)) +
                     F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls)))
 
-# %% ../nbs/02_losses.ipynb 87
+# %% ../nbs/02_losses.ipynb 101
 @register_loss('pkt')
 class PKTLoss(AlignmentLoss):
     "Probabilistic knowledge transfer: KL between the batch's cosine-similarity distributions of teacher and student (pooled)."
@@ -417,9 +431,10 @@ class PKTLoss(AlignmentLoss):
         p, q = self.conditional(pooled(t)), self.conditional(pooled(s))
         return (p * torch.log((p + eps) / (q + eps))).mean()
 
-# %% ../nbs/02_losses.ipynb 92
+# %% ../nbs/02_losses.ipynb 106
 def _int(v): return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
+# %% ../nbs/02_losses.ipynb 107
 @register_loss('cc')
 class CorrelationCongruenceLoss(AlignmentLoss):
     "Correlation congruence as RepDistiller runs it: linear embeddings of pooled s and t, mean over consecutive samples of <|e_i^s - e_i^t|, |e_{i+1}^s - e_{i+1}^t|>."
@@ -437,7 +452,7 @@ class CorrelationCongruenceLoss(AlignmentLoss):
         delta = (self.embed_s(pooled(s)) - self.embed_t(pooled(t))).abs()
         return (delta[:-1] * delta[1:]).sum(1).mean()
 
-# %% ../nbs/02_losses.ipynb 96
+# %% ../nbs/02_losses.ipynb 111
 @register_loss('vid')
 class VIDLoss(AlignmentLoss):
     "Variational information distillation: Gaussian NLL of t under mean regressor(s) (1x1 convs) and a learned per-channel variance."
@@ -460,7 +475,7 @@ class VIDLoss(AlignmentLoss):
         var = self.variance().view(1, -1, 1, 1)
         return 0.5 * ((self.regressor(s) - t).pow(2) / var + var.log()).mean()
 
-# %% ../nbs/02_losses.ipynb 100
+# %% ../nbs/02_losses.ipynb 115
 @register_loss('dkd')
 class DKDLoss(AlignmentLoss):
     "Decoupled KD: warm-up factor x (alpha TCKD + beta NCKD), target-class and non-target-class KL at temperature T."
@@ -488,7 +503,7 @@ class DKDLoss(AlignmentLoss):
         ramp = torch.clamp(torch.as_tensor(progress, dtype=s.dtype, device=s.device) / self.warmup, max=1.0) if self.warmup else 1.0
         return ramp * (self.alpha * tckd + self.beta * nckd)
 
-# %% ../nbs/02_losses.ipynb 104
+# %% ../nbs/02_losses.ipynb 119
 @register_loss('fsp')
 class FSPLoss(AlignmentLoss):
     "Flow of solution procedure: mean squared difference of the student's and teacher's Gram matrices between two stages."
@@ -508,7 +523,7 @@ class FSPLoss(AlignmentLoss):
             raise ValueError(f"fsp: student stage widths {tuple(gs.shape[1:])} and teacher's {tuple(gt.shape[1:])} must be equal (Gram matrices of equal size)")
         return (gs - gt).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb 108
+# %% ../nbs/02_losses.ipynb 123
 def sinkhorn_ot(x, y, eps, iters):
     "Entropic OT value between uniform clouds `x` (n, d), `y` (m, d), cost |x-y|^2/d: log-domain Sinkhorn, eps annealed from the largest cost."
     c = sq_dists(x, y) / x.shape[1]
@@ -521,6 +536,7 @@ def sinkhorn_ot(x, y, eps, iters):
             g = -e * torch.logsumexp(la + (update_f(g, cd, e)[:, None] - cd) / e, 0)
     return update_f(g, c, eps).mean() + g.mean()  # the last f-update carries the gradient: the plan, at convergence
 
+# %% ../nbs/02_losses.ipynb 124
 @register_loss('emd')
 class EMDLoss(AlignmentLoss):
     "Sinkhorn divergence (debiased entropic EMD) between the batch's pooled student and teacher vectors, uniform clouds, cost |x-y|^2/C."
@@ -536,7 +552,7 @@ class EMDLoss(AlignmentLoss):
         ot = lambda a, b: sinkhorn_ot(a, b, e, self.iters)
         return ot(s, t) - (ot(s, s) + ot(t, t)) / 2
 
-# %% ../nbs/02_losses.ipynb 114
+# %% ../nbs/02_losses.ipynb 130
 def nce_loss(x, num_samples, eps=1e-7):
     "CRD's NCE loss (its Eq. 18) of scores `x` (B, 1 + K): column 0 the positive, the rest K negatives drawn uniformly from `num_samples`."
     m, pn = x.shape[1] - 1, 1.0 / num_samples
@@ -544,6 +560,7 @@ def nce_loss(x, num_samples, eps=1e-7):
     log_d0 = torch.log(m * pn / (x[:, 1:] + m * pn + eps))
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
 
+# %% ../nbs/02_losses.ipynb 131
 def gathered_rows(*ts):
     "Each of `ts` (batches of rows, equal lengths within a process) concatenated over the processes, in rank order; as given when alone."
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return ts
@@ -557,7 +574,7 @@ def gathered_rows(*ts):
         out.append(torch.cat([p[:int(k)] for p, k in zip(parts, sizes)]))
     return out
 
-# %% ../nbs/02_losses.ipynb 115
+# %% ../nbs/02_losses.ipynb 132
 class ContrastMemory(nn.Module):
     "Memory banks of student and teacher embeddings indexed by sample, with CRD's scores and momentum update."
     def __init__(self, feat_dim, num_samples, nce_k, nce_t, nce_m):
@@ -582,7 +599,7 @@ class ContrastMemory(nn.Module):
         for mem, e in ((self.memory_s, es), (self.memory_t, et)):
             mem.index_copy_(0, indices, F.normalize(mem[indices] * self.m + e.detach() * (1 - self.m), dim=1))
 
-# %% ../nbs/02_losses.ipynb 116
+# %% ../nbs/02_losses.ipynb 133
 @register_loss('crd')
 class CRDLoss(AlignmentLoss):
     "Contrastive representation distillation: NCE of each sample's embedding against its other-network memory row vs K random rows."
@@ -605,7 +622,7 @@ class CRDLoss(AlignmentLoss):
         if self.training: self.memory.update(es, et, indices)
         return nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
 
-# %% ../nbs/02_losses.ipynb 134
+# %% ../nbs/02_losses.ipynb 151
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all that need at most `channels` from the run), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()

@@ -10,22 +10,22 @@ from pathlib import Path
 from .runs import RunFolder, find_runs, read_json, METRICS
 from .losses import loss_options as loss_option_defaults
 from .projectors import PROJECTORS, projector_knobs
-from .distill import default_loss_weights
-from .experiment import RUN_KEYS, resolve_config, project_root, project_path
+from .distill import METHOD_DEFAULTS, default_loss_weights, teacher_from
+from .experiment import RUN_KEYS, SCHEME_KNOBS, resolve_config, project_root, project_path
 from .sweep import run_state, record_path
 
 # %% auto 0
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN', 'INTERVAL_METHOD',
-           'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS', 'LATEX_SPECIAL',
-           'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS', 'TABLE_BLOCK',
-           'config_key', 'read_run', 'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std',
-           'aggregate', 'paper_table', 'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs',
-           'execution', 'speed_table', 't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'axis_of',
-           'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows', 'difference_text', 'top1_text',
-           'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour',
-           'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics', 'curves_figure', 'budget_rows',
-           'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure', 'save_table', 'runs_tables',
-           'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
+           'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS',
+           'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS',
+           'TABLE_BLOCK', 'config_key', 'read_run', 'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics',
+           'dedupe', 'mean_std', 'aggregate', 'paper_table', 'paired_table', 'markdown_table', 'setting_label',
+           'caption', 'scratch_in_pairs', 'execution', 'speed_table', 't_quantile', 'seed_interval', 'paired_interval',
+           'verdict', 'axis_of', 'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows',
+           'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table',
+           'reading', 'method_colour', 'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics',
+           'curves_figure', 'budget_rows', 'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure',
+           'save_table', 'runs_tables', 'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -103,7 +103,9 @@ def _num(v):
 def varied_knobs(row: dict) -> tuple:
     "The distillation knobs on which `row` differs from its method's recipe, in a fixed order."
     method = row.get('method')
-    if method not in ('kd', 'fitnet', 'simkd'): return ()
+    if method not in METHOD_DEFAULTS or method == 'scratch': return ()
+    scheme = tuple(k for k in SCHEME_KNOBS if not _missing(row.get(k)) and str(_flat(row.get(k))) != str(method_recipe(method).get(k)))
+    if method not in ('kd', 'fitnet', 'simkd'): return scheme   # a learning scheme of its own: only its knobs vary
     ref = {**method_recipe(method), 'ce_weight': method_recipe(method, row.get('direction') or 'up')['ce_weight']}
     losses = [n for n in str(_flat(row.get('loss')) or '').split(',') if n]
     if losses: ref['loss_weight'] = _flat(default_loss_weights(method, losses))   # each loss's own weight is no change
@@ -114,7 +116,7 @@ def varied_knobs(row: dict) -> tuple:
               ('factor', bool(layers) and row.get('projector') in PROJECTORS and 'factor' in projector_knobs(row['projector'])), ('direction', bool(layers))]
     varied = [k for k, relevant in checks if relevant and k in row and not same(k)]
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
-    return tuple(varied)
+    return tuple(varied) + scheme
 
 # %% ../nbs/11_results.ipynb 21
 def load_runs(runs_dir='runs'):
@@ -275,9 +277,10 @@ def caption(df) -> str:
 
 # %% ../nbs/11_results.ipynb 60
 def scratch_in_pairs(df):
-    "`df` with each scratch run repeated in every teacher → student pair of its student (same setting), as that pair."
+    "`df` with each run taught by no given teacher (scratch, Tf-KD, mutual learning) repeated in every teacher → student pair of its student (same setting), as that pair."
     import pandas as pd
-    scratch, rest = df[df.method == 'scratch'], df[df.method != 'scratch']
+    alone_ = df.method.map(lambda m: m in METHOD_DEFAULTS and teacher_from(m) != 'given')
+    scratch, rest = df[alone_], df[~alone_]
     pairs = rest[[*SETTING, 'teacher', 'student', 'pair']].drop_duplicates()
     placed = scratch.drop(columns=['teacher', 'pair']).merge(pairs, on=[*SETTING, 'student'])
     alone = scratch[~scratch.run.isin(placed.run)]
@@ -381,16 +384,18 @@ def verdict(d: dict) -> str:
 
 # %% ../nbs/11_results.ipynb 87
 AXIS_FAMILY = {'loss_weight': 'loss', 'loss_options': 'loss', 'layer_weights': 'layers', 'layer_losses': 'layers',
-               'factor': 'projector'}
-AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction')
+               'factor': 'projector', **dict.fromkeys(SCHEME_KNOBS, 'scheme')}
+AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction', 'scheme')
 AXIS_TITLES = {'method': 'Which method', 'loss': 'Which alignment loss', 'layers': 'Which layers to align, and their weights',
-               'projector': 'Which projector', 'direction': 'Which projection direction'}
+               'projector': 'Which projector', 'direction': 'Which projection direction',
+               'scheme': 'Which learning scheme: no trained teacher, the student as teacher, peers, a teacher trained online or a chain'}
+AXIS_REFERENCES = {'scheme': ('scratch', 'kd', 'simkd')}   # recipes shown with an axis besides those of the methods it varies
 
 # %% ../nbs/11_results.ipynb 88
-def axis_of(varied) -> str:
-    "The research axis of a run that changes the knobs `varied`: 'method' for none, else their families joined by ' + '."
+def axis_of(varied, method=None) -> str:
+    "The research axis of a run of `method` that changes the knobs `varied`: the method's declared `axis` ('method' by default) for none, else their families joined by ' + '."
     knobs = [k for k in varied.split(',') if k] if isinstance(varied, str) else list(varied or ())
-    return ' + '.join(dict.fromkeys(AXIS_FAMILY.get(k, k) for k in knobs)) or 'method'
+    return ' + '.join(dict.fromkeys(AXIS_FAMILY.get(k, k) for k in knobs)) or METHOD_DEFAULTS.get(method, {}).get('axis', 'method')
 
 # %% ../nbs/11_results.ipynb 90
 def axis_title(axis: str) -> str:
@@ -414,7 +419,7 @@ def _placed(df, metric='best_test_acc'):
     d, _ = dedupe(df)
     d = scratch_in_pairs(d[d[metric].notna()])
     d['setting'] = [setting_label(r) for r in d.to_dict('records')]
-    d['axis'] = d.varied.map(axis_of)
+    d['axis'] = [axis_of(v, m) for v, m in zip(d.varied, d.method)]
     return d
 
 # %% ../nbs/11_results.ipynb 97
@@ -456,7 +461,8 @@ def axis_rows(stats, axis: str):
     "The rows of `stats` on `axis`, with, for a variant axis, the recipe of each method that it varies (same setting)."
     rows = stats[stats.axis == axis]
     if axis == 'method': return rows[rows.setting.isin(rows.groupby('setting').label.nunique().loc[lambda n: n > 1].index)]
-    recipes = stats[(stats.axis == 'method') & stats.label.isin(rows.method) & stats.setting.isin(rows.setting)]
+    shown = stats.label.isin(rows.method) | stats.label.isin(AXIS_REFERENCES.get(axis, ()))
+    recipes = stats[(stats.axis == 'method') & shown & stats.setting.isin(rows.setting)]
     return stats.loc[sorted(set(rows.index) | set(recipes.index))]
 
 # %% ../nbs/11_results.ipynb 111

@@ -12,15 +12,17 @@ from queue import Queue
 import torch
 from .hardware import available_cores
 from .runs import STATES, NOTEBOOK, RunFolder, read_json, write_json, same_config
-from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path
+from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path, project_relative, TeacherRunPending
+from .distill import METHOD_DEFAULTS, teacher_from, needs_teacher
 
 # %% auto 0
 __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SweepError',
            'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values', 'expand',
-           'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state', 'PlannedRun', 'plan',
-           'select', 'sweep_status', 'run_notebook_path', 'run_spec', 'papermill_command', 'update_record',
-           'never_started', 'execute_run', 'visible_devices', 'worker_threads', 'worker_env', 'run_local',
-           'outcome_line', 'slurm_parameters', 'run_slurm', 'SweepResult', 'counts', 'run_sweep']
+           'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state',
+           'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
+           'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
+           'worker_env', 'run_local', 'outcome_line', 'slurm_parameters', 'slurm_dependency', 'run_slurm',
+           'SweepResult', 'counts', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -33,6 +35,7 @@ SLURM_OPTIONS = {  # sweep file / command line name -> submitit AutoExecutor par
     'mem': 'mem_gb', 'account': 'slurm_account', 'qos': 'slurm_qos', 'constraint': 'slurm_constraint',
     'array_parallelism': 'slurm_array_parallelism', 'setup': 'slurm_setup', 'extra': 'slurm_additional_parameters'}
 
+# %% ../nbs/10_sweep.ipynb 6
 @dataclass
 class Sweep:
     "A parsed sweep file; `overrides` are knobs forced on every run (`--set KNOB=VALUE`)."
@@ -50,12 +53,13 @@ class Sweep:
     @property
     def source(self) -> str: return str(self.path) if self.path else f'sweep {self.name!r}'
 
-# %% ../nbs/10_sweep.ipynb 9
+# %% ../nbs/10_sweep.ipynb 10
 def _check_knobs(knobs, where, src):
     if not isinstance(knobs, dict): raise SweepError(f"{src}: {where}: expected a mapping of knobs, got {knobs!r}")
     for k in knobs:
         if k not in SWEEP_KNOBS: raise SweepError(f"{src}: {where}: unknown knob {k!r}; valid: {', '.join(SWEEP_KNOBS)}")
 
+# %% ../nbs/10_sweep.ipynb 11
 def _check_grid(axes, where, src):
     if not isinstance(axes, dict): raise SweepError(f"{src}: {where}: expected a mapping of axis -> list of values")
     for name, values in axes.items():
@@ -72,12 +76,13 @@ def _check_grid(axes, where, src):
             raise SweepError(f"{src}: {where}: unknown knob {name!r}; valid: {', '.join(SWEEP_KNOBS)} "
                              "(or an axis whose values are all mappings of knobs)")
 
+# %% ../nbs/10_sweep.ipynb 12
 def _check_slurm(options, src):
     if not isinstance(options, dict): raise SweepError(f"{src}: slurm: expected a mapping of options")
     for k in options:
         if k not in SLURM_OPTIONS: raise SweepError(f"{src}: slurm: unknown option {k!r}; valid: {', '.join(SLURM_OPTIONS)}")
 
-# %% ../nbs/10_sweep.ipynb 10
+# %% ../nbs/10_sweep.ipynb 13
 def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     "Check the structure of a sweep read from YAML and return it as a `Sweep`."
     src = str(path) if path else 'sweep'
@@ -106,6 +111,7 @@ def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     return Sweep(name, dict(base), dict(axes), list(grids), list(runs), seeds, dict(slurm),
                  str(data.get('description') or ''), Path(path) if path else None, overrides)
 
+# %% ../nbs/10_sweep.ipynb 14
 def load_sweep(path, overrides=None) -> Sweep:
     "Read and check the sweep file at `path`; `overrides` are knobs forced on every run."
     import yaml
@@ -116,6 +122,7 @@ def load_sweep(path, overrides=None) -> Sweep:
     except yaml.YAMLError as e: raise SweepError(f"{path}: not valid YAML: {e}") from None
     return parse_sweep(data, path, overrides)
 
+# %% ../nbs/10_sweep.ipynb 15
 def as_sweep(sweep, overrides=None) -> Sweep:
     "A `Sweep` from a `Sweep`, a path or a mapping."
     if isinstance(sweep, Sweep):
@@ -124,7 +131,7 @@ def as_sweep(sweep, overrides=None) -> Sweep:
         return replace(sweep, overrides={**sweep.overrides, **overrides})
     return parse_sweep(sweep, None, overrides) if isinstance(sweep, dict) else load_sweep(sweep, overrides)
 
-# %% ../nbs/10_sweep.ipynb 17
+# %% ../nbs/10_sweep.ipynb 22
 PREFIX_KNOBS = ('method', 'teacher', 'student')
 
 def slug(value) -> str:
@@ -135,26 +142,35 @@ def slug(value) -> str:
     s = re.sub(r'[^A-Za-z0-9_.+=]+', '.', str(value).replace(',', '+')).strip('.') or 'none'
     return s if len(s) <= 40 else f"{s[:32]}.{hashlib.sha1(s.encode()).hexdigest()[:7]}"
 
+# %% ../nbs/10_sweep.ipynb 23
+def _given_teacher(method) -> bool:
+    "Whether `method` is taught by a teacher its run names (unknown methods too: validation reports them)."
+    return method not in METHOD_DEFAULTS or teacher_from(method) == 'given'
+
+# %% ../nbs/10_sweep.ipynb 24
 def make_run_name(cfg: dict, varied=()) -> str:
     "`method-teacher-student` (`scratch-student`), then `knob_value` for each varied knob, then `s<seed>`."
     get = lambda k: cfg.get(k, DEFAULT_KNOBS[k])
-    head = [get('method'), get('student')] if get('method') == 'scratch' else [get('method'), get('teacher'), get('student')]
+    head = [get('method'), get('teacher'), get('student')] if _given_teacher(get('method')) else [get('method'), get('student')]
     parts = [f'{k}_{slug(cfg[k])}' for k in varied if k not in (*PREFIX_KNOBS, 'seed')]
     return '-'.join([*map(slug, head), *parts, f"s{get('seed')}"])
 
-# %% ../nbs/10_sweep.ipynb 21
+# %% ../nbs/10_sweep.ipynb 28
 def axis_values(name, values) -> list:
     "The values of axis `name`: its list, or every registered name when it says `all`."
     return registered(name) if values == 'all' else values
 
+# %% ../nbs/10_sweep.ipynb 29
 def _grid_points(axes: dict) -> list:
     "Every combination of an axes mapping, each as an ordered list of (knob, value)."
     choices = [[[(name, v)] if name in SWEEP_KNOBS else list(v.items()) for v in axis_values(name, values)]
                for name, values in axes.items()]
     return [sum(combo, []) for combo in itertools.product(*choices)] if choices else []
 
+# %% ../nbs/10_sweep.ipynb 30
 def _config_key(cfg) -> str: return json.dumps(cfg, sort_keys=True, default=str)
 
+# %% ../nbs/10_sweep.ipynb 31
 def expand(sweep, overrides=None) -> list[dict]:
     "The sweep's run configurations (its knobs plus `run_name`), seeds outermost, in file order."
     sweep = as_sweep(sweep, overrides)
@@ -166,7 +182,10 @@ def expand(sweep, overrides=None) -> list[dict]:
             cfg = {**sweep.base, **dict(point), **sweep.overrides}
             if seed is not None: cfg['seed'] = seed
             cfg.setdefault('seed', DEFAULT_KNOBS['seed'])
-            if cfg.get('method', DEFAULT_KNOBS['method']) == 'scratch': cfg.update(teacher='', teacher_ckpt='')
+            method = cfg.get('method', DEFAULT_KNOBS['method'])
+            if not _given_teacher(method):   # no teacher (scratch, tf_reg), or one of the student's architecture (tf_self)
+                cfg['teacher'] = cfg.get('student', DEFAULT_KNOBS['student']) if needs_teacher(method) else ''
+                if not needs_teacher(method): cfg['teacher_ckpt'] = ''
             key = _config_key(cfg)
             if key in by_key: continue
             name = make_run_name(cfg, [k for k, _ in point])
@@ -177,26 +196,40 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 27
-def validate(sweep, configs=None) -> list[dict]:
+# %% ../nbs/10_sweep.ipynb 38
+def teacher_runs(configs) -> dict:
+    "Run name -> the run of the same sweep it names as `teacher_run` (only those that name one)."
+    names = {c['run_name'] for c in configs}
+    return {c['run_name']: c['teacher_run'] for c in configs if c.get('teacher_run') in names}
+
+# %% ../nbs/10_sweep.ipynb 39
+def _resolve(knobs: dict, teacher: str | None, sweep, runs_root):
+    "`resolve_config` of a run; one whose teacher run of the same sweep has not finished is checked without it, and marked as waiting for it."
+    if teacher is None: return resolve_config(**knobs)
+    knobs = {**knobs, 'runs_dir': str(sweep_dir(sweep, runs_root))}   # where the run will find its teacher run
+    try: return resolve_config(**knobs)
+    except TeacherRunPending: return {**resolve_config(**{**knobs, 'teacher_run': ''}), 'teacher_run': teacher, 'waits_for': teacher}
+
+# %% ../nbs/10_sweep.ipynb 40
+def validate(sweep, configs=None, runs_root='runs') -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
     configs = expand(sweep) if configs is None else configs
-    resolved, cache = [], {}
+    resolved, cache, after = [], {}, teacher_runs(configs)
     for cfg in configs:
         knobs = {k: v for k, v in cfg.items() if k != 'run_name'}
         key = _config_key(knobs)
         try:
-            if key not in cache: cache[key] = resolve_config(**knobs)
+            if key not in cache: cache[key] = _resolve(knobs, after.get(cfg['run_name']), sweep, runs_root)
         except ValueError as e: raise SweepError(f"{sweep.source}: run {cfg['run_name']!r}: {e}") from None
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 32
+# %% ../nbs/10_sweep.ipynb 46
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 35
+# %% ../nbs/10_sweep.ipynb 49
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -205,9 +238,11 @@ def _pid_alive(pid) -> bool:
     except (PermissionError, ValueError, TypeError): return True
     return True
 
+# %% ../nbs/10_sweep.ipynb 50
 class LaunchUnknown(RuntimeError):
     "Whether a launched job still runs cannot be told: the scheduler's status query failed."
 
+# %% ../nbs/10_sweep.ipynb 51
 def _slurm_state(record: dict) -> str:
     "The SLURM state of the job of `record`; `LaunchUnknown` when the query fails or SLURM does not know."
     try:
@@ -218,6 +253,7 @@ def _slurm_state(record: dict) -> str:
     if state in ('', 'UNKNOWN'): raise LaunchUnknown(f"SLURM status of job {record.get('job_id')} unknown: the query returned {state or 'nothing'}")
     return state
 
+# %% ../nbs/10_sweep.ipynb 52
 def launch_alive(record: dict | None) -> bool:
     "Whether the process or job of a launch record may still be running (False without a record or once it finished); `LaunchUnknown` when SLURM cannot say."
     if not record or record.get('finished'): return False
@@ -225,7 +261,7 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 38
+# %% ../nbs/10_sweep.ipynb 55
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
     folder = RunFolder(folder)
@@ -234,7 +270,7 @@ def run_state(folder, record: dict | None = None) -> dict:
         state = folder.state(queued=False)
         return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 43
+# %% ../nbs/10_sweep.ipynb 60
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -247,13 +283,14 @@ class PlannedRun:
     @property
     def status(self) -> str: return self.state['status']
 
+# %% ../nbs/10_sweep.ipynb 61
 def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
     "Validate `sweep` and read the state of each of its runs under `runs_root/<sweep name>/`; `check`: refuse folders holding other knobs."
     sweep = as_sweep(sweep)
     configs = expand(sweep)
     root = sweep_dir(sweep, runs_root)
     planned = []
-    for cfg, res in zip(configs, validate(sweep, configs)):
+    for cfg, res in zip(configs, validate(sweep, configs, runs_root)):
         folder = RunFolder(root / cfg['run_name'])
         old = folder.params
         if check and old and not same_config(old, res, RUN_KEYS):
@@ -263,6 +300,7 @@ def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
         planned.append(PlannedRun(cfg['run_name'], cfg, res, folder, run_state(folder.path, read_json(record_path(root, cfg['run_name'])))))
     return planned
 
+# %% ../nbs/10_sweep.ipynb 62
 def select(planned: list, only=None, seeds=None, limit=None) -> list:
     "The planned runs whose name matches the pattern `only`, whose seed is in `seeds`, at most the first `limit`."
     if only: planned = [p for p in planned if fnmatch.fnmatchcase(p.name, only if any(c in only for c in '*?[') else f'*{only}*')]
@@ -272,11 +310,23 @@ def select(planned: list, only=None, seeds=None, limit=None) -> list:
         planned = planned[:int(limit)]
     return planned
 
+# %% ../nbs/10_sweep.ipynb 63
 def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 49
+# %% ../nbs/10_sweep.ipynb 64
+def launch_waves(names: list, after: dict) -> list[list]:
+    "`names` in waves: a run that waits for another of `names` (`after`: run -> its teacher run) goes into a wave after that one's."
+    wave = {}
+    def depth(n, seen=()):
+        if n in seen: raise SweepError(f"teacher_run: runs {' -> '.join([*seen, n])} name each other as teachers")
+        if n not in wave: wave[n] = depth(after[n], (*seen, n)) + 1 if after.get(n) in names else 0
+        return wave[n]
+    for n in names: depth(n)
+    return [[n for n in names if wave[n] == w] for w in range(max(wave.values(), default=-1) + 1)]
+
+# %% ../nbs/10_sweep.ipynb 72
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -285,32 +335,37 @@ def run_notebook_path() -> Path:
     if not nb.is_file(): raise SweepError(f"notebook: no {RUN_NOTEBOOK} under {project_root()}; run from the kd-nb checkout")
     return nb
 
+# %% ../nbs/10_sweep.ipynb 73
 def run_spec(sweep, cfg: dict, runs_root='runs') -> dict:
     "Everything a worker needs to run configuration `cfg` of `sweep`."
     sweep = as_sweep(sweep)
     root, name = sweep_dir(sweep, runs_root), cfg['run_name']
     out = root / name / NOTEBOOK
-    teachers = cfg.get('teachers_dir') or str(project_path(runs_root) / 'teachers')
-    params = {**cfg, 'runs_dir': str(root), 'teachers_dir': teachers, 'PAPERMILL_OUTPUT_PATH': str(out)}
+    teachers = cfg.get('teachers_dir') or project_relative(project_path(runs_root) / 'teachers')
+    # folders inside the project are recorded relative to it, as committed run folders keep them (the run's cwd is the project)
+    params = {**cfg, 'runs_dir': project_relative(root), 'teachers_dir': teachers, 'PAPERMILL_OUTPUT_PATH': str(out)}
     return dict(name=name, sweep=sweep.name, notebook=str(run_notebook_path()), out=str(out), cwd=str(project_root()),
                 params=params, log=str(root / '_sweep' / f'{name}.log'), record=str(record_path(root, name)), env={})
 
+# %% ../nbs/10_sweep.ipynb 74
 def papermill_command(spec: dict) -> list[str]:
     "The papermill command line of a run spec."
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 53
+# %% ../nbs/10_sweep.ipynb 78
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     write_json({**(read_json(path) or {}), **fields}, path)
 
+# %% ../nbs/10_sweep.ipynb 79
 def never_started(nb_path) -> bool:
     "Whether no cell of the notebook at `nb_path` was executed (e.g. its kernel failed to start)."
     nb = read_json(nb_path) or {}
     return not any(c.get('execution_count') for c in nb.get('cells', []) if c.get('cell_type') == 'code')
 
+# %% ../nbs/10_sweep.ipynb 80
 def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
     "Run one configuration through papermill; return its name, state and the command's exit code."
     out, log = Path(spec['out']), Path(spec['log'])
@@ -330,23 +385,26 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 59
+# %% ../nbs/10_sweep.ipynb 86
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
     if env is not None: return [d for d in env.split(',') if d.strip() and d.strip() != '-1']
     return [str(i) for i in range(torch.cuda.device_count())]
 
+# %% ../nbs/10_sweep.ipynb 87
 def worker_threads(workers: int) -> int:
     "CPU threads of each of `workers` local runs: the available cores split evenly, at least one."
     return max(1, available_cores() // workers)
 
+# %% ../nbs/10_sweep.ipynb 88
 def worker_env(slot: int, workers: int, devices) -> dict:
     "Environment of local worker `slot` out of `workers`."
     if devices: return {'CUDA_VISIBLE_DEVICES': str(devices[slot % len(devices)])}
     threads = str(worker_threads(workers))
     return {k: os.environ.get(k, threads) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')} if workers > 1 else {}
 
+# %% ../nbs/10_sweep.ipynb 89
 def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[dict]:
     "Run `specs` with `workers` local processes at a time; return their outcomes in order."
     devices = visible_devices() if devices is None else list(devices)
@@ -367,13 +425,14 @@ def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[di
         finally: slots.put(slot)
     with ThreadPoolExecutor(max_workers=workers) as pool: return list(pool.map(one, specs))
 
+# %% ../nbs/10_sweep.ipynb 90
 def outcome_line(res: dict) -> str:
     "One line on how a run ended."
     acc = f", best top-1 {res['best_test_acc']:.2f}%" if res.get('best_test_acc') is not None else ''
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 67
+# %% ../nbs/10_sweep.ipynb 98
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -387,13 +446,26 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 70
-def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print):
-    "Submit `specs` through submitit; wait for them (default: only for the local and debug clusters)."
+# %% ../nbs/10_sweep.ipynb 101
+def slurm_dependency(params: dict, job_id) -> dict:
+    "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
+    return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
+
+# %% ../nbs/10_sweep.ipynb 102
+def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print, after=None):
+    "Submit `specs` (teacher runs before their students) through submitit, a run that waits for another (`after`: run -> teacher run) with a job dependency; wait for them (default: only for the local and debug clusters)."
     import submitit
     ex = submitit.AutoExecutor(folder=Path(folder) / '%j', cluster=cluster)
-    ex.update_parameters(**slurm_parameters(options, cluster, name))
-    jobs = ex.map_array(execute_run, specs) if array else [ex.submit(execute_run, s) for s in specs]
+    params = slurm_parameters(options, cluster, name)
+    ex.update_parameters(**params)
+    after = {n: t for n, t in (after or {}).items() if t in {s['name'] for s in specs}}
+    first = [s for s in specs if s['name'] not in after]
+    jobs = dict(zip([s['name'] for s in first], (ex.map_array(execute_run, first) if array else [ex.submit(execute_run, s) for s in first]) if first else []))
+    for s in specs:
+        if s['name'] not in after: continue
+        ex.update_parameters(**slurm_dependency(params, jobs[after[s['name']]].job_id))
+        jobs[s['name']] = ex.submit(execute_run, s)
+    jobs = [jobs[s['name']] for s in specs]
     for spec, job in zip(specs, jobs):
         pid = job.job_id if cluster == 'local' else os.getpid()
         update_record(spec['record'], backend='slurm', cluster=cluster, job_id=job.job_id, folder=str(Path(folder) / '%j'),
@@ -411,7 +483,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 73
+# %% ../nbs/10_sweep.ipynb 108
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -425,6 +497,7 @@ class SweepResult:
     @property
     def failed(self) -> list: return [o['run'] for o in self.outcomes if o['status'] != 'done']
 
+# %% ../nbs/10_sweep.ipynb 109
 BACKENDS, CLUSTERS = ('local', 'slurm'), ('slurm', 'local', 'debug')
 
 def counts(states) -> str:
@@ -433,7 +506,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 76
+# %% ../nbs/10_sweep.ipynb 112
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:
@@ -456,10 +529,16 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
         return result
     root = sweep_dir(sweep, runs_root); (root / '_sweep').mkdir(parents=True, exist_ok=True)
     if sweep.path: shutil.copyfile(sweep.path, root / '_sweep' / 'sweep.yaml')
-    specs = [run_spec(sweep, p.config, runs_root) for p in todo]
-    result.launched = [s['name'] for s in specs]
-    if backend == 'local': result.outcomes = run_local(specs, int(workers), devices, log)
-    else:
-        result.jobs, result.outcomes = run_slurm(specs, root / '_slurm', cluster, {**sweep.slurm, **(slurm or {})}, array,
-                                                 wait, f'kd-{sweep.name}', log)
+    after = teacher_runs([p.config for p in planned])
+    waves = [[run_spec(sweep, p.config, runs_root) for p in todo if p.name in w] for w in launch_waves([p.name for p in todo], after)]
+    result.launched = [s['name'] for w in waves for s in w]
+    options = {**sweep.slurm, **(slurm or {})}
+    if backend == 'slurm' and cluster == 'slurm':   # one submission: the scheduler orders the waves by job dependencies
+        result.jobs, result.outcomes = run_slurm(sum(waves, []), root / '_slurm', cluster, options, array, wait, f'kd-{sweep.name}', log, after)
+        return result
+    for w in waves:   # locally (and on submitit's local and debug clusters) a wave starts when the one before has finished
+        if backend == 'local': result.outcomes += run_local(w, int(workers), devices, log)
+        else:
+            jobs, outcomes = run_slurm(w, root / '_slurm', cluster, options, array, True if len(waves) > 1 else wait, f'kd-{sweep.name}', log)
+            result.jobs += jobs; result.outcomes += outcomes
     return result

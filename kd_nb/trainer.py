@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs
+from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs, deployed_module
 from .hardware import (check_mode, AMP_MODES, amp_dtype, autocast, as_input, world, init_distributed, shard,
                             all_reduce_sum, barrier, sync_buffers, average_gradients)
 from .runs import LAST, BEST, EpochLog
@@ -22,7 +22,7 @@ __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 
            'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'check_milestones', 'schedule_steps', 'TrainConfig',
            'seed_everything', 'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile',
            'CompileFallback', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
-           'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
+           'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -34,6 +34,8 @@ PRESETS = {
     'quick': dict(epochs=4, batch_size=RECIPE_BATCH, lr_milestones=(3,), train_limit=2000, test_limit=1000),
     'fast': {**_PAPER, 'batch_size': 4 * RECIPE_BATCH},   # the paper's schedule at 4x the batch (and the learning rate)
 }
+
+# %% ../nbs/07_trainer.ipynb 6
 LINEAR_LR_PRESETS = ('fast',)  # presets whose default learning rate scales with batch_size / RECIPE_BATCH
 
 def check_preset(name: str) -> dict:
@@ -41,12 +43,13 @@ def check_preset(name: str) -> dict:
     if name not in PRESETS: raise ValueError(f"preset: unknown {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
 
+# %% ../nbs/07_trainer.ipynb 7
 def recipe_lr(arch: str, batch_size: int = RECIPE_BATCH, preset: str = 'paper') -> float:
     "The learning rate of `arch` when none is given: 0.01 for MobileNet/ShuffleNet students, else 0.05, scaled by `batch_size / 64` in `LINEAR_LR_PRESETS`."
     lr = LOW_LR if arch in LOW_LR_STUDENTS else RECIPE_LR
     return lr * (batch_size / RECIPE_BATCH if preset in LINEAR_LR_PRESETS else 1)
 
-# %% ../nbs/07_trainer.ipynb 10
+# %% ../nbs/07_trainer.ipynb 12
 def check_milestones(milestones) -> tuple:
     "`milestones` as increasing epochs (integers >= 1) or increasing fractions of training (numbers in (0, 1)); anything else raises."
     bad = ValueError(f"lr_milestones: must be increasing epochs >= 1 or increasing fractions of training in (0, 1), got {list(milestones)}")
@@ -58,12 +61,13 @@ def check_milestones(milestones) -> tuple:
     if list(out) != sorted(set(out)): raise bad
     return out
 
+# %% ../nbs/07_trainer.ipynb 13
 def schedule_steps(milestones, epochs: int, steps_per_epoch: int) -> list[int]:
     "The optimizer steps after which the learning rate decays: an epoch milestone at its epoch's last step, a fraction at the step nearest it."
     return [max(1, round(m * epochs * steps_per_epoch)) if isinstance(m, float) else m * steps_per_epoch
             for m in check_milestones(milestones)]
 
-# %% ../nbs/07_trainer.ipynb 14
+# %% ../nbs/07_trainer.ipynb 17
 COMPILE_MODES = ('auto', 'off', 'on')
 TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -106,7 +110,7 @@ class TrainConfig:
         "Every field with its default: the recipe."
         return {f.name: f.default for f in fields(cls)}
 
-# %% ../nbs/07_trainer.ipynb 18
+# %% ../nbs/07_trainer.ipynb 21
 def seed_everything(seed: int, deterministic: bool = True):
     "Seed every random number generator a run uses and, if asked, prefer deterministic kernels."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -117,7 +121,7 @@ def resolve_deterministic(deterministic, device) -> bool:
     "`deterministic` with 'auto' read as: deterministic except on CUDA."
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
-# %% ../nbs/07_trainer.ipynb 23
+# %% ../nbs/07_trainer.ipynb 26
 def _fast_optimizer(cls, params, device, fused: bool, **kw):
     if not fused: return cls(params, foreach=False, **kw)
     if torch.device(device).type == 'cuda':
@@ -125,22 +129,25 @@ def _fast_optimizer(cls, params, device, fused: bool, **kw):
         except (RuntimeError, ValueError, TypeError): pass  # this torch or device has no fused kernel
     return cls(params, foreach=True, **kw)
 
+# %% ../nbs/07_trainer.ipynb 27
 def make_optimizer(params, cfg: TrainConfig, device):
     "SGD of the recipe over `params`: fused on CUDA, foreach elsewhere; a per-parameter loop without `fused_optimizer`."
     return _fast_optimizer(torch.optim.SGD, list(params), device, cfg.fused_optimizer, lr=cfg.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+# %% ../nbs/07_trainer.ipynb 28
 def make_aux_optimizer(params, cfg: TrainConfig, device):
     "Adam over auxiliary parameters (None when there are none)."
     params = list(params)
     return _fast_optimizer(torch.optim.Adam, params, device, cfg.fused_optimizer, lr=cfg.aux_lr) if params else None
 
-# %% ../nbs/07_trainer.ipynb 28
+# %% ../nbs/07_trainer.ipynb 33
 def use_compile(mode, device) -> bool:
     "Whether `compile` mode asks for torch.compile on `device` ('auto': CUDA only)."
     mode = check_mode(mode, 'compile', COMPILE_MODES, when_true='on')
     return hasattr(torch, 'compile') and (mode == 'on' or (mode == 'auto' and torch.device(device).type == 'cuda'))
 
+# %% ../nbs/07_trainer.ipynb 34
 class CompileFallback:
     "`fn` through `torch.compile`, falling back to `fn` itself when compilation is unavailable or fails."
     def __init__(self, fn, log=print, **options):
@@ -158,7 +165,7 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
-# %% ../nbs/07_trainer.ipynb 34
+# %% ../nbs/07_trainer.ipynb 40
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -170,6 +177,7 @@ class TrainStep(nn.Module):
         out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
+# %% ../nbs/07_trainer.ipynb 41
 def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
     "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`."
     with autocast(x.device, amp): total, out = step(x, y, **inputs)
@@ -185,7 +193,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 41
+# %% ../nbs/07_trainer.ipynb 48
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -199,6 +207,7 @@ class Prepared:
     @property
     def compiled(self) -> bool: return isinstance(self.step, CompileFallback) and self.step.compiled is not None
 
+# %% ../nbs/07_trainer.ipynb 49
 def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1) -> Prepared:
     "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
     device = torch.device(device)
@@ -216,12 +225,13 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     return Prepared(amp, opt, aux_opt, sched, eager, step)
 
-# %% ../nbs/07_trainer.ipynb 47
+# %% ../nbs/07_trainer.ipynb 55
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
+# %% ../nbs/07_trainer.ipynb 56
 @torch.inference_mode()
 def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dict:
     "Top-1/top-5 accuracy (%) and mean cross-entropy of `model` over `loader` (inputs in NHWC with `channels_last`, autocast to `amp`)."
@@ -240,11 +250,22 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 52
-def trainable_state(distiller: Distiller) -> dict:
-    "The distiller's state without the frozen teacher."
-    return {k: v for k, v in distiller.state_dict().items() if not k.startswith('teacher.')}
+# %% ../nbs/07_trainer.ipynb 58
+def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
+    "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it."
+    row = {}
+    for name, model in (distiller.monitored() if hasattr(distiller, 'monitored') else {}).items():
+        row.update(evaluate(model, loader, f'{name}_test', channels_last, amp))
+    if hasattr(distiller, 'select'): distiller.select(row)
+    return {**row, **evaluate(distiller, loader, 'test', channels_last, amp)}
 
+# %% ../nbs/07_trainer.ipynb 64
+def trainable_state(distiller: Distiller) -> dict:
+    "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
+    online = getattr(distiller, 'online', False)
+    return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
+
+# %% ../nbs/07_trainer.ipynb 65
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -252,6 +273,7 @@ def load_trainable_state(distiller: Distiller, state: dict):
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+# %% ../nbs/07_trainer.ipynb 66
 def atomic_save(obj, path: Path):
     "`torch.save` to a temporary name, then rename."
     path = Path(path)
@@ -259,7 +281,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 57
+# %% ../nbs/07_trainer.ipynb 71
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
@@ -281,11 +303,21 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     *totals, correct = all_reduce_sum(sums).tolist()
     return {**{f'train_{k}': v / n for k, v in zip(keys, totals)}, 'train_acc1': 100 * correct / n, 'train_samples': n}
 
+# %% ../nbs/07_trainer.ipynb 72
+def _check_schedule(sched, saved: dict, path):
+    "Raise unless the checkpoint at `path` decays the learning rate at the optimizer steps this run's schedule does."
+    want, got = sorted(sched.milestones.elements()), sorted(saved['milestones'].elements())
+    if want != got:
+        raise ValueError(f"{path}: its schedule decays the learning rate at steps {got}, this run's at {want}; it was "
+                         f"written by another schedule (other knobs or another kd-nb version): move the run folder away to train it anew")
+
+# %% ../nbs/07_trainer.ipynb 73
 def _resume(p: Prepared, distiller, run_dir, log):
     "History, best accuracy and first epoch: from `run_dir/last.pt` when there is one, else a fresh start."
     if run_dir is None or not (run_dir / LAST).exists(): return [], -1.0, 0
     ck = torch.load(run_dir / LAST, map_location='cpu', weights_only=False)
     load_trainable_state(distiller, ck['distiller'])
+    _check_schedule(p.sched, ck['scheduler'], run_dir / LAST)
     p.opt.load_state_dict(ck['optimizer']); p.sched.load_state_dict(ck['scheduler'])
     if p.aux_opt is not None: p.aux_opt.load_state_dict(ck['aux_optimizer'])
     torch.set_rng_state(ck['rng'])
@@ -293,7 +325,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 58
+# %% ../nbs/07_trainer.ipynb 76
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
@@ -310,18 +342,20 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     try:
         for epoch in range(start, cfg.epochs):
             train_loader.set_epoch(epoch)
+            if hasattr(distiller, 'set_epoch'): distiller.set_epoch(epoch)   # a schedule of its own (online warm-up)
             lr = p.opt.param_groups[0]['lr']
             t0 = time.perf_counter()
             row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}", epoch)}
             train_time = time.perf_counter() - t0
             sync_buffers(distiller)
-            row.update(evaluate(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
+            row.update(evaluate_all(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
             row.update(epoch_time_s=time.perf_counter() - t0, images_per_s=row['train_samples'] / train_time)
             log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_acc1']:.2f}% test {row['test_acc1']:.2f}% ({row['epoch_time_s']:.1f}s)")
             if epoch_log is not None:
                 if row['test_acc1'] > best:
                     atomic_save({'model': distiller.student.state_dict(), 'distiller': trainable_state(distiller),
+                                 'deployed': deployed_module(distiller).state_dict(),   # what a teacher_run reads
                                  'epoch': epoch + 1, 'test_acc1': row['test_acc1']}, run_dir / BEST)
                 atomic_save({'distiller': trainable_state(distiller), 'optimizer': p.opt.state_dict(),
                              'scheduler': p.sched.state_dict(), 'aux_optimizer': p.aux_opt.state_dict() if p.aux_opt else None,

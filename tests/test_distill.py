@@ -210,8 +210,10 @@ def test_every_method_steps_and_deploys(method, teacher):
     d = make_distiller(method, student(), teacher).train()
     out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert out.logits.shape == (4, 10) and torch.isfinite(out.total)
-    assert set(out.terms) == ({'ce'} if d.ce_weight else set()) | {n if LOSSES[n].kind == 'logits' else f'{n}@{k}'
-                                                                 for n, _ in METHOD_DEFAULTS[method]['losses'] for k in d.layers or [None]}
+    terms = ({'ce'} if d.ce_weight else set()) | {n if LOSSES[n].kind == 'logits' else f'{n}@{k}'
+                                                 for n, _ in METHOD_DEFAULTS[method]['losses'] for k in d.layers or [None]}
+    if hasattr(d, 'peers'): terms = {f'{t}_peer{k + 1}' for t in terms for k in range(len(d.peers))}   # mutual learning: per peer
+    assert set(out.terms) == terms
     assert deployable(d).module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
