@@ -5,6 +5,7 @@
 # %% ../nbs/04_distill.ipynb 3
 from __future__ import annotations
 from dataclasses import dataclass, field
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,6 +173,26 @@ def _teacher_mode(teacher, mode: str) -> bool:
     return mode == 'online'
 
 # %% ../nbs/04_distill.ipynb 38
+def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple:
+    "The aligned stages and the loss named for each (None: every feature loss of the run), checked against the losses `named`."
+    layers = tuple(int(k) for k in layers)
+    bad = [k for k in layers if not 1 <= k <= 4]
+    if bad: raise ValueError(f"layers: stage(s) {bad} out of range; valid: 1, 2, 3, 4 or 'all'")
+    if len(set(layers)) != len(layers): raise ValueError(f"layers: repeated stage in {layers}")
+    per_layer = list(layer_losses) if layer_losses else [None] * len(layers)
+    if len(per_layer) != len(layers):
+        raise ValueError(f"layer_losses: {len(per_layer)} names for {len(layers)} layers {layers}")
+    for n in per_layer:
+        if n: check_loss(n, knob='layer_losses')
+    if layers and not feature_names and not any(per_layer) and not reuse_head:
+        raise ValueError(f"loss: aligned layers {layers} need a feature loss; got only {list(named)}")
+    if feature_names and not layers:
+        raise ValueError(f"layers: feature losses {feature_names} need at least one aligned stage (1..4)")
+    if reuse_head and (not layers or layers[-1] != 4):
+        raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {layers}")
+    return layers, per_layer
+
+# %% ../nbs/04_distill.ipynb 39
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
@@ -190,73 +211,74 @@ class Distiller(nn.Module):
             self.weights[name] = w
             if LOSSES[name].kind == 'logits': self.logit_losses[name] = build_loss(name, options.get(name), _supplied(teacher, None, num_samples))
             else: feature_names.append(name)
-        self.layers = tuple(int(k) for k in layers)
-        bad = [k for k in self.layers if not 1 <= k <= 4]
-        if bad: raise ValueError(f"layers: stage(s) {bad} out of range; valid: 1, 2, 3, 4 or 'all'")
-        if len(set(self.layers)) != len(self.layers): raise ValueError(f"layers: repeated stage in {self.layers}")
-        per_layer = list(layer_losses) if layer_losses else [None] * len(self.layers)
-        if len(per_layer) != len(self.layers):
-            raise ValueError(f"layer_losses: {len(per_layer)} names for {len(self.layers)} layers {self.layers}")
-        for n in per_layer:
-            if n: check_loss(n, knob='layer_losses')
-        if self.layers and not feature_names and not any(per_layer) and not reuse_head:
-            raise ValueError(f"loss: aligned layers {self.layers} need a feature loss; got only {list(self.weights)}")
-        if feature_names and not self.layers:
-            raise ValueError(f"layers: feature losses {feature_names} need at least one aligned stage (1..4)")
-        if reuse_head and (not self.layers or self.layers[-1] != 4):
-            raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {self.layers}")
+        self.layers, per_layer = _layer_plan(layers, layer_losses, feature_names, self.weights, reuse_head)
         self.layer_weights = schedule_weights(layer_weights, len(self.layers)) if self.layers else []
         if (feature_names or any(per_layer)) and not any(self.layer_weights):
             raise ValueError(f"layer_weights: all weights of layers {self.layers} are 0, so no feature loss would apply")
-        self.alignments, self.feature_losses, self.alignment_weights = nn.ModuleList(), nn.ModuleList(), []
-        if self.layers:
-            shapes_s, shapes_t = feature_shapes(student, input_size), feature_shapes(teacher, input_size)
-        staged = lambda names: [n for n in names if LOSSES[n].kind == 'stages']
-        for k, lam, only in zip(self.layers, self.layer_weights, per_layer):
-            names = ([only] if only else feature_names) if lam else []
-            names = [n for n in names if n not in staged(names)]
-            if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
-            al = Alignment(k, shapes_s[k - 1], shapes_t[k - 1], projector, factor, direction, target=bool(names))
-            self.alignments.append(al)
-            self.alignment_weights.append(lam)
-            self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(teacher, al.width, num_samples)) for n in names}))
-            for n in names:
-                if n not in self.weights: self.weights[n] = default_loss_weights(method, [n])[0]
-        self.stage_losses, self.stage_pairs, self.stage_weights = nn.ModuleList(), [], []
-        for pair, lam, only in zip(stage_pairs(self.layers), self.layer_weights, per_layer):
-            names = staged([only] if only else feature_names) if lam and pair else []
-            if names: self._add_stage_losses(pair, lam, names, options, num_samples, shapes_s, shapes_t)
-        missing = [n for n in staged(feature_names + [n for n in per_layer if n]) if not any(n in l for l in self.stage_losses)]
-        if missing: raise ValueError(f"layers: {', '.join(missing)} compares two stages, and layers {self.layers} give no pair "
-                                     f"(stage 1 has none before it); valid: a stage from 2 to 4, or two stages or more")
+        shapes = (feature_shapes(student, input_size), feature_shapes(teacher, input_size)) if self.layers else None
+        plan = dict(feature_names=feature_names, per_layer=per_layer, options=options, num_samples=num_samples, shapes=shapes)
+        self._add_alignments(**plan, projector=projector, factor=factor, direction=direction, reuse_head=reuse_head)
+        self._add_stages(**plan)
         self.reuse_head, self.direction = reuse_head, direction
-        # The teacher head reads teacher-width features; other directions train a linear head of their own by CE.
-        self.own_head = None
-        if reuse_head and direction != 'up':
-            if self.ce_weight <= 0:
-                raise ValueError(f"ce_weight: must be > 0 with direction {direction!r}, whose head is trained by cross-entropy")
-            self.own_head = nn.Linear(self.alignments[-1].width, teacher.head.out_features)
+        self.own_head = _own_head(self, reuse_head, direction)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None and not self.online: self.teacher.eval()
         return self
 
-    def _add_stage_losses(self, pair, lam, names, options, num_samples, shapes_s, shapes_t):
-        "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
-        ws, wt = [shapes_s[k - 1][0] for k in pair], [shapes_t[k - 1][0] for k in pair]
-        if ws != wt: raise ValueError(f"{', '.join(names)}: stages {pair[0]}->{pair[1]} are {ws[0]}->{ws[1]} channels wide in the "
-                                      f"student and {wt[0]}->{wt[1]} in the teacher; valid: a student and teacher of equal widths there")
-        self.stage_pairs.append(pair); self.stage_weights.append(lam)
-        self.stage_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, None, num_samples)) for n in names}))
-        for n in names: self.weights.setdefault(n, default_loss_weights(self.method, [n])[0])
-
     def forward(self, x): return predict(self, self.student.forward_features(x))
     def step(self, x, y, indices=None, progress=None): return distill_step(self, x, y, indices, progress)
     def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
     def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
+# %% ../nbs/04_distill.ipynb 40
+@patch
+def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samples, shapes, projector, factor, direction, reuse_head):
+    "An `Alignment` and its feature losses per aligned stage that has a loss term (or the reused head to feed)."
+    self.alignments, self.feature_losses, self.alignment_weights = nn.ModuleList(), nn.ModuleList(), []
+    for k, lam, only in zip(self.layers, self.layer_weights, per_layer):
+        names = ([only] if only else feature_names) if lam else []
+        names = [n for n in names if LOSSES[n].kind != 'stages']
+        if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
+        al = Alignment(k, shapes[0][k - 1], shapes[1][k - 1], projector, factor, direction, target=bool(names))
+        self.alignments.append(al)
+        self.alignment_weights.append(lam)
+        self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, al.width, num_samples)) for n in names}))
+        for n in names:
+            if n not in self.weights: self.weights[n] = default_loss_weights(self.method, [n])[0]
+
 # %% ../nbs/04_distill.ipynb 41
+@patch
+def _add_stage_losses(self: Distiller, pair, lam, names, options, num_samples, shapes_s, shapes_t):
+    "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
+    ws, wt = [shapes_s[k - 1][0] for k in pair], [shapes_t[k - 1][0] for k in pair]
+    if ws != wt: raise ValueError(f"{', '.join(names)}: stages {pair[0]}->{pair[1]} are {ws[0]}->{ws[1]} channels wide in the "
+                                  f"student and {wt[0]}->{wt[1]} in the teacher; valid: a student and teacher of equal widths there")
+    self.stage_pairs.append(pair); self.stage_weights.append(lam)
+    self.stage_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, None, num_samples)) for n in names}))
+    for n in names: self.weights.setdefault(n, default_loss_weights(self.method, [n])[0])
+
+@patch
+def _add_stages(self: Distiller, feature_names, per_layer, options, num_samples, shapes):
+    "The losses of `kind='stages'` at each aligned stage that has a stage before it; refused where none has."
+    staged = lambda names: [n for n in names if LOSSES[n].kind == 'stages']
+    self.stage_losses, self.stage_pairs, self.stage_weights = nn.ModuleList(), [], []
+    for pair, lam, only in zip(stage_pairs(self.layers), self.layer_weights, per_layer):
+        names = staged([only] if only else feature_names) if lam and pair else []
+        if names: self._add_stage_losses(pair, lam, names, options, num_samples, *shapes)
+    missing = [n for n in staged(feature_names + [n for n in per_layer if n]) if not any(n in l for l in self.stage_losses)]
+    if missing: raise ValueError(f"layers: {', '.join(missing)} compares two stages, and layers {self.layers} give no pair "
+                                 f"(stage 1 has none before it); valid: a stage from 2 to 4, or two stages or more")
+
+def _own_head(self: Distiller, reuse_head, direction):
+    "The linear head a reused-head student trains by CE when its features are not at the teacher's width (direction not 'up')."
+    if not reuse_head or direction == 'up': return None
+    if self.ce_weight <= 0:
+        raise ValueError(f"ce_weight: must be > 0 with direction {direction!r}, whose head is trained by cross-entropy")
+    return nn.Linear(self.alignments[-1].width, self.teacher.head.out_features)
+
+# %% ../nbs/04_distill.ipynb 44
 @torch.no_grad()
 def _teacher_outputs(teacher, x, y, need_logits):
     "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
@@ -264,7 +286,7 @@ def _teacher_outputs(teacher, x, y, need_logits):
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
-# %% ../nbs/04_distill.ipynb 42
+# %% ../nbs/04_distill.ipynb 45
 def predict(self: Distiller, feats, s_last=None):
     "Logits of the deployed path from the student's features (and the last projected map when already computed)."
     if not self.reuse_head: return self.student.head(feats.embedding)
@@ -273,14 +295,14 @@ def predict(self: Distiller, feats, s_last=None):
     h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
     return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
-# %% ../nbs/04_distill.ipynb 43
+# %% ../nbs/04_distill.ipynb 46
 def _step_inputs(loss, inputs: dict) -> dict:
     "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
     missing = [n for n in step_needs(loss) if inputs[n] is None]
     if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
     return {n: inputs[n] for n in step_needs(loss)}
 
-# %% ../nbs/04_distill.ipynb 44
+# %% ../nbs/04_distill.ipynb 47
 def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
     "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
@@ -304,7 +326,7 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
     if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
-# %% ../nbs/04_distill.ipynb 49
+# %% ../nbs/04_distill.ipynb 52
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
@@ -317,21 +339,21 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
     return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 69
+# %% ../nbs/04_distill.ipynb 72
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
-# %% ../nbs/04_distill.ipynb 70
+# %% ../nbs/04_distill.ipynb 73
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
-# %% ../nbs/04_distill.ipynb 71
+# %% ../nbs/04_distill.ipynb 74
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
     terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
-# %% ../nbs/04_distill.ipynb 72
+# %% ../nbs/04_distill.ipynb 75
 def trained_modules(distiller: Distiller) -> list:
     "The distiller's parts that the main optimizer trains: all but the teacher (unless online) and the feature and stage losses that do not need `trainable`."
     frozen = ('feature_losses', 'stage_losses') + (() if getattr(distiller, 'online', False) else ('teacher',))   # an online teacher trains
@@ -339,17 +361,17 @@ def trained_modules(distiller: Distiller) -> list:
     return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
                    for l in losses.values() if 'trainable' in l.needs]
 
-# %% ../nbs/04_distill.ipynb 73
+# %% ../nbs/04_distill.ipynb 76
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 74
+# %% ../nbs/04_distill.ipynb 77
 def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 92
+# %% ../nbs/04_distill.ipynb 95
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -359,14 +381,14 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
-# %% ../nbs/04_distill.ipynb 93
+# %% ../nbs/04_distill.ipynb 96
 def deployed_module(distiller) -> nn.Module:
     "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
     if not distiller.reuse_head: return distiller.student
     head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
     return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
 
-# %% ../nbs/04_distill.ipynb 94
+# %% ../nbs/04_distill.ipynb 97
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -376,7 +398,7 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
-# %% ../nbs/04_distill.ipynb 95
+# %% ../nbs/04_distill.ipynb 98
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
@@ -390,7 +412,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
 
-# %% ../nbs/04_distill.ipynb 102
+# %% ../nbs/04_distill.ipynb 105
 class VirtualTeacher(nn.Module):
     "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
     reads_labels = True   # `distill_step` gives it the labels, not the images
@@ -409,7 +431,7 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 109
+# %% ../nbs/04_distill.ipynb 112
 class MutualDistiller(nn.Module):
     "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
     def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
@@ -432,25 +454,25 @@ class MutualDistiller(nn.Module):
     def monitored(self) -> dict: return {f'peer{i + 1}': p for i, p in enumerate(self.peers)}
     def select(self, row: dict): self.chosen.fill_(max(range(len(self.peers)), key=lambda i: row[f'peer{i + 1}_test_acc1']))
     def forward(self, x): return self.student(x)
-    def step(self, x, y): return mutual_step(self, x, y)
+    def step(self, x, y, indices=None, progress=None): return mutual_step(self, x, y, indices, progress)
 
-# %% ../nbs/04_distill.ipynb 110
-def mutual_step(self: MutualDistiller, x, y) -> StepOutput:
+# %% ../nbs/04_distill.ipynb 113
+def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> StepOutput:
     "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
-    logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None}
+    logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None, 'indices': indices, 'progress': progress}
     out = StepOutput(logits[0])
     for k, z in enumerate(logits):
         others = [o.detach() for j, o in enumerate(logits) if j != k]
         if self.ce_weight: out.terms[f'ce_peer{k + 1}'] = self.ce_weight * F.cross_entropy(z.float(), y)
         for name, loss in self.logit_losses.items():
-            needed = {n: inputs[n] for n in step_needs(loss)}
+            needed = _step_inputs(loss, inputs)
             out.terms[f'{name}_peer{k + 1}'] = self.weights[name] * sum(loss(z, o, **needed) for o in others) / len(others)
     return out
 
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 116
+# %% ../nbs/04_distill.ipynb 119
 def online_teacher_outputs(teacher, x, y):
     "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
     feats = teacher.forward_features(x)
@@ -464,7 +486,7 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
 
-# %% ../nbs/04_distill.ipynb 121
+# %% ../nbs/04_distill.ipynb 124
 class DeployedTeacher(nn.Module):
     "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
     def __init__(self, module: nn.Module):

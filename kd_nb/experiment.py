@@ -257,13 +257,9 @@ def _resolve_scheme(k: dict, m: dict):
     k['scheme'] = {**scheme, 'teacher_chain': k['teacher_chain']} if k['teacher_chain'] else scheme or None
 
 # %% ../nbs/09_experiment.ipynb 56
-def resolve_config(**knobs) -> dict:
-    "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
-    unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
-    if unknown: raise ValueError(f"{unknown[0]}: unknown knob; valid: {', '.join(DEFAULT_KNOBS)}")
-    k = {**DEFAULT_KNOBS, **knobs}
+def _resolve_choices(k: dict) -> tuple:
+    "Step 1: the data set, method, device and models named, and the switches; the data set's info and the method's defaults."
     info = dataset_info(k['dataset'])
-    preset = check_preset(k['preset'])
     m = METHOD_DEFAULTS[check_choice(k['method'], 'method', list(METHOD_DEFAULTS))]
     check_choice(k['device'], 'device', DEVICES)
     check_model(k['student'], 'student')
@@ -272,6 +268,12 @@ def resolve_config(**knobs) -> dict:
     for n in BOOL_KNOBS: k[n] = parse_bool(k[n], n)
     if k['deterministic'] != 'auto': k['deterministic'] = parse_bool(k['deterministic'], 'deterministic')
     if isinstance(k['compile'], str) and k['compile'].lower() in _TRUE + _FALSE: k['compile'] = parse_bool(k['compile'], 'compile')
+    return info, m
+
+# %% ../nbs/09_experiment.ipynb 57
+def _resolve_recipe(k: dict):
+    "Step 2: the training recipe, the preset's values where a knob is unset, the teacher's from the student's, as the trainer checks them."
+    preset = check_preset(k['preset'])
     for n, v in preset.items():
         if k[n] in (None, ''): k[n] = v
     for n in ('seed', 'epochs', 'train_limit'):
@@ -289,6 +291,10 @@ def resolve_config(**knobs) -> dict:
     k['teacher_lr_milestones'] = parse_list(k['teacher_lr_milestones'], 'teacher_lr_milestones', milestone)
     TrainConfig(epochs=k['teacher_epochs'], lr_milestones=k['teacher_lr_milestones'])   # checks them as the trainer will
     k.update({n: getattr(train_config(k), n) for n in ('amp', 'compile', 'deterministic')})  # the trainer checks its knobs
+
+# %% ../nbs/09_experiment.ipynb 58
+def _resolve_distillation(k: dict, m: dict, knobs: dict):
+    "Step 3: losses, learning scheme, aligned layers, projector and direction, from the method's defaults `m` where unset."
     if k['method'] == 'scratch' and (knobs.get('loss') or knobs.get('layers')):
         raise ValueError(f"loss/layers: method 'scratch' trains without a teacher; got loss={knobs.get('loss')!r} layers={knobs.get('layers')!r}")
     _resolve_losses(k, m, k['loss_options'])
@@ -304,6 +310,10 @@ def resolve_config(**knobs) -> dict:
     check_choice(k['direction'], 'direction', DIRECTIONS)
     if k['ce_weight'] in (None, ''): k['ce_weight'] = 1.0 if (k['direction'] != 'up' and m['reuse_head']) else m['ce_weight']
     k['ce_weight'] = float(k['ce_weight'])
+
+# %% ../nbs/09_experiment.ipynb 59
+def _check_buildable(k: dict, info):
+    "Step 4: the teacher checkpoint loads, the data set is there, and the distiller builds (on the meta device: no memory, no time)."
     if k['teacher_ckpt']:
         path = project_path(k['teacher_ckpt'])
         if not path.is_file(): raise ValueError(f"teacher_ckpt: no file at {str(path)!r}")
@@ -313,27 +323,38 @@ def resolve_config(**knobs) -> dict:
         build_distiller(k, get_model(k['student'], info.num_classes),   # the training set's size is known once loaded
                         _teacher_model(k, info.num_classes) if needs_teacher(k['method']) else None,
                         num_samples=1)
+
+# %% ../nbs/09_experiment.ipynb 60
+def resolve_config(**knobs) -> dict:
+    "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
+    unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
+    if unknown: raise ValueError(f"{unknown[0]}: unknown knob; valid: {', '.join(DEFAULT_KNOBS)}")
+    k = {**DEFAULT_KNOBS, **knobs}
+    info, m = _resolve_choices(k)
+    _resolve_recipe(k)
+    _resolve_distillation(k, m, knobs)
+    _check_buildable(k, info)
     return k
 
-# %% ../nbs/09_experiment.ipynb 57
+# %% ../nbs/09_experiment.ipynb 61
 def _teacher_model(k: dict, num_classes: int):
     "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
     return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
 
-# %% ../nbs/09_experiment.ipynb 70
+# %% ../nbs/09_experiment.ipynb 74
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
             'preset', 'epochs', 'batch_size', 'lr', 'lr_milestones', 'weight_decay', 'momentum', 'train_limit',
             'test_limit', 'val_size', 'fast_data', 'seed', 'amp', 'scheme')
 
-# %% ../nbs/09_experiment.ipynb 71
+# %% ../nbs/09_experiment.ipynb 75
 def git_commit(root=None) -> str | None:
     "The commit checked out in `root` (default: the project root), or None outside a git checkout."
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root or project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/09_experiment.ipynb 72
+# %% ../nbs/09_experiment.ipynb 76
 def environment(device, amp='auto') -> dict:
     "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
@@ -342,14 +363,14 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 77
+# %% ../nbs/09_experiment.ipynb 81
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
                      teacher_chain=None, **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
-# %% ../nbs/09_experiment.ipynb 78
+# %% ../nbs/09_experiment.ipynb 82
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
     own = dict(seed=cfg['teacher_seed'], epochs=cfg['teacher_epochs'], lr_milestones=cfg['teacher_lr_milestones'],
@@ -357,7 +378,7 @@ def teacher_params(cfg: dict) -> dict:
     return {**cfg, **SCRATCH_KNOBS, 'student': cfg['teacher'], **own, **{f'teacher_{k}': v for k, v in own.items()},
             'lr': recipe_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])}
 
-# %% ../nbs/09_experiment.ipynb 79
+# %% ../nbs/09_experiment.ipynb 83
 TEACHER_KEYS = ('dataset', 'data_source', 'student', 'seed', 'epochs', 'lr_milestones', 'train_limit', 'batch_size', 'lr',
                 'momentum', 'weight_decay', 'val_size', 'fast_data', 'amp')
 
@@ -369,7 +390,7 @@ def teacher_dir(cfg: dict) -> Path:
     digest = hashlib.sha1(json.dumps({k: t.get(k) for k in TEACHER_KEYS}, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return root / f"{t['dataset']}-{t['student']}-e{t['epochs']}-n{t['train_limit']}-s{t['seed']}-{digest}"
 
-# %% ../nbs/09_experiment.ipynb 80
+# %% ../nbs/09_experiment.ipynb 84
 @dataclass
 class Teacher:
     "A frozen teacher on the run's device, its test top-1, where it came from (relative to the project) and its checkpoint's sha256."
@@ -378,7 +399,7 @@ class Teacher:
     source: str
     sha256: str | None = None
 
-# %% ../nbs/09_experiment.ipynb 81
+# %% ../nbs/09_experiment.ipynb 85
 def _cached_teacher(tdir: Path, model) -> bool:
     "Load the cached teacher in `tdir` into `model` if it finished and its checkpoint loads; whether it did."
     if (read_json(tdir / SUMMARY) or {}).get('status') != 'done': return False
@@ -386,7 +407,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 85
+# %% ../nbs/09_experiment.ipynb 89
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     if cfg.get('teacher_run'):   # a finished run's deployed model
@@ -412,7 +433,7 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     teacher = teacher.to(device).eval()
     return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(source), source_sha256(source))
 
-# %% ../nbs/09_experiment.ipynb 86
+# %% ../nbs/09_experiment.ipynb 90
 def _teacher_loaders(cfg, loaders, device):
     "The run's loaders, or, when the teacher trains on another subset, loaders of that subset (same test set)."
     if cfg['teacher_train_limit'] == cfg['train_limit']: return loaders
@@ -421,7 +442,7 @@ def _teacher_loaders(cfg, loaders, device):
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
                         download=False, num_workers=cfg['num_workers'])
 
-# %% ../nbs/09_experiment.ipynb 87
+# %% ../nbs/09_experiment.ipynb 91
 def run_figures(history: list, distiller, data_source: str, teacher: Teacher | None = None) -> dict:
     "What a finished run's `summary.json` records beyond its knobs: top-1, the teacher's, parameters and FLOPs, speed."
     dep = deployable(distiller)
@@ -435,7 +456,7 @@ def run_figures(history: list, distiller, data_source: str, teacher: Teacher | N
         **{f'{k[:-len("_test_acc1")]}_best_test_acc': max(r[k] for r in history)   # each monitored model (peers, online teacher)
            for k in history[-1] if k.endswith('_test_acc1') and k != 'test_acc1'})
 
-# %% ../nbs/09_experiment.ipynb 88
+# %% ../nbs/09_experiment.ipynb 92
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."
     log(f"training teacher {cfg['teacher']} in {tdir}")
@@ -451,7 +472,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 93
+# %% ../nbs/09_experiment.ipynb 97
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -464,7 +485,7 @@ class Experiment:
     @property
     def main(self) -> bool: return self.rank == 0
 
-# %% ../nbs/09_experiment.ipynb 94
+# %% ../nbs/09_experiment.ipynb 98
 def setup(log=print, **knobs) -> Experiment:
     "Step 1: resolve `knobs`, set the CPU threads, pick the device and join torchrun's process group if there is one."
     cfg = resolve_config(**knobs)
@@ -473,7 +494,7 @@ def setup(log=print, **knobs) -> Experiment:
     rank, size = init_distributed(device)
     return Experiment(cfg, device, rank, size, log if rank == 0 else (lambda *a, **k: None))
 
-# %% ../nbs/09_experiment.ipynb 95
+# %% ../nbs/09_experiment.ipynb 99
 def load_data(exp: Experiment):
     "Step 2: train, test (and validation) loaders of the run's data set on its device."
     c = exp.cfg
@@ -486,12 +507,12 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 99
+# %% ../nbs/09_experiment.ipynb 103
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
-# %% ../nbs/09_experiment.ipynb 100
+# %% ../nbs/09_experiment.ipynb 104
 def watch_failures(run: Run):
     "In IPython, record any exception raised by a later cell as this run's failure."
     try: ip = get_ipython()  # noqa: F821
@@ -501,7 +522,7 @@ def watch_failures(run: Run):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     ip.set_custom_exc((Exception,), handler)
 
-# %% ../nbs/09_experiment.ipynb 101
+# %% ../nbs/09_experiment.ipynb 105
 def start_run(exp: Experiment, notebook=None) -> Run | None:
     "Step 3: open or resume the run folder (rank 0 only) and write `config.json`; in a notebook, record failures and keep the executed notebook."
     c = exp.cfg
@@ -513,7 +534,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 104
+# %% ../nbs/09_experiment.ipynb 108
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -521,7 +542,7 @@ def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     exp.log(f"teacher {exp.cfg['teacher']}: {t.test_acc:.2f}% top-1 ({t.source})")
     return t
 
-# %% ../nbs/09_experiment.ipynb 105
+# %% ../nbs/09_experiment.ipynb 109
 def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     "Step 5: the student and its distiller, on the device."
     torch.manual_seed(exp.cfg['seed'])
@@ -530,20 +551,20 @@ def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     exp.log(f"loss terms: {list(d.weights)}; layers: {list(d.layers)}; projector: {exp.cfg['projector']} ({exp.cfg['direction']})")
     return d
 
-# %% ../nbs/09_experiment.ipynb 106
+# %% ../nbs/09_experiment.ipynb 110
 def train(exp: Experiment, run: Run | None, distiller, loaders) -> list[dict]:
     "Step 6: `fit` into the run folder, recording after every epoch that the run is alive."
     run_dir = broadcast_object(str(run.path) if exp.main else None)
     beat = (lambda epoch, row: run.heartbeat()) if run is not None else None
     return fit(distiller, loaders.train, loaders.test, train_config(exp.cfg), run_dir, log=exp.log, on_epoch_end=beat)
 
-# %% ../nbs/09_experiment.ipynb 107
+# %% ../nbs/09_experiment.ipynb 111
 def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: Teacher | None = None) -> dict | None:
     "Step 7: write the finished run's `summary.json` (rank 0) and return it."
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
 
-# %% ../nbs/09_experiment.ipynb 112
+# %% ../nbs/09_experiment.ipynb 116
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -557,7 +578,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 115
+# %% ../nbs/09_experiment.ipynb 119
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -574,7 +595,7 @@ def run_experiment(log=print, **knobs) -> dict | None:
     finally:
         if run is not None: run.close()
 
-# %% ../nbs/09_experiment.ipynb 116
+# %% ../nbs/09_experiment.ipynb 120
 def _read_value(text: str):
     "A command-line value as papermill's `-p` reads it."
     if text in ('True', 'False', 'None'): return {'True': True, 'False': False, 'None': None}[text]
@@ -583,7 +604,7 @@ def _read_value(text: str):
         except ValueError: pass
     return text
 
-# %% ../nbs/09_experiment.ipynb 117
+# %% ../nbs/09_experiment.ipynb 121
 def parse_knobs(argv) -> dict:
     "Knobs from `-p NAME VALUE` triples; an unknown name raises a ValueError listing the valid ones."
     knobs, args = {}, list(argv)
@@ -596,7 +617,7 @@ def parse_knobs(argv) -> dict:
         knobs[name] = _read_value(value)
     return knobs
 
-# %% ../nbs/09_experiment.ipynb 118
+# %% ../nbs/09_experiment.ipynb 122
 def main(argv=None):
     "`python -m kd_nb.experiment -p KNOB VALUE ...` (also under torchrun)."
     argv = sys.argv[1:] if argv is None else argv
@@ -606,6 +627,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 122
+# %% ../nbs/09_experiment.ipynb 126
 #| eval: false
 if __name__ == '__main__': main()

@@ -326,6 +326,20 @@ def _resume(p: Prepared, distiller, run_dir, log):
     return ck['history'], ck['best_acc'], ck['epoch']
 
 # %% ../nbs/07_trainer.ipynb 76
+def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best: float):
+    "After an epoch: `best.pt` when it beats `best` (the deployed model too, which a `teacher_run` reads), and `last.pt` to resume from."
+    epoch = row['epoch']
+    if row['test_acc1'] > best:
+        atomic_save({'model': distiller.student.state_dict(), 'distiller': trainable_state(distiller),
+                     'deployed': deployed_module(distiller).state_dict(), 'epoch': epoch, 'test_acc1': row['test_acc1']},
+                    run_dir / BEST)
+    atomic_save({'distiller': trainable_state(distiller), 'optimizer': p.opt.state_dict(),
+                 'scheduler': p.sched.state_dict(), 'aux_optimizer': p.aux_opt.state_dict() if p.aux_opt else None,
+                 'history': [*history, row], 'best_acc': max(best, row['test_acc1']), 'epoch': epoch,
+                 'rng': torch.get_rng_state(),
+                 'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
+
+# %% ../nbs/07_trainer.ipynb 77
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
@@ -353,15 +367,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
             log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_acc1']:.2f}% test {row['test_acc1']:.2f}% ({row['epoch_time_s']:.1f}s)")
             if epoch_log is not None:
-                if row['test_acc1'] > best:
-                    atomic_save({'model': distiller.student.state_dict(), 'distiller': trainable_state(distiller),
-                                 'deployed': deployed_module(distiller).state_dict(),   # what a teacher_run reads
-                                 'epoch': epoch + 1, 'test_acc1': row['test_acc1']}, run_dir / BEST)
-                atomic_save({'distiller': trainable_state(distiller), 'optimizer': p.opt.state_dict(),
-                             'scheduler': p.sched.state_dict(), 'aux_optimizer': p.aux_opt.state_dict() if p.aux_opt else None,
-                             'history': [*history, row], 'best_acc': max(best, row['test_acc1']), 'epoch': epoch + 1,
-                             'rng': torch.get_rng_state(),
-                             'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
+                _checkpoint(p, distiller, run_dir, row, history, best)
                 epoch_log(row)
             history = [*history, row] if epoch_log is None else epoch_log.history
             best = max(best, row['test_acc1'])

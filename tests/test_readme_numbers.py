@@ -117,3 +117,16 @@ def test_reading_quotes_the_committed_runs():
     for m in re.finditer(r'by (\d+\.\d) and (\d+\.\d) points', text): assert {m[1], m[2]} <= gaps
     teacher = runs.teacher_test_acc.dropna().iloc[0]
     assert f'**{teacher:.2f}% top-1**' in section('### Early training', '| setting |')
+
+
+CONVERGED_TEACHER = ROOT / 'results' / 'cifar10-jpeg-converged' / 'teacher' / 'scratch-resnet20-s0'
+
+
+@pytest.mark.skipif(not (CONVERGED_TEACHER / 'best.pt').is_file(), reason='the converged study teacher is not in this checkout')
+def test_converged_teacher_is_the_committed_one():
+    "The teacher accuracy and the sha256 the README gives are those of the committed teacher run and its best.pt."
+    import hashlib
+    s = json.loads((CONVERGED_TEACHER / 'summary.json').read_text())
+    text = section('### The converged study', '### Early training')
+    assert s['status'] == 'done' and f"**{s['best_test_acc']:.2f}% top-1**" in text and f"{s['final_test_acc']:.2f}% at the last" in text
+    assert f"sha256 `{hashlib.sha256((CONVERGED_TEACHER / 'best.pt').read_bytes()).hexdigest()}`" in text
