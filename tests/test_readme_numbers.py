@@ -130,3 +130,21 @@ def test_converged_teacher_is_the_committed_one():
     text = section('### The converged study', '### Early training')
     assert s['status'] == 'done' and f"**{s['best_test_acc']:.2f}% top-1**" in text and f"{s['final_test_acc']:.2f}% at the last" in text
     assert f"sha256 `{hashlib.sha256((CONVERGED_TEACHER / 'best.pt').read_bytes()).hexdigest()}`" in text
+
+
+@pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
+def test_study_time_is_the_runs_time():
+    "The teacher's minutes, the students' range of minutes and the hours of the two-at-a-time study are those the runs recorded."
+    import pandas as pd
+    from kd_nb.results import load_runs
+    runs = load_runs(STUDY / 'cifar10_cpu')
+    teacher = STUDY / 'teachers' / Path(runs.teacher_source.dropna().iloc[0]).parent.name
+    teacher_min = pd.read_csv(teacher / 'metrics.csv').epoch_time_s.sum() / 60
+    minutes = sorted(runs.wall_time_s / 60)
+    students = minutes[:-1]                  # the first run to need the teacher trained it: its time holds the teacher's
+    assert minutes[-1] > teacher_min > students[-1]
+    hours = (teacher_min + sum(students) / 2) / 60
+    text = section('The whole study took', 'Train it again')
+    assert "about 2¼ hours" in text and abs(hours - 2.25) < 0.125
+    assert f"the teacher {teacher_min:.0f}\nminutes" in text or f"the teacher {teacher_min:.0f} minutes" in text
+    assert f"{len(students)} student runs of {students[0]:.0f} to {students[-1]:.0f} minutes" in text
