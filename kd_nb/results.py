@@ -100,6 +100,9 @@ def _num(v):
     except (TypeError, ValueError): return None
 
 # %% ../nbs/11_results.ipynb 17
+def _missing(v) -> bool: return v is None or (isinstance(v, float) and math.isnan(v))
+
+# %% ../nbs/11_results.ipynb 18
 def varied_knobs(row: dict) -> tuple:
     "The distillation knobs on which `row` differs from its method's recipe, in a fixed order."
     method = row.get('method')
@@ -118,7 +121,7 @@ def varied_knobs(row: dict) -> tuple:
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
     return tuple(varied) + scheme
 
-# %% ../nbs/11_results.ipynb 21
+# %% ../nbs/11_results.ipynb 22
 def load_runs(runs_dir='runs'):
     "One row per run folder under `runs_dir` (any status), with summary fields and resolved knobs as columns."
     import pandas as pd
@@ -127,7 +130,7 @@ def load_runs(runs_dir='runs'):
         if c not in df: df[c] = pd.Series(dtype=float if c in ('best_test_acc', 'final_test_acc') else object)
     return df[list(RUN_COLUMNS) + sorted(set(df.columns) - set(RUN_COLUMNS))]
 
-# %% ../nbs/11_results.ipynb 23
+# %% ../nbs/11_results.ipynb 24
 def load_metrics(runs_dir='runs'):
     "Every row of every run's `metrics.csv` (one per epoch), with the run's `run`, `sweep` and `run_id`."
     import pandas as pd
@@ -142,7 +145,7 @@ def load_metrics(runs_dir='runs'):
         frames.append(m)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['run', 'sweep', 'run_id', 'epoch', 'test_acc1'])
 
-# %% ../nbs/11_results.ipynb 30
+# %% ../nbs/11_results.ipynb 31
 def dedupe(df):
     "(kept, dropped): the finished runs of `df`, one per (`config`, `seed`) (the first started), and the others with `kept_run`."
     d = df[df.status == 'done'].copy()
@@ -157,9 +160,6 @@ def dedupe(df):
     others = dropped.groupby('kept_run').run.agg(list)
     kept['duplicates'] = [others.get(r, []) for r in kept.run]
     return kept.sort_index(), dropped.sort_index()
-
-# %% ../nbs/11_results.ipynb 34
-def _missing(v) -> bool: return v is None or (isinstance(v, float) and math.isnan(v))
 
 # %% ../nbs/11_results.ipynb 35
 def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
