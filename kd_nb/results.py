@@ -279,7 +279,7 @@ def caption(df) -> str:
 def scratch_in_pairs(df):
     "`df` with each run taught by no given teacher (scratch, Tf-KD, mutual learning) repeated in every teacher → student pair of its student (same setting), as that pair."
     import pandas as pd
-    alone_ = df.method.map(lambda m: m in METHOD_DEFAULTS and teacher_from(m) != 'given')
+    alone_ = df.method.map(lambda m: m in METHOD_DEFAULTS and teacher_from(m) != 'given').astype(bool)   # a mask even when empty
     scratch, rest = df[alone_], df[~alone_]
     pairs = rest[[*SETTING, 'teacher', 'student', 'pair']].drop_duplicates()
     placed = scratch.drop(columns=['teacher', 'pair']).merge(pairs, on=[*SETTING, 'student'])
