@@ -3,6 +3,7 @@
 The results tables between `<!-- table: ... -->` markers are written by `.ci/readme.py` (tests/test_docs.py); the
 tests here check the rest: the sweep run counts, the benchmark tables, the synthetic-data accuracies and every
 accuracy and interval quoted in the reading of the study on real pixels."""
+import itertools
 import json
 import re
 from pathlib import Path
@@ -23,9 +24,8 @@ def section(start: str, end: str) -> str:
 
 def table_rows(start: str) -> list[list[str]]:
     "The cells of each row of the Markdown table whose header line starts with `start`."
-    lines = README[README.index(start):].splitlines()
-    rows = [l for l in lines[2:len(lines)] if l.startswith('|')]
-    rows = rows[:next((i for i, l in enumerate(lines[2:]) if not l.startswith('|')), len(rows))]
+    lines = README[README.index(start):].splitlines()[2:]   # below the header and its separator
+    rows = itertools.takewhile(lambda l: l.startswith('|'), lines)
     return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
 
 
@@ -81,15 +81,11 @@ def test_fast_path_accuracy_table_is_its_runs():
         if '(' in speed: assert speed.split('(')[1] == f"{r['images/s'] / t['images/s'][0]:.1f}x)"
 
 
-def synthetic_runs():
-    from kd_nb.results import load_runs
-    return load_runs(ROOT / 'results' / 'synthetic' / 'synthetic_quick')
-
-
 @pytest.mark.skipif(not (ROOT / 'results' / 'synthetic' / 'synthetic_quick').is_dir(), reason='the synthetic quick runs are not in this checkout')
 def test_synthetic_quick_accuracies():
     "The teacher and SimKD accuracies the README gives for the `quick` preset on synthetic CIFAR-100 are the committed runs'."
-    runs = synthetic_runs()
+    from kd_nb.results import load_runs
+    runs = load_runs(ROOT / 'results' / 'synthetic' / 'synthetic_quick')
     simkd = runs[runs.method == 'simkd'].iloc[0]
     text = section('The synthetic data is sized', '\n\n')
     assert f"teacher reaches {round(simkd.teacher_test_acc)}%" in text and f"SimKD resnet8 {round(simkd.best_test_acc)}%" in text
