@@ -221,6 +221,7 @@ class Distiller(nn.Module):
         self._add_stages(**plan)
         self.reuse_head, self.direction = reuse_head, direction
         self.own_head = _own_head(self, reuse_head, direction)
+        _check_head_is_trained(self)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -277,6 +278,13 @@ def _own_head(self: Distiller, reuse_head, direction):
     if self.ce_weight <= 0:
         raise ValueError(f"ce_weight: must be > 0 with direction {direction!r}, whose head is trained by cross-entropy")
     return nn.Linear(self.alignments[-1].width, self.teacher.head.out_features)
+
+def _check_head_is_trained(self: Distiller):
+    "Refuse a reused head whose input no term trains: a projector left at its initialization would classify the test set."
+    if not self.reuse_head or self.ce_weight > 0 or len(self.logit_losses) or len(self.feature_losses[-1]): return
+    stages = sorted({n for l in self.stage_losses for n in l}) or ['fsp']
+    raise ValueError(f"loss: {', '.join(stages)} trains nothing that feeds the reused teacher head (stage 4's projector would stay "
+                     f"at its initialization); valid: a feature loss at stage 4 as well (e.g. loss l2+{stages[0]}), a logit loss, or ce_weight > 0")
 
 # %% ../nbs/04_distill.ipynb 44
 @torch.no_grad()

@@ -11,7 +11,7 @@ from .runs import RunFolder, find_runs, read_json, METRICS
 from .losses import loss_options as loss_option_defaults
 from .projectors import PROJECTORS, projector_knobs
 from .distill import METHOD_DEFAULTS, default_loss_weights, teacher_from
-from .experiment import RUN_KEYS, SCHEME_KNOBS, resolve_config, project_root, project_path
+from .experiment import RUN_KEYS, SCHEME_KNOBS, resolve_config, project_root, project_path, project_relative
 from .sweep import run_state, record_path
 
 # %% auto 0
@@ -808,8 +808,8 @@ def slug(text) -> str:
 
 # %% ../nbs/11_results.ipynb 186
 def save_figure(fig, folder, name: str) -> list:
-    "Write `fig` to `folder/name.pdf` and `folder/name.png`."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
+    folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f'{name}.{ext}' for ext in ('pdf', 'png')]
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
@@ -817,7 +817,7 @@ def save_figure(fig, folder, name: str) -> list:
 # %% ../nbs/11_results.ipynb 188
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
     md, tex = folder / f'{name}.md', folder / f'{name}.tex'
     md.write_text(f'{markdown_table(table)}\n\n*{caption}*\n', encoding='utf-8')
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
@@ -868,7 +868,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     if not nb.is_file(): raise ValueError(f"notebook: no report notebook at {str(nb)!r}")
     out = project_path(out_html)
     executed = out.with_suffix('.ipynb'); executed.parent.mkdir(parents=True, exist_ok=True)
-    params = {'runs_dir': str(project_path(runs_dir)), 'tables_dir': str(project_path(tables_dir)) if tables_dir else '',
+    params = {'runs_dir': project_relative(runs_dir), 'tables_dir': project_relative(tables_dir) if tables_dir else '',
               **({'title': title} if title else {})}
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)

@@ -50,9 +50,9 @@ def recipe_lr(arch: str, batch_size: int = RECIPE_BATCH, preset: str = 'paper') 
     return lr * (batch_size / RECIPE_BATCH if preset in LINEAR_LR_PRESETS else 1)
 
 # %% ../nbs/07_trainer.ipynb 12
-def check_milestones(milestones) -> tuple:
+def check_milestones(milestones, knob: str = 'lr_milestones') -> tuple:
     "`milestones` as increasing epochs (integers >= 1) or increasing fractions of training (numbers in (0, 1)); anything else raises."
-    bad = ValueError(f"lr_milestones: must be increasing epochs >= 1 or increasing fractions of training in (0, 1), got {list(milestones)}")
+    bad = ValueError(f"{knob}: must be increasing epochs >= 1 or increasing fractions of training in (0, 1), got {list(milestones)}")
     try: ms = tuple(float(m) for m in milestones)
     except (TypeError, ValueError): raise bad from None
     if ms and all(0 < m < 1 for m in ms): out = ms

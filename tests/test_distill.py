@@ -193,11 +193,11 @@ INPUTS = {'indices': torch.tensor([5, 0, 9, 3]), 'progress': torch.tensor(0.5)} 
 
 @pytest.mark.parametrize('name', list_losses())
 def test_every_loss_trains_the_student_through_a_distiller(name, teacher):
-    "A logit loss under KD, a feature (or stage) loss on SimKD's stage 4: the step has the loss's term and its gradient reaches the student."
+    "A logit loss under KD, a feature loss on SimKD's stage 4 (a stage loss with L2, which trains the projector): the step has the loss's term and its gradient reaches the student."
     torch.manual_seed(0)
     method = 'kd' if LOSSES[name].kind == 'logits' else 'simkd'
     same_widths = get_model('resnet8x4', num_classes=10) if LOSSES[name].kind == 'stages' else student()
-    d = make_distiller(method, same_widths, teacher, losses=[name], num_samples=10).train()
+    d = make_distiller(method, same_widths, teacher, losses=['l2', name] if LOSSES[name].kind == 'stages' else [name], num_samples=10).train()
     assert step_inputs(d) == {n for n in LOSSES[name].needs if n in INPUTS} | ({'labels'} & set(LOSSES[name].needs))
     out = d.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), **{n: INPUTS[n] for n in step_inputs(d) if n in INPUTS})
     assert any(k.split('@')[0] == name for k in out.terms) and torch.isfinite(out.total)
