@@ -11,8 +11,9 @@ pytestmark = pytest.mark.slow   # papermill or torchrun runs: `pytest -m 'not sl
 # resnet8x4 (stage widths 32, 64, 128, 256) teaches resnet8 (16, 16, 32, 64): every projector has work to do.
 PAIR = dict(teacher='resnet8x4', student='resnet8', epochs=1, train_limit=128, test_limit=64)
 AXES = (
-    # a loss on two stages of each network compares their Gram matrices: it needs equal widths (resnet14's are resnet8's)
-    [dict(loss=name, **({'teacher': 'resnet14'} if LOSSES[name].kind == 'stages' else {})) for name in list_losses()]
+    # a loss on two stages of each network compares their Gram matrices: it needs equal widths (resnet14's are resnet8's),
+    # and L2 beside it to train the projector that feeds the reused head
+    [dict(loss=name) if LOSSES[name].kind != 'stages' else dict(loss=f'l2+{name}', teacher='resnet14') for name in list_losses()]
     + [dict(loss='l2+kl', loss_weight='1,0.5')]
     + [dict(layers=layers) for layers in ('3,4', '2,3,4', 'all')]
     + [dict(layers='all', layer_weights=w) for w in ('increasing', 'decreasing', 'last_only')]
@@ -71,10 +72,11 @@ def test_adversarial_discriminator_is_trained(synthetic_cifar100, tmp_path):
     (dict(loss='l2+huber'), "loss: unknown 'huber'"),
     (dict(loss_options='{"smooth_l1": {"gamma": 1}}', loss='smooth_l1'), 'gamma'),
     (dict(factor=3), 'factor'),
+    (dict(loss='fsp', teacher='resnet14'), 'fsp trains nothing that feeds the reused teacher head'),
 ])
 def test_bad_research_knobs_fail_before_training(bad, message, synthetic_cifar100, tmp_path):
     import papermill as pm
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_notebook(tmp_path / 'bad.ipynb', **quick_params(synthetic_cifar100, tmp_path, **PAIR, **bad, run_name='bad'))
+        run_notebook(tmp_path / 'bad.ipynb', **quick_params(synthetic_cifar100, tmp_path, **{**PAIR, **bad}, run_name='bad'))
     assert message in str(e.value)
     assert not (tmp_path / 'bad').exists()
