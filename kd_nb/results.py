@@ -18,14 +18,15 @@ from .sweep import run_state, record_path
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN', 'INTERVAL_METHOD',
            'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS',
            'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS',
-           'TABLE_BLOCK', 'config_key', 'read_run', 'method_recipe', 'varied_knobs', 'load_runs', 'load_metrics',
-           'dedupe', 'mean_std', 'aggregate', 'paper_table', 'paired_table', 'markdown_table', 'setting_label',
-           'caption', 'scratch_in_pairs', 'execution', 'speed_table', 't_quantile', 'seed_interval', 'paired_interval',
-           'verdict', 'axis_of', 'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows',
-           'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table',
-           'reading', 'method_colour', 'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics',
+           'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run', 'method_recipe', 'varied_knobs', 'load_runs',
+           'load_metrics', 'dedupe', 'mean_std', 'aggregate', 'paper_table', 'paired_table', 'markdown_table',
+           'setting_label', 'caption', 'scratch_in_pairs', 'execution', 'speed_table', 't_quantile', 'seed_interval',
+           'paired_interval', 'verdict', 'axis_of', 'axis_title', 'images_seen', 'study_stats', 'research_axes',
+           'axis_rows', 'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table',
+           'html_table', 'reading', 'method_colour', 'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics',
            'curves_figure', 'budget_rows', 'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure',
-           'save_table', 'runs_tables', 'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
+           'save_table', 'runs_tables', 'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report',
+           'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -785,8 +786,9 @@ def budget_figure(stats):
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
-    means = rows.pivot_table(index='images_seen', columns='label', values='mean').dropna(axis=1)
+    means = rows.pivot_table(index='images_seen', columns='label', values='mean')
     if baseline not in means: raise ValueError(f"baseline: {baseline!r} did not run at every budget; ran: {', '.join(means.columns)}")
+    means = means.dropna(axis=0)   # a budget that not every label has reached yet ranks nothing
     gains = means.drop(columns=baseline).sub(means[baseline], axis=0)
     order = [tuple(means.loc[b].sort_values(ascending=False).index) for b in means.index]
     shift = (gains.shift(-1) - gains).abs().max(axis=1)
@@ -835,18 +837,46 @@ def runs_tables(runs_dir, baselines=('simkd',)) -> str:
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 195
-def fill_tables(text: str, root=None) -> str:
-    "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` block written again from the runs in `root/RUNS`."
-    root = Path(root) if root else project_root()
-    return TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
-                           + m.group(5), text)
+# %% ../nbs/11_results.ipynb 196
+BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 199
+# %% ../nbs/11_results.ipynb 197
+def _budget_verdict(rows, baseline) -> str:
+    "What `choose_budget` picks from one family's rows, in words."
+    try: pick = choose_budget(rows, baseline=baseline)
+    except ValueError as e: return f'no budget chosen ({e})'
+    if pick['converged']: return (f"{pick['budget']:,.0f} images seen, the smallest budget whose ranking holds at the next one with every gain "
+                                  f"over {baseline} moving by less than {pick['tolerance']:g} point")
+    return f"none yet: no budget run by every label meets the rule; the largest, {pick['budget']:,.0f} images seen, is not converged"
+
+# %% ../nbs/11_results.ipynb 198
+def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
+    "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
+    import numpy as np
+    out = []
+    for family, rows in budget_rows(study_stats(load_runs(runs_dir), baselines=(baseline,))).groupby('family'):
+        cells = rows.assign(cell=[mean_std(np.mean(v), np.std(v, ddof=1) if len(v) > 1 else None, len(v)) for v in rows['values']])
+        t = cells.pivot_table(index='label', columns='images_seen', values='cell', aggfunc='first').fillna('—')
+        last = cells.sort_values('images_seen').groupby('label')['mean'].last()
+        t = t.loc[last.sort_values(ascending=False).index]
+        t.columns = [f'{b / 1000:,.0f}k images' for b in t.columns]
+        out.append(f"{markdown_table(t.reset_index())}\n\n*{family}: best test top-1 (%) by training images seen, mean ± sample std "
+                   f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {_budget_verdict(rows, baseline)}.*")
+    return '\n\n'.join(out)
+
+# %% ../nbs/11_results.ipynb 200
+def fill_tables(text: str, root=None) -> str:
+    "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
+    root = Path(root) if root else project_root()
+    text = TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
+                           + m.group(5), text)
+    return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
+
+# %% ../nbs/11_results.ipynb 204
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 200
+# %% ../nbs/11_results.ipynb 205
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -860,7 +890,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 202
+# %% ../nbs/11_results.ipynb 207
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -873,7 +903,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 204
+# %% ../nbs/11_results.ipynb 209
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
