@@ -282,9 +282,9 @@ def _own_head(self: Distiller, reuse_head, direction):
 def _check_head_is_trained(self: Distiller):
     "Refuse a reused head whose input no term trains: a projector left at its initialization would classify the test set."
     if not self.reuse_head or self.ce_weight > 0 or len(self.logit_losses) or len(self.feature_losses[-1]): return
-    stages = sorted({n for l in self.stage_losses for n in l}) or ['fsp']
-    raise ValueError(f"loss: {', '.join(stages)} trains nothing that feeds the reused teacher head (stage 4's projector would stay "
-                     f"at its initialization); valid: a feature loss at stage 4 as well (e.g. loss l2+{stages[0]}), a logit loss, or ce_weight > 0")
+    raise ValueError(f"loss: {', '.join(self.weights) or 'none'} trains nothing that feeds the reused teacher head (stage 4's projector "
+                     f"would stay at its initialization); valid: a feature loss at stage 4 with a weight above 0 (e.g. loss l2+fsp for fsp), "
+                     f"a logit loss, or ce_weight > 0")
 
 # %% ../nbs/04_distill.ipynb 44
 @torch.no_grad()

@@ -25,8 +25,8 @@ __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'R
            'axis_rows', 'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table',
            'html_table', 'reading', 'method_colour', 'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics',
            'curves_figure', 'budget_rows', 'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure',
-           'save_table', 'runs_tables', 'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report',
-           'write_redirect']
+           'save_table', 'runs_tables', 'budget_verdict', 'budget_tables', 'fill_tables', 'notebook_to_html',
+           'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -841,27 +841,26 @@ def runs_tables(runs_dir, baselines=('simkd',)) -> str:
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
 # %% ../nbs/11_results.ipynb 197
-def _budget_verdict(rows, baseline) -> str:
-    "What `choose_budget` picks from one family's rows, in words."
-    try: pick = choose_budget(rows, baseline=baseline)
-    except ValueError as e: return f'no budget chosen ({e})'
-    if pick['converged']: return (f"{pick['budget']:,.0f} images seen, the smallest budget whose ranking holds at the next one with every gain "
-                                  f"over {baseline} moving by less than {pick['tolerance']:g} point")
-    return f"none yet: no budget run by every label meets the rule; the largest, {pick['budget']:,.0f} images seen, is not converged"
+def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
+    "The budget a `choose_budget` result picks, and why, in words."
+    if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
+                                  f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
+    return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
 # %% ../nbs/11_results.ipynb 198
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
-    import numpy as np
     out = []
     for family, rows in budget_rows(study_stats(load_runs(runs_dir), baselines=(baseline,))).groupby('family'):
-        cells = rows.assign(cell=[mean_std(np.mean(v), np.std(v, ddof=1) if len(v) > 1 else None, len(v)) for v in rows['values']])
+        try: verdict = budget_verdict(choose_budget(rows, baseline=baseline), baseline)
+        except ValueError as e: verdict = f'no budget chosen ({e})'
+        cells = rows.assign(cell=[mean_std(m, s, n) for m, s, n in zip(rows['mean'], rows['std'], rows['n'])])
         t = cells.pivot_table(index='label', columns='images_seen', values='cell', aggfunc='first').fillna('—')
         last = cells.sort_values('images_seen').groupby('label')['mean'].last()
         t = t.loc[last.sort_values(ascending=False).index]
         t.columns = [f'{b / 1000:,.0f}k images' for b in t.columns]
         out.append(f"{markdown_table(t.reset_index())}\n\n*{family}: best test top-1 (%) by training images seen, mean ± sample std "
-                   f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {_budget_verdict(rows, baseline)}.*")
+                   f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
 # %% ../nbs/11_results.ipynb 200
