@@ -438,8 +438,8 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
 
 # %% ../nbs/09_experiment.ipynb 89
 def _teacher_loaders(cfg, loaders, device):
-    "The run's loaders, or, when the teacher trains on another subset, loaders of that subset (same test set)."
-    if cfg['teacher_train_limit'] == cfg['train_limit']: return loaders
+    "The run's loaders, or, when the teacher trains on another subset or seed, loaders of its own (same test set)."
+    if (cfg['teacher_train_limit'], cfg['teacher_seed']) == (cfg['train_limit'], cfg['seed']): return loaders
     return make_loaders(cfg['dataset'], project_path(cfg['data_dir']), batch_size=cfg['batch_size'],
                         eval_batch_size=cfg['eval_batch_size'], fast=cfg['fast_data'], device=device, seed=cfg['teacher_seed'],
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
@@ -468,7 +468,8 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     barrier()
     params = teacher_params(cfg)
     run = begin_run(Run(tdir, resumed=False, lock=None), params, RUN_KEYS, environment(device, params['amp'])) if is_main() else None
-    torch.manual_seed(params['seed'])
+    torch.manual_seed(params['seed'])   # initial weights and data order from the teacher's own seed, whichever run trains it
+    teacher.load_state_dict(get_model(cfg['teacher'], loaders.info.num_classes).state_dict())
     L = _teacher_loaders(cfg, loaders, device)
     distiller = make_distiller('scratch', teacher.to(device))
     hist = fit(distiller, L.train, L.test, train_config(params), tdir, log=log)

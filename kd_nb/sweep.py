@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_sweep.ipynb 3
 from __future__ import annotations
-import copy, fnmatch, hashlib, itertools, json, os, re, shutil, socket, subprocess, sys, time
+import copy, fnmatch, hashlib, itertools, json, os, re, shutil, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +21,8 @@ __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NO
            'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state',
            'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
            'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
-           'worker_env', 'run_local', 'outcome_line', 'slurm_parameters', 'slurm_dependency', 'run_slurm',
-           'SweepResult', 'counts', 'run_sweep']
+           'worker_env', 'run_local', 'outcome_line', 'one_line_at_a_time', 'slurm_parameters', 'slurm_dependency',
+           'run_slurm', 'SweepResult', 'counts', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -408,6 +408,7 @@ def worker_env(slot: int, workers: int, devices) -> dict:
 def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[dict]:
     "Run `specs` with `workers` local processes at a time; return their outcomes in order."
     devices = visible_devices() if devices is None else list(devices)
+    log = one_line_at_a_time(log)
     slots = Queue()
     for i in range(workers): slots.put(i)
     def one(spec):
@@ -432,7 +433,15 @@ def outcome_line(res: dict) -> str:
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 98
+# %% ../nbs/10_sweep.ipynb 91
+def one_line_at_a_time(log):
+    "`log` for several worker threads: each call writes its whole line before the next begins."
+    lock = threading.Lock()
+    def logged(msg):
+        with lock: log(msg)
+    return logged
+
+# %% ../nbs/10_sweep.ipynb 101
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -446,12 +455,12 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 101
+# %% ../nbs/10_sweep.ipynb 104
 def slurm_dependency(params: dict, job_id) -> dict:
     "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
     return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
 
-# %% ../nbs/10_sweep.ipynb 102
+# %% ../nbs/10_sweep.ipynb 105
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print, after=None):
     "Submit `specs` (teacher runs before their students) through submitit, a run that waits for another (`after`: run -> teacher run) with a job dependency; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -483,7 +492,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 108
+# %% ../nbs/10_sweep.ipynb 111
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -497,7 +506,7 @@ class SweepResult:
     @property
     def failed(self) -> list: return [o['run'] for o in self.outcomes if o['status'] != 'done']
 
-# %% ../nbs/10_sweep.ipynb 109
+# %% ../nbs/10_sweep.ipynb 112
 BACKENDS, CLUSTERS = ('local', 'slurm'), ('slurm', 'local', 'debug')
 
 def counts(states) -> str:
@@ -506,7 +515,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 112
+# %% ../nbs/10_sweep.ipynb 115
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:

@@ -8,6 +8,7 @@ from kd_nb.losses import list_losses
 from kd_nb.sweep import SweepError, expand, load_sweep, run_sweep, sweep_status, validate
 from kd_nb.cli import sweep_main as main
 from kd_nb.hardware import available_cores
+from kd_nb.experiment import resolve_config
 from conftest import ROOT
 
 TINY = dict(dataset='cifar100', teacher='resnet14', student='resnet8', preset='quick', epochs=1, train_limit=0,
@@ -207,6 +208,34 @@ def test_shipped_sweeps_expand_and_validate(name):
         assert {c['layer_weights'] for c in resolved} == {'uniform', 'increasing', 'decreasing', 'last_only'}
     if name.startswith('baseline'):
         assert {c['method'] for c in resolved} == {'scratch', 'kd', 'fitnet', 'simkd'}
+
+
+def test_converged_study_sweeps():
+    "The converged study: one committed teacher, the budget curve, and the study at its budget B = 8 epochs."
+    load = lambda f: (lambda s: (s, validate(s, expand(s))))(load_sweep(ROOT / 'sweeps' / f'{f}.yaml'))
+    (teacher, [t]), (budget, curve), (study, runs) = (load(f) for f in ('cifar10_teacher', 'cifar10_budget', 'cifar10_converged'))
+    assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 32, 62)
+    ckpt = 'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0/best.pt'
+    assert (t['method'], t['student'], t['train_limit']) == ('scratch', 'resnet20', 0) and (ROOT / ckpt).is_file()
+    assert {c['epochs'] * 50_000 for c in curve} == {50_000, 100_000, 200_000, 400_000} and {c['epochs'] for c in runs} == {8}
+    for c in curve + runs:   # every run distills from the committed teacher, or from a run, or from a copy of itself
+        assert (c['train_limit'], c['test_limit'], c['lr_milestones']) == (0, 0, [0.625, 0.75, 0.875])
+        assert c['teacher_ckpt'] == ckpt or c['teacher_run'] or c['method'] in ('scratch', 'tf_reg', 'tf_self', 'dml')
+    at_b = [c for c in curve if c['epochs'] == 8] + runs
+    def plain(c):   # the method's own defaults: no knob but method and seed changed from the study's base
+        ref = resolve_config(**{**study.base, 'method': c['method'], 'seed': c['seed']})
+        return all(c[k] == v for k, v in ref.items() if k not in ('run_name', 'teacher', 'teacher_ckpt'))
+    for m in ('scratch', 'kd', 'fitnet', 'simkd'): assert sorted(c['seed'] for c in at_b if c['method'] == m and plain(c)) == [0, 1, 2], m
+    simkd = [c for c in at_b if c['method'] == 'simkd' and c['student'] == 'resnet8' and not c['teacher_run']]
+    assert {'+'.join(c['loss']) for c in simkd} == {'l2', 'l1', 'smooth_l1', 'cosine', 'kl', 'rkd', 'emd', 'pkt', 'vid', 'cc',
+                                                   'dkd', 'crd', 'l2+fsp'}
+    assert {(tuple(c['layers']), c['layer_weights']) for c in simkd} >= {((3, 4), 'uniform'), ((2, 3, 4), 'uniform'), ((2, 3, 4), 'increasing')}
+    assert {(c['projector'], c['factor']) for c in simkd} >= {('simkd', 1), ('simkd', 4), ('linear', 2), ('convreg', 2)}
+    assert {c['direction'] for c in simkd} == {'up', 'down', 'middle'} and {c['teacher_mode'] for c in simkd} == {'frozen', 'online'}
+    schemes = sorted((c['method'], c['student'], bool(c['teacher_run']), c['seed']) for c in runs if c['method'] in ('tf_reg', 'tf_self', 'dml')
+                     or c['teacher_run'] or c['student'] == 'resnet14')
+    assert schemes == sorted([(m, 'resnet8', False, s) for m in ('tf_reg', 'tf_self', 'dml') for s in (0, 1)] +
+                             [(m, st, chained, s) for m in ('kd', 'simkd') for st, chained in (('resnet14', False), ('resnet8', True)) for s in (0, 1)])
 
 
 @pytest.mark.parametrize('failure', ['raises', 'UNKNOWN'])
