@@ -83,6 +83,18 @@ def _check_slurm(options, src):
         if k not in SLURM_OPTIONS: raise SweepError(f"{src}: slurm: unknown option {k!r}; valid: {', '.join(SLURM_OPTIONS)}")
 
 # %% ../nbs/10_sweep.ipynb 13
+def _check_name(name, where, src):
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', str(name)):
+        raise SweepError(f"{src}: {where}: {name!r} must be letters, digits, '_', '.' or '-'")
+
+def _check_run(run, where, src):
+    "A single run: a mapping of knobs, and optionally its `name`."
+    if isinstance(run, dict) and 'name' in run:
+        _check_name(run['name'], f'{where}.name', src)
+        run = {k: v for k, v in run.items() if k != 'name'}
+    _check_knobs(run, where, src)
+
+# %% ../nbs/10_sweep.ipynb 14
 def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     "Check the structure of a sweep read from YAML and return it as a `Sweep`."
     src = str(path) if path else 'sweep'
@@ -90,14 +102,13 @@ def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     for k in data:
         if k not in SWEEP_KEYS: raise SweepError(f"{src}: unknown key {k!r}; valid: {', '.join(SWEEP_KEYS)}")
     name = str(data.get('name') or (Path(path).stem if path else ''))
-    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', name):
-        raise SweepError(f"{src}: name: {name!r} must be letters, digits, '_', '.' or '-'")
+    _check_name(name, 'name', src)
     base, axes, grids, runs = (data.get(k) or d for k, d in [('base', {}), ('axes', {}), ('grids', []), ('runs', [])])
     _check_knobs(base, 'base', src); _check_grid(axes, 'axes', src)
     if not isinstance(grids, list): raise SweepError(f"{src}: grids: expected a list of grids")
     for i, g in enumerate(grids): _check_grid(g, f'grids[{i}]', src)
     if not isinstance(runs, list): raise SweepError(f"{src}: runs: expected a list of mappings of knobs")
-    for i, r in enumerate(runs): _check_knobs(r, f'runs[{i}]', src)
+    for i, r in enumerate(runs): _check_run(r, f'runs[{i}]', src)
     seeds = data.get('seeds') or []
     seeds = [seeds] if isinstance(seeds, int) else seeds
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -111,7 +122,7 @@ def parse_sweep(data: dict, path=None, overrides=None) -> Sweep:
     return Sweep(name, dict(base), dict(axes), list(grids), list(runs), seeds, dict(slurm),
                  str(data.get('description') or ''), Path(path) if path else None, overrides)
 
-# %% ../nbs/10_sweep.ipynb 14
+# %% ../nbs/10_sweep.ipynb 15
 def load_sweep(path, overrides=None) -> Sweep:
     "Read and check the sweep file at `path`; `overrides` are knobs forced on every run."
     import yaml
@@ -122,7 +133,7 @@ def load_sweep(path, overrides=None) -> Sweep:
     except yaml.YAMLError as e: raise SweepError(f"{path}: not valid YAML: {e}") from None
     return parse_sweep(data, path, overrides)
 
-# %% ../nbs/10_sweep.ipynb 15
+# %% ../nbs/10_sweep.ipynb 16
 def as_sweep(sweep, overrides=None) -> Sweep:
     "A `Sweep` from a `Sweep`, a path or a mapping."
     if isinstance(sweep, Sweep):
@@ -131,7 +142,7 @@ def as_sweep(sweep, overrides=None) -> Sweep:
         return replace(sweep, overrides={**sweep.overrides, **overrides})
     return parse_sweep(sweep, None, overrides) if isinstance(sweep, dict) else load_sweep(sweep, overrides)
 
-# %% ../nbs/10_sweep.ipynb 22
+# %% ../nbs/10_sweep.ipynb 23
 PREFIX_KNOBS = ('method', 'teacher', 'student')
 
 def slug(value) -> str:
@@ -142,12 +153,12 @@ def slug(value) -> str:
     s = re.sub(r'[^A-Za-z0-9_.+=]+', '.', str(value).replace(',', '+')).strip('.') or 'none'
     return s if len(s) <= 40 else f"{s[:32]}.{hashlib.sha1(s.encode()).hexdigest()[:7]}"
 
-# %% ../nbs/10_sweep.ipynb 23
+# %% ../nbs/10_sweep.ipynb 24
 def _given_teacher(method) -> bool:
     "Whether `method` is taught by a teacher its run names (unknown methods too: validation reports them)."
     return method not in METHOD_DEFAULTS or teacher_from(method) == 'given'
 
-# %% ../nbs/10_sweep.ipynb 24
+# %% ../nbs/10_sweep.ipynb 25
 def make_run_name(cfg: dict, varied=()) -> str:
     "`method-teacher-student` (`scratch-student`), then `knob_value` for each varied knob, then `s<seed>`."
     get = lambda k: cfg.get(k, DEFAULT_KNOBS[k])
@@ -155,30 +166,30 @@ def make_run_name(cfg: dict, varied=()) -> str:
     parts = [f'{k}_{slug(cfg[k])}' for k in varied if k not in (*PREFIX_KNOBS, 'seed')]
     return '-'.join([*map(slug, head), *parts, f"s{get('seed')}"])
 
-# %% ../nbs/10_sweep.ipynb 28
+# %% ../nbs/10_sweep.ipynb 29
 def axis_values(name, values) -> list:
     "The values of axis `name`: its list, or every registered name when it says `all`."
     return registered(name) if values == 'all' else values
 
-# %% ../nbs/10_sweep.ipynb 29
+# %% ../nbs/10_sweep.ipynb 30
 def _grid_points(axes: dict) -> list:
     "Every combination of an axes mapping, each as an ordered list of (knob, value)."
     choices = [[[(name, v)] if name in SWEEP_KNOBS else list(v.items()) for v in axis_values(name, values)]
                for name, values in axes.items()]
     return [sum(combo, []) for combo in itertools.product(*choices)] if choices else []
 
-# %% ../nbs/10_sweep.ipynb 30
+# %% ../nbs/10_sweep.ipynb 31
 def _config_key(cfg) -> str: return json.dumps(cfg, sort_keys=True, default=str)
 
-# %% ../nbs/10_sweep.ipynb 31
+# %% ../nbs/10_sweep.ipynb 32
 def expand(sweep, overrides=None) -> list[dict]:
     "The sweep's run configurations (its knobs plus `run_name`), seeds outermost, in file order."
     sweep = as_sweep(sweep, overrides)
-    points = [p for g in ([sweep.axes] if sweep.axes else []) + sweep.grids for p in _grid_points(g)]
-    points += [list(r.items()) for r in sweep.runs]
+    points = [(p, None) for g in ([sweep.axes] if sweep.axes else []) + sweep.grids for p in _grid_points(g)]
+    points += [([(k, v) for k, v in r.items() if k != 'name'], r.get('name')) for r in sweep.runs]
     configs, by_key, by_name = [], set(), {}
     for seed in sweep.seeds or [None]:
-        for point in points or [[]]:
+        for point, given_name in points or [([], None)]:
             cfg = {**sweep.base, **dict(point), **sweep.overrides}
             if seed is not None: cfg['seed'] = seed
             cfg.setdefault('seed', DEFAULT_KNOBS['seed'])
@@ -188,7 +199,7 @@ def expand(sweep, overrides=None) -> list[dict]:
                 if not needs_teacher(method): cfg['teacher_ckpt'] = ''
             key = _config_key(cfg)
             if key in by_key: continue
-            name = make_run_name(cfg, [k for k, _ in point])
+            name = f"{given_name}-s{cfg['seed']}" if given_name else make_run_name(cfg, [k for k, _ in point])
             if name in by_name:
                 raise SweepError(f"{sweep.source}: run {name!r} would hold two different configurations: "
                                  f"{by_name[name]} and {cfg}")
@@ -196,13 +207,13 @@ def expand(sweep, overrides=None) -> list[dict]:
             configs.append({**cfg, 'run_name': name})
     return configs
 
-# %% ../nbs/10_sweep.ipynb 38
+# %% ../nbs/10_sweep.ipynb 39
 def teacher_runs(configs) -> dict:
     "Run name -> the run of the same sweep it names as `teacher_run` (only those that name one)."
     names = {c['run_name'] for c in configs}
     return {c['run_name']: c['teacher_run'] for c in configs if c.get('teacher_run') in names}
 
-# %% ../nbs/10_sweep.ipynb 39
+# %% ../nbs/10_sweep.ipynb 40
 def _resolve(knobs: dict, teacher: str | None, sweep, runs_root):
     "`resolve_config` of a run; one whose teacher run of the same sweep has not finished is checked without it, and marked as waiting for it."
     if teacher is None: return resolve_config(**knobs)
@@ -210,7 +221,7 @@ def _resolve(knobs: dict, teacher: str | None, sweep, runs_root):
     try: return resolve_config(**knobs)
     except TeacherRunPending: return {**resolve_config(**{**knobs, 'teacher_run': ''}), 'teacher_run': teacher, 'waits_for': teacher}
 
-# %% ../nbs/10_sweep.ipynb 40
+# %% ../nbs/10_sweep.ipynb 41
 def validate(sweep, configs=None, runs_root='runs') -> list[dict]:
     "The resolved configuration of every run of `sweep`; the first invalid one raises a `SweepError`."
     sweep = as_sweep(sweep)
@@ -225,11 +236,11 @@ def validate(sweep, configs=None, runs_root='runs') -> list[dict]:
         resolved.append({**copy.deepcopy(cache[key]), 'run_name': cfg['run_name']})
     return resolved
 
-# %% ../nbs/10_sweep.ipynb 46
+# %% ../nbs/10_sweep.ipynb 47
 def sweep_dir(sweep, runs_root='runs') -> Path: return project_path(runs_root) / as_sweep(sweep).name
 def record_path(sweep_folder, run_name) -> Path: return Path(sweep_folder) / '_sweep' / f'{run_name}.json'
 
-# %% ../nbs/10_sweep.ipynb 49
+# %% ../nbs/10_sweep.ipynb 50
 _SLURM_ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE')
 
 def _pid_alive(pid) -> bool:
@@ -238,11 +249,11 @@ def _pid_alive(pid) -> bool:
     except (PermissionError, ValueError, TypeError): return True
     return True
 
-# %% ../nbs/10_sweep.ipynb 50
+# %% ../nbs/10_sweep.ipynb 51
 class LaunchUnknown(RuntimeError):
     "Whether a launched job still runs cannot be told: the scheduler's status query failed."
 
-# %% ../nbs/10_sweep.ipynb 51
+# %% ../nbs/10_sweep.ipynb 52
 def _slurm_state(record: dict) -> str:
     "The SLURM state of the job of `record`; `LaunchUnknown` when the query fails or SLURM does not know."
     try:
@@ -253,7 +264,7 @@ def _slurm_state(record: dict) -> str:
     if state in ('', 'UNKNOWN'): raise LaunchUnknown(f"SLURM status of job {record.get('job_id')} unknown: the query returned {state or 'nothing'}")
     return state
 
-# %% ../nbs/10_sweep.ipynb 52
+# %% ../nbs/10_sweep.ipynb 53
 def launch_alive(record: dict | None) -> bool:
     "Whether the process or job of a launch record may still be running (False without a record or once it finished); `LaunchUnknown` when SLURM cannot say."
     if not record or record.get('finished'): return False
@@ -261,7 +272,7 @@ def launch_alive(record: dict | None) -> bool:
     if record.get('host') != socket.gethostname(): return True
     return _pid_alive(record.get('pid'))
 
-# %% ../nbs/10_sweep.ipynb 55
+# %% ../nbs/10_sweep.ipynb 56
 def run_state(folder, record: dict | None = None) -> dict:
     "State and key figures of one run folder of a sweep (`record`: how it was launched, if it was); `unknown`, with the error, when its job's state cannot be queried."
     folder = RunFolder(folder)
@@ -270,7 +281,7 @@ def run_state(folder, record: dict | None = None) -> dict:
         state = folder.state(queued=False)
         return state if state['status'] in ('done', 'failed') else {**state, 'status': 'unknown', 'error': str(e)}
 
-# %% ../nbs/10_sweep.ipynb 60
+# %% ../nbs/10_sweep.ipynb 61
 @dataclass
 class PlannedRun:
     "One run of a sweep: its knobs, resolved configuration, folder and state."
@@ -283,7 +294,7 @@ class PlannedRun:
     @property
     def status(self) -> str: return self.state['status']
 
-# %% ../nbs/10_sweep.ipynb 61
+# %% ../nbs/10_sweep.ipynb 62
 def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
     "Validate `sweep` and read the state of each of its runs under `runs_root/<sweep name>/`; `check`: refuse folders holding other knobs."
     sweep = as_sweep(sweep)
@@ -300,7 +311,7 @@ def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
         planned.append(PlannedRun(cfg['run_name'], cfg, res, folder, run_state(folder.path, read_json(record_path(root, cfg['run_name'])))))
     return planned
 
-# %% ../nbs/10_sweep.ipynb 62
+# %% ../nbs/10_sweep.ipynb 63
 def select(planned: list, only=None, seeds=None, limit=None) -> list:
     "The planned runs whose name matches the pattern `only`, whose seed is in `seeds`, at most the first `limit`."
     if only: planned = [p for p in planned if fnmatch.fnmatchcase(p.name, only if any(c in only for c in '*?[') else f'*{only}*')]
@@ -310,12 +321,12 @@ def select(planned: list, only=None, seeds=None, limit=None) -> list:
         planned = planned[:int(limit)]
     return planned
 
-# %% ../nbs/10_sweep.ipynb 63
+# %% ../nbs/10_sweep.ipynb 64
 def sweep_status(sweep, runs_root='runs', **selection) -> list[dict]:
     "One row per run of the sweep (narrowed by `select`'s `only`, `seeds`, `limit`): name, state and key figures, whatever knobs its folder holds."
     return [{'run': p.name, **p.state} for p in select(plan(sweep, runs_root, check=False), **selection)]
 
-# %% ../nbs/10_sweep.ipynb 64
+# %% ../nbs/10_sweep.ipynb 65
 def launch_waves(names: list, after: dict) -> list[list]:
     "`names` in waves: a run that waits for another of `names` (`after`: run -> its teacher run) goes into a wave after that one's."
     wave = {}
@@ -326,7 +337,7 @@ def launch_waves(names: list, after: dict) -> list[list]:
     for n in names: depth(n)
     return [[n for n in names if wave[n] == w] for w in range(max(wave.values(), default=-1) + 1)]
 
-# %% ../nbs/10_sweep.ipynb 72
+# %% ../nbs/10_sweep.ipynb 73
 RUN_NOTEBOOK = Path('nbs') / 'run_experiment.ipynb'
 
 def run_notebook_path() -> Path:
@@ -335,7 +346,7 @@ def run_notebook_path() -> Path:
     if not nb.is_file(): raise SweepError(f"notebook: no {RUN_NOTEBOOK} under {project_root()}; run from the kd-nb checkout")
     return nb
 
-# %% ../nbs/10_sweep.ipynb 73
+# %% ../nbs/10_sweep.ipynb 74
 def run_spec(sweep, cfg: dict, runs_root='runs') -> dict:
     "Everything a worker needs to run configuration `cfg` of `sweep`."
     sweep = as_sweep(sweep)
@@ -347,25 +358,25 @@ def run_spec(sweep, cfg: dict, runs_root='runs') -> dict:
     return dict(name=name, sweep=sweep.name, notebook=str(run_notebook_path()), out=str(out), cwd=str(project_root()),
                 params=params, log=str(root / '_sweep' / f'{name}.log'), record=str(record_path(root, name)), env={})
 
-# %% ../nbs/10_sweep.ipynb 74
+# %% ../nbs/10_sweep.ipynb 75
 def papermill_command(spec: dict) -> list[str]:
     "The papermill command line of a run spec."
     return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
-# %% ../nbs/10_sweep.ipynb 78
+# %% ../nbs/10_sweep.ipynb 79
 def update_record(path, **fields):
     "Merge `fields` into the launch record at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     write_json({**(read_json(path) or {}), **fields}, path)
 
-# %% ../nbs/10_sweep.ipynb 79
+# %% ../nbs/10_sweep.ipynb 80
 def never_started(nb_path) -> bool:
     "Whether no cell of the notebook at `nb_path` was executed (e.g. its kernel failed to start)."
     nb = read_json(nb_path) or {}
     return not any(c.get('execution_count') for c in nb.get('cells', []) if c.get('cell_type') == 'code')
 
-# %% ../nbs/10_sweep.ipynb 80
+# %% ../nbs/10_sweep.ipynb 81
 def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
     "Run one configuration through papermill; return its name, state and the command's exit code."
     out, log = Path(spec['out']), Path(spec['log'])
@@ -385,26 +396,26 @@ def execute_run(spec: dict, on_start=None, attempts=3) -> dict:
         state.update(status='failed', error=state['error'] or ' | '.join(tail) or f'papermill exit code {code}')
     return {'run': spec['name'], 'returncode': code, 'seconds': time.time() - t0, **state}
 
-# %% ../nbs/10_sweep.ipynb 86
+# %% ../nbs/10_sweep.ipynb 87
 def visible_devices() -> list[str]:
     "The GPUs a local sweep may use: `CUDA_VISIBLE_DEVICES` if set, else every CUDA device."
     env = os.environ.get('CUDA_VISIBLE_DEVICES')
     if env is not None: return [d for d in env.split(',') if d.strip() and d.strip() != '-1']
     return [str(i) for i in range(torch.cuda.device_count())]
 
-# %% ../nbs/10_sweep.ipynb 87
+# %% ../nbs/10_sweep.ipynb 88
 def worker_threads(workers: int) -> int:
     "CPU threads of each of `workers` local runs: the available cores split evenly, at least one."
     return max(1, available_cores() // workers)
 
-# %% ../nbs/10_sweep.ipynb 88
+# %% ../nbs/10_sweep.ipynb 89
 def worker_env(slot: int, workers: int, devices) -> dict:
     "Environment of local worker `slot` out of `workers`."
     if devices: return {'CUDA_VISIBLE_DEVICES': str(devices[slot % len(devices)])}
     threads = str(worker_threads(workers))
     return {k: os.environ.get(k, threads) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')} if workers > 1 else {}
 
-# %% ../nbs/10_sweep.ipynb 89
+# %% ../nbs/10_sweep.ipynb 90
 def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[dict]:
     "Run `specs` with `workers` local processes at a time; return their outcomes in order."
     devices = visible_devices() if devices is None else list(devices)
@@ -426,14 +437,14 @@ def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[di
         finally: slots.put(slot)
     with ThreadPoolExecutor(max_workers=workers) as pool: return list(pool.map(one, specs))
 
-# %% ../nbs/10_sweep.ipynb 90
+# %% ../nbs/10_sweep.ipynb 91
 def outcome_line(res: dict) -> str:
     "One line on how a run ended."
     acc = f", best top-1 {res['best_test_acc']:.2f}%" if res.get('best_test_acc') is not None else ''
     err = f": {res['error']}" if res['status'] == 'failed' and res.get('error') else ''
     return f"{res['status']:<8} {res['run']} ({res['seconds']:.0f}s{acc}){err}"
 
-# %% ../nbs/10_sweep.ipynb 91
+# %% ../nbs/10_sweep.ipynb 92
 def one_line_at_a_time(log):
     "`log` for several worker threads: each call writes its whole line before the next begins."
     lock = threading.Lock()
@@ -441,7 +452,7 @@ def one_line_at_a_time(log):
         with lock: log(msg)
     return logged
 
-# %% ../nbs/10_sweep.ipynb 101
+# %% ../nbs/10_sweep.ipynb 102
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -455,12 +466,12 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 104
+# %% ../nbs/10_sweep.ipynb 105
 def slurm_dependency(params: dict, job_id) -> dict:
     "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
     return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
 
-# %% ../nbs/10_sweep.ipynb 105
+# %% ../nbs/10_sweep.ipynb 106
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print, after=None):
     "Submit `specs` (teacher runs before their students) through submitit, a run that waits for another (`after`: run -> teacher run) with a job dependency; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -492,7 +503,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 111
+# %% ../nbs/10_sweep.ipynb 112
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -506,7 +517,7 @@ class SweepResult:
     @property
     def failed(self) -> list: return [o['run'] for o in self.outcomes if o['status'] != 'done']
 
-# %% ../nbs/10_sweep.ipynb 112
+# %% ../nbs/10_sweep.ipynb 113
 BACKENDS, CLUSTERS = ('local', 'slurm'), ('slurm', 'local', 'debug')
 
 def counts(states) -> str:
@@ -515,7 +526,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 115
+# %% ../nbs/10_sweep.ipynb 116
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               log=print) -> SweepResult:

@@ -101,9 +101,9 @@ def test_sweep_runs_a_student_after_its_teacher_run(synthetic_cifar100, tmp_path
     path = tmp_path / 'chain.yaml'
     base = {k: v for k, v in quick(synthetic_cifar100, '').items() if k != 'runs_dir'}
     path.write_text(yaml.safe_dump({'name': 'chain', 'base': base, 'runs': [
-        {'method': 'kd', 'teacher_run': 'simkd-resnet14-resnet8-s0'}, {'method': 'simkd'}]}))
+        {'name': 'kd-chain', 'method': 'kd', 'teacher_run': 'simkd-resnet14-resnet8-s0'}, {'method': 'simkd'}]}))
     r = run_sweep(path, tmp_path / 'runs', workers=2, log=QUIET)
-    assert r.launched == ['simkd-resnet14-resnet8-s0', 'kd-resnet14-resnet8-teacher_run_simkd.resnet14.resnet8.s0-s0']
+    assert r.launched == ['simkd-resnet14-resnet8-s0', 'kd-chain-s0']
     assert [o['status'] for o in r.outcomes] == ['done', 'done']
     student = json.loads((tmp_path / 'runs' / 'chain' / r.launched[1] / 'summary.json').read_text())
     assert student['scheme']['teacher_chain'][0]['run'].endswith('chain/simkd-resnet14-resnet8-s0')
