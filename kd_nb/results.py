@@ -826,12 +826,17 @@ def save_table(table, caption: str, folder, name: str) -> list:
     return [md, tex]
 
 # %% ../nbs/11_results.ipynb 192
-TABLE_BLOCK = re.compile(r'(<!-- table: (?P<runs>\S+) vs (?P<baselines>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)', re.S)
+TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
+                         r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
 # %% ../nbs/11_results.ipynb 193
-def runs_tables(runs_dir, baselines=('simkd',)) -> str:
-    "The `study_table` of every setting of the runs in `runs_dir` against `baselines`, as Markdown with captions."
+def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
+    "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
+    if images_seen is not None:
+        budgets = sorted(int(b) for b in set(stats.images_seen.dropna()))
+        if images_seen not in budgets: raise ValueError(f"images: no runs in {str(runs_dir)!r} saw {images_seen} images; they saw {budgets}")
+        stats = stats[stats.images_seen == images_seen]
     for b in baselines:
         if b not in set(stats.label): raise ValueError(f"baseline: no finished runs labelled {b!r} in {str(runs_dir)!r}; labels: {sorted(set(stats.label))}")
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
@@ -865,10 +870,10 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
 
 # %% ../nbs/11_results.ipynb 200
 def fill_tables(text: str, root=None) -> str:
-    "`text` with every `<!-- table: RUNS vs B1,B2 -->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
+    "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
-    text = TABLE_BLOCK.sub(lambda m: m.group(1) + runs_tables(root / m['runs'], tuple(m['baselines'].split(','))) + '\n'
-                           + m.group(5), text)
+    table = lambda m: runs_tables(root / m['runs'], tuple(m['baselines'].split(',')), int(m['images']) if m['images'] else None)
+    text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
 # %% ../nbs/11_results.ipynb 204
