@@ -26,11 +26,18 @@ WORKER = textwrap.dedent('''
     torch.manual_seed(0)
     d = make_distiller('simkd', get_model('resnet8'), get_model('resnet14'))
     history = fit(d, L.train, L.test, TrainConfig(epochs=2, lr_milestones=(1,), progress=False), out / 'fit', log=lambda s: None)
+    schemes = {}   # the learning schemes that train more than one network, and a loss with its own optimizer
+    for name, method, teacher, knobs in (('dml', 'dml', None, {}), ('online', 'simkd', 'resnet14', dict(teacher_mode='online', online_warmup=0)),
+                                         ('crd', 'simkd', 'resnet14', dict(losses=['crd'], num_samples=L.train.num_samples))):
+        torch.manual_seed(0)
+        other = make_distiller(method, get_model('resnet8'), teacher and get_model(teacher), **knobs)
+        h = fit(other, L.train, L.test, TrainConfig(epochs=1, progress=False), out / name, log=lambda s: None)
+        schemes[name] = {'state': trainable_state(other), 'history': h}
     rank, size = world()
     summary = run_experiment(log=lambda *a: None, data_dir=data, download=False, teacher='resnet14', student='resnet8',
                              preset='quick', epochs=1, train_limit=0, test_limit=0, device='cpu', runs_dir=str(out / 'runs'),
                              run_name='ddp', progress=False)
-    torch.save({'state': trainable_state(d), 'history': history, 'writes': writes, 'world': size, 'summary': summary},
+    torch.save({'state': trainable_state(d), 'history': history, 'writes': writes, 'world': size, 'summary': summary, 'schemes': schemes},
                out / f'rank{rank}.pt')
 ''')
 
@@ -65,6 +72,16 @@ def test_both_processes_end_with_identical_weights(two_processes):
         assert torch.equal(r0['state'][k], r1['state'][k]), k       # parameters and batch-norm buffers
     assert r0['history'] == [{**row, 'epoch_time_s': a['epoch_time_s'], 'images_per_s': a['images_per_s']}
                              for row, a in zip(r1['history'], r0['history'])]  # the same metrics on both
+
+
+@pytest.mark.parametrize('scheme', ['dml', 'online', 'crd'])
+def test_every_trained_network_stays_identical_across_processes(two_processes, scheme):
+    "Mutual learning's peers, an online teacher and a loss with its own optimizer train in step on both processes."
+    r0, r1 = (r['schemes'][scheme] for r in ranks(two_processes))
+    trained = {'dml': 'peers.1.', 'online': 'teacher.', 'crd': 'feature_losses.'}[scheme]
+    assert any(k.startswith(trained) for k in r0['state']), sorted(r0['state'])[:8]
+    for k in r0['state']: assert torch.equal(r0['state'][k], r1['state'][k]), k
+    assert [row['test_acc1'] for row in r0['history']] == [row['test_acc1'] for row in r1['history']]
 
 
 def test_only_rank_zero_writes(two_processes):
