@@ -24,9 +24,9 @@ __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'R
            'paired_interval', 'verdict', 'axis_of', 'axis_title', 'images_seen', 'study_stats', 'research_axes',
            'axis_rows', 'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table',
            'html_table', 'reading', 'method_colour', 'dots_figure', 'forest_figure', 'cost_figure', 'setting_metrics',
-           'curves_figure', 'budget_rows', 'budget_figure', 'budget_steps', 'choose_budget', 'slug', 'save_figure',
-           'save_table', 'runs_tables', 'budget_verdict', 'budget_tables', 'fill_tables', 'notebook_to_html',
-           'render_report', 'write_redirect']
+           'curves_figure', 'budget_family', 'budget_rows', 'budget_figure', 'budget_steps', 'choose_budget',
+           'at_chosen_budget', 'slug', 'save_figure', 'save_table', 'runs_tables', 'budget_verdict', 'budget_tables',
+           'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -751,9 +751,13 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     return fig
 
 # %% ../nbs/11_results.ipynb 172
+def budget_family(stats) -> list:
+    "Each row's setting less its epochs and images: the settings that differ only in budget share it."
+    return [r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')]
+
 def budget_rows(stats):
     "The rows of `stats` whose label ran at more than one budget within its family (the setting less epochs and images), with `family`."
-    s = stats.assign(family=[r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')])
+    s = stats.assign(family=budget_family(stats))
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
 # %% ../nbs/11_results.ipynb 174
@@ -804,11 +808,23 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
 # %% ../nbs/11_results.ipynb 184
+def at_chosen_budget(stats, baseline: str = 'scratch'):
+    "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
+    import pandas as pd
+    rows, family = budget_rows(stats), pd.Series(budget_family(stats), index=stats.index)
+    keep = pd.Series(True, index=stats.index)
+    for f, r in rows.groupby('family'):
+        try: chosen = choose_budget(r, baseline=baseline)['budget']
+        except ValueError: continue   # no baseline on the curve: no budget chosen, every budget kept
+        keep &= (family != f) | (stats.images_seen == chosen)
+    return stats[keep]
+
+# %% ../nbs/11_results.ipynb 188
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 186
+# %% ../nbs/11_results.ipynb 190
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -816,7 +832,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 188
+# %% ../nbs/11_results.ipynb 192
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -825,11 +841,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 192
+# %% ../nbs/11_results.ipynb 196
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 193
+# %% ../nbs/11_results.ipynb 197
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -842,17 +858,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 196
+# %% ../nbs/11_results.ipynb 200
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 197
+# %% ../nbs/11_results.ipynb 201
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 198
+# %% ../nbs/11_results.ipynb 202
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -868,7 +884,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 200
+# %% ../nbs/11_results.ipynb 204
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -876,11 +892,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 204
+# %% ../nbs/11_results.ipynb 208
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 205
+# %% ../nbs/11_results.ipynb 209
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -894,7 +910,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 207
+# %% ../nbs/11_results.ipynb 211
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -907,7 +923,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 209
+# %% ../nbs/11_results.ipynb 213
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)

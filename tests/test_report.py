@@ -171,6 +171,16 @@ def test_report_writes_tables_and_figures_for_a_paper(rendered):
     assert md.startswith('| setting | n | top-1 (%) | Δ vs simkd [95% CI] | deployed params |') and '| simkd loss=cosine | 1 |' in md
 
 
+def test_report_answers_at_the_budget_its_curve_chooses(known_runs, tmp_path):
+    "With scratch on the curve too, the research questions are answered at the chosen budget; the other budget stays in the budget section."
+    runs = tmp_path / 'runs'; shutil.copytree(known_runs, runs)
+    for seed, acc in enumerate([55.0, 56.0]): write_run(runs / 'study', f'scratch-e4-s{seed}', acc, seed, method='scratch', epochs=4)
+    text = text_of(execute_summary(runs, tmp_path / 'report.ipynb'))
+    assert 'answered at 8,000 images seen' in text and 'Accuracy against training budget' in text
+    assert 'Which method' in text and 'Which alignment loss' not in text and 'simkd loss=cosine' not in text   # 2-epoch labels only
+    assert '2 epochs' not in text.split('Accuracy against training budget')[0].split('The budget.')[1]
+
+
 def test_readme_tables_come_from_runs(known_runs):
     text = runs_tables(known_runs, ('scratch',))
     assert text.count('| setting | n |') == 2 and '| kd | 3 | 57.00 ± 1.73 | +5.00 [+2.52, +7.48] |' in text
