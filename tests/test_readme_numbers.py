@@ -91,26 +91,36 @@ def test_synthetic_quick_accuracies():
     assert f"teacher reaches {round(simkd.teacher_test_acc)}%" in text and f"SimKD resnet8 {round(simkd.best_test_acc)}%" in text
 
 
+def assert_quotes_hold(text: str, runs):
+    "Every mean (`x.x%`), paired difference with its interval (`+d.d [lo, hi]`) and distance quoted in `text` is one `runs` give."
+    from kd_nb.results import study_stats
+    labels = sorted(set(study_stats(runs, baselines=()).label))
+    stats = study_stats(runs, baselines=labels)
+    means = {f'{m:.{digits}f}' for m in stats['mean'] for digits in (1, 2)}
+    diffs = {tuple(f"{d[k]:+.{digits}f}" for k in ('mean', 'lo', 'hi')) for b in labels for d in stats[f'vs {b}'] if d['n'] > 1
+             for digits in (1, 2)}
+    gaps = {d[0].lstrip('+-') for d in diffs}   # paired differences, quoted as distances
+    quoted = list(re.finditer(rf'\(?({NUMBER})(?: points)? \(?\[({NUMBER}), ({NUMBER})\]', text))
+    for m in quoted:
+        digits = len(m[1].split('.')[1]) if '.' in m[1] else 0
+        assert tuple(f'{num(x):+.{digits}f}' for x in m.groups()) in diffs, m[0]
+    for m in re.finditer(r'(\d+\.\d+)%', text): assert m[1] in means, m[0]
+    ends = {x for d in diffs for x in d}
+    for m in re.finditer(r'(?<![\d.])([+\-−]\d+\.\d+)(?![\d%])', text): assert f'{num(m[1]):+.{len(m[1].split(".")[1])}f}' in ends, m[0]
+    for m in re.finditer(r'by (\d+\.\d+) and (\d+\.\d+) points', text): assert {m[1], m[2]} <= gaps
+    return len(quoted)
+
+
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
 def test_reading_quotes_the_committed_runs():
     "Every accuracy, difference and interval quoted in the reading of the 50,000-image study is computed from its runs."
     from kd_nb.results import load_runs, load_metrics, study_stats
     runs = load_runs(STUDY / 'cifar10_cpu')
-    labels = sorted(set(study_stats(runs, baselines=()).label))
-    stats = study_stats(runs, baselines=labels)
-    means = {f'{m:.{digits}f}' for m in stats['mean'] for digits in (1, 2)}
     curves = load_metrics(STUDY / 'cifar10_cpu')
     simkd_s0 = [f'{a:.0f}' for a in curves[curves.run == 'simkd-resnet14x2-resnet8-s0'].sort_values('epoch').test_acc1]
-    diffs = {tuple(f"{d[k]:+.1f}" for k in ('mean', 'lo', 'hi')) for b in labels for d in stats[f'vs {b}'] if d['n'] > 1}
-    gaps = {d[0].lstrip('+-') for d in diffs}   # paired differences, quoted as distances
     text = section('- **Beyond seed noise**', 'Five student epochs')
-    for m in re.finditer(rf'\(?({NUMBER})(?: points)? \(?\[({NUMBER}), ({NUMBER})\]', text):
-        assert tuple(f'{num(x):+.1f}' for x in m.groups()) in diffs, m[0]
-    for m in re.finditer(r'(\d+\.\d+)%', text): assert m[1] in means, m[0]
+    assert_quotes_hold(text, runs)
     assert re.search(r'\(((?:\d+, )+\d+)% for seed 0\)', text)[1].split(', ') == simkd_s0
-    ends = {x for d in diffs for x in d}
-    for m in re.finditer(r'(?<![\d.])([+\-−]\d+\.\d)(?![\d%])', text): assert f'{num(m[1]):+.1f}' in ends, m[0]
-    for m in re.finditer(r'by (\d+\.\d) and (\d+\.\d) points', text): assert {m[1], m[2]} <= gaps
     teacher = runs.teacher_test_acc.dropna().iloc[0]
     assert f'**{teacher:.2f}% top-1**' in section('### Early training', '| setting |')
 
