@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_runs.ipynb 3
 from __future__ import annotations
-import atexit, csv, fcntl, json, os, socket, subprocess, sys, time, traceback
+import atexit, csv, fcntl, hashlib, json, os, socket, subprocess, sys, time, traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +166,9 @@ class Run(RunFolder):
                        traceback=''.join(traceback.format_exception(type(error), error, error.__traceback__))[-5000:])
 
     def finish(self, **fields):
-        "Record `status: done` with the run's figures `fields`; return the summary."
+        "Record `status: done` with the run's figures `fields` and the sha256 of its `best.pt`, if it has one; return the summary."
+        if (self.path / BEST).is_file():
+            with open(self.path / BEST, 'rb') as f: fields = {'best_sha256': hashlib.file_digest(f, 'sha256').hexdigest(), **fields}
         self.heartbeat(status='done', error=None, traceback=None, **fields)
         return self.summary
 

@@ -135,7 +135,8 @@ def test_converged_teacher_is_the_committed_one():
     s = json.loads((CONVERGED_TEACHER / 'summary.json').read_text())
     text = section('### The converged study', '### Early training')
     assert s['status'] == 'done' and f"**{s['best_test_acc']:.2f}% top-1**" in text and f"{s['final_test_acc']:.2f}% at the last" in text
-    assert f"sha256 `{hashlib.sha256((CONVERGED_TEACHER / 'best.pt').read_bytes()).hexdigest()}`" in text
+    digest = hashlib.sha256((CONVERGED_TEACHER / 'best.pt').read_bytes()).hexdigest()
+    assert f"sha256 `{digest}`" in text and s['best_sha256'] == digest
 
 
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
