@@ -18,7 +18,7 @@ from .sweep import run_state, record_path
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN', 'INTERVAL_METHOD',
            'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS',
            'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS',
-           'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run', 'teacher_run_label', 'method_recipe',
+           'LINE_STYLES', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run', 'teacher_run_label', 'method_recipe',
            'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std', 'aggregate', 'paper_table',
            'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution', 'speed_table',
            't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'axis_of', 'axis_title', 'images_seen',
@@ -711,6 +711,7 @@ def cost_figure(stats):
 
 # %% ../nbs/11_results.ipynb 166
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
+LINE_STYLES = ('-', '--', ':', '-.')
 
 # %% ../nbs/11_results.ipynb 167
 def setting_metrics(runs, metrics, metric='best_test_acc'):
@@ -772,16 +773,17 @@ def budget_rows(stats):
 # %% ../nbs/11_results.ipynb 177
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, NullLocator
     rows = budget_rows(stats)
     if rows.empty: return None
     families = sorted(rows.family.unique())
     fig, axes = _setting_axes(families, [4.6] * len(families))
     for ax, f in zip(axes[:, 0], families):
-        r, ends = rows[rows.family == f], []
-        for label, g in r.sort_values('images_seen').groupby('label'):
-            colour = method_colour(g.method.iloc[0])
-            ax.plot(g.images_seen, g['mean'], color=colour, marker='o', ms=4, lw=1.8)
+        r, ends, drawn = rows[rows.family == f], [], []
+        for i, (label, g) in enumerate(r.sort_values('images_seen').groupby('label')):
+            method = g.method.iloc[0]; colour = method_colour(method)
+            style = LINE_STYLES[drawn.count(method) % len(LINE_STYLES)]; drawn.append(method)   # labels of one method: one colour, other lines
+            ax.plot(g.images_seen, g['mean'], color=colour, ls=style, marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.8)
             ax.fill_between(g.images_seen, g.lo, g.hi, color=colour, alpha=0.15, lw=0)
             ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
         teacher = r.teacher_acc.dropna()
@@ -789,13 +791,14 @@ def budget_figure(stats):
             ax.axhline(teacher.mean(), color=TEACHER_COLOUR, ls=':', lw=1.5)
             ax.text(r.images_seen.min(), teacher.mean(), f'teacher {teacher.mean():.1f}%', color='#555555', fontsize=8, va='bottom')
         ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.2, r.images_seen.max() * 1.8)
-        ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(EngFormatter())
-        ax.set(xlabel='images seen in training (epochs × training images, log scale)', ylabel=TOP1); ax.grid(alpha=0.3, which='both')
+        ax.set_xticks(sorted(r.images_seen.unique())); ax.xaxis.set_minor_locator(NullLocator())   # a tick at each budget run
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set(xlabel='images seen in training (epochs × training images, log scale)', ylabel=TOP1); ax.grid(alpha=0.3)
         _end_labels(ax, ends)
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 181
+# %% ../nbs/11_results.ipynb 183
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
@@ -808,7 +811,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
-# %% ../nbs/11_results.ipynb 182
+# %% ../nbs/11_results.ipynb 184
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -816,7 +819,7 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 187
+# %% ../nbs/11_results.ipynb 189
 def at_chosen_budget(stats, baseline: str = 'scratch'):
     "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
@@ -828,12 +831,12 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
 
-# %% ../nbs/11_results.ipynb 191
+# %% ../nbs/11_results.ipynb 193
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 193
+# %% ../nbs/11_results.ipynb 195
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -841,7 +844,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 195
+# %% ../nbs/11_results.ipynb 197
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -850,11 +853,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 199
+# %% ../nbs/11_results.ipynb 201
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 200
+# %% ../nbs/11_results.ipynb 202
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -867,17 +870,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 203
+# %% ../nbs/11_results.ipynb 205
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 204
+# %% ../nbs/11_results.ipynb 206
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 205
+# %% ../nbs/11_results.ipynb 207
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -893,7 +896,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 207
+# %% ../nbs/11_results.ipynb 209
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -901,11 +904,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 211
+# %% ../nbs/11_results.ipynb 213
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 212
+# %% ../nbs/11_results.ipynb 214
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -919,7 +922,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 214
+# %% ../nbs/11_results.ipynb 216
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -932,7 +935,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 216
+# %% ../nbs/11_results.ipynb 218
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
