@@ -439,6 +439,12 @@ STAT_COLUMNS = ('setting', 'dataset', 'data_source', 'recipe', 'pair', 'teacher_
 # %% ../nbs/11_results.ipynb 101
 def _by_seed(rows, metric): return rows.groupby('seed')[metric].mean()
 
+def _taught_by_pair_teacher(row) -> bool:
+    "Whether the run learned from its pair's frozen teacher (not from itself, peers, an online teacher or a chain's assistant)."
+    method, mode, chain = row.get('method'), row.get('teacher_mode'), row.get('teacher_run')
+    frozen = _missing(mode) or mode in ('', 'frozen')
+    return method in METHOD_DEFAULTS and teacher_from(method) == 'given' and frozen and not (isinstance(chain, str) and chain)
+
 # %% ../nbs/11_results.ipynb 102
 def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
     "One row per setting and label of `df`'s finished runs: seeds, values, `seed_interval`, and `vs <baseline>` (`paired_interval`)."
@@ -447,7 +453,8 @@ def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
     rows = []
     for setting, g in d.groupby('setting', sort=True):
         by_seed = {label: _by_seed(r, metric) for label, r in g.groupby('label')}
-        teachers = g.drop_duplicates('teacher_source').teacher_test_acc.dropna() if 'teacher_source' in g else g.teacher_test_acc.dropna()
+        taught = g[[_taught_by_pair_teacher(r) for r in g.to_dict('records')]]
+        teachers = taught.drop_duplicates('teacher_source').teacher_test_acc.dropna() if 'teacher_source' in g else taught.teacher_test_acc.dropna()
         for label, r in g.groupby('label'):
             first, values = r.iloc[0], by_seed[label]
             row = {**{k: first.get(k) for k in ('dataset', 'data_source', 'recipe', 'pair', 'method', 'axis', 'deploy_params', 'deploy_flops')},
@@ -459,14 +466,14 @@ def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
             rows.append(row)
     return pd.DataFrame(rows, columns=[*STAT_COLUMNS, *[f'vs {b}' for b in baselines]])
 
-# %% ../nbs/11_results.ipynb 108
+# %% ../nbs/11_results.ipynb 110
 def research_axes(stats) -> list:
     "The axes of `stats`: 'method' where a setting has two methods' recipes, then every variant axis, in `AXIS_ORDER` then by name."
     recipes = stats[stats.axis == 'method'].groupby('setting').label.nunique()
     found = set(stats.axis) - {'method'} | ({'method'} if (recipes > 1).any() else set())
     return sorted(found, key=lambda a: (AXIS_ORDER.index(a) if a in AXIS_ORDER else len(AXIS_ORDER), a))
 
-# %% ../nbs/11_results.ipynb 110
+# %% ../nbs/11_results.ipynb 112
 def axis_rows(stats, axis: str):
     "The rows of `stats` on `axis`, with, for a variant axis, the recipe of each method that it varies (same setting)."
     rows = stats[stats.axis == axis]
@@ -475,7 +482,7 @@ def axis_rows(stats, axis: str):
     recipes = stats[(stats.axis == 'method') & shown & stats.setting.isin(rows.setting)]
     return stats.loc[sorted(set(rows.index) | set(recipes.index))]
 
-# %% ../nbs/11_results.ipynb 114
+# %% ../nbs/11_results.ipynb 116
 def difference_text(d: dict, digits: int = 2, mark_noise: bool = True) -> str:
     "A paired difference as `+m [lo, hi]`, then `within noise` where the interval covers 0 (if `mark_noise`); `+m (n=1, no interval)`; '—'."
     if d['n'] == 0: return '—'
@@ -484,12 +491,12 @@ def difference_text(d: dict, digits: int = 2, mark_noise: bool = True) -> str:
     text = f"{m} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
     return f'{text} within noise' if mark_noise and verdict(d) == 'within noise' else text
 
-# %% ../nbs/11_results.ipynb 115
+# %% ../nbs/11_results.ipynb 117
 def top1_text(row, digits: int = 2) -> str:
     "Top-1 of a row of `study_stats` as mean ± std; `mean (single seed)` for one seed."
     return f"{row['mean']:.{digits}f} (single seed)" if row['n'] == 1 else mean_std(row['mean'], row['std'], digits=digits)
 
-# %% ../nbs/11_results.ipynb 116
+# %% ../nbs/11_results.ipynb 118
 def study_table(stats, baselines=('simkd',)):
     "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters."
     import pandas as pd
@@ -501,10 +508,10 @@ def study_table(stats, baselines=('simkd',)):
     table['deployed params'] = rows.deploy_params.map(lambda v: '—' if _missing(v) else f'{int(v):,}')
     return table.reset_index(drop=True)
 
-# %% ../nbs/11_results.ipynb 117
+# %% ../nbs/11_results.ipynb 119
 def _images(v) -> str: return f'{v / 1e6:g}M' if v >= 1e6 else f'{v / 1e3:g}k' if v >= 1e3 else f'{v:g}'
 
-# %% ../nbs/11_results.ipynb 118
+# %% ../nbs/11_results.ipynb 120
 def study_caption(stats, baselines=('simkd',)) -> str:
     "What the rows of one setting of `stats` share, stated once: setting, images seen, teacher, what the cells are."
     r = stats.iloc[0]
@@ -515,17 +522,17 @@ def study_caption(stats, baselines=('simkd',)) -> str:
             "t quantile with n−1 dof]; "
             "within noise: the interval covers 0.")
 
-# %% ../nbs/11_results.ipynb 124
+# %% ../nbs/11_results.ipynb 126
 LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',
                  '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}', '±': r'$\pm$', '→': r'$\rightarrow$',
                  'Δ': r'$\Delta$', '×': r'$\times$', '−': '-', '—': '---', '·': r'$\cdot$', '√': r'$\surd$'}
 
-# %% ../nbs/11_results.ipynb 125
+# %% ../nbs/11_results.ipynb 127
 def latex_escape(text) -> str:
     "`text` with LaTeX's special characters escaped and the report's symbols (±, →, Δ, ×, —) in math mode."
     return ''.join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
-# %% ../nbs/11_results.ipynb 127
+# %% ../nbs/11_results.ipynb 129
 def latex_table(df, caption: str = '', label: str = '') -> str:
     "`df` as a LaTeX table (booktabs: \\toprule, \\midrule, \\bottomrule), every cell escaped, first column left-aligned."
     row = lambda cells: ' & '.join(latex_escape(_cell_text(c)) for c in cells) + r' \\'
@@ -534,7 +541,7 @@ def latex_table(df, caption: str = '', label: str = '') -> str:
                       r'\toprule', row(df.columns), r'\midrule', *[row(r) for r in df.itertuples(index=False)],
                       r'\bottomrule', r'\end{tabular}', r'\end{table}']) + '\n'
 
-# %% ../nbs/11_results.ipynb 129
+# %% ../nbs/11_results.ipynb 131
 def html_table(df, caption: str = '') -> str:
     "`df` as an HTML table with `caption` under it (a figure caption, as wide as the text): no index column, every cell in full."
     from html import escape
@@ -543,19 +550,19 @@ def html_table(df, caption: str = '') -> str:
     cap = f'<figcaption>{escape(caption)}</figcaption>' if caption else ''
     return f'<figure class="kd-table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}</figure>'
 
-# %% ../nbs/11_results.ipynb 133
+# %% ../nbs/11_results.ipynb 135
 def _row_seeds(row):
     import pandas as pd
     return pd.Series(row['values'], index=row['seeds'], dtype=float)
 
-# %% ../nbs/11_results.ipynb 134
+# %% ../nbs/11_results.ipynb 136
 def _lead(a, b) -> str:
     d = paired_interval(_row_seeds(a), _row_seeds(b))
     if d['n'] == 0: return f"{b['label']} (no shared seed)"
     if d['n'] == 1: return f"{b['label']} by {d['mean']:+.2f} points (one shared seed, not a finding)"
     return f"{b['label']} by {difference_text(d, mark_noise=False)} points ({verdict(d)}, n={d['n']})"
 
-# %% ../nbs/11_results.ipynb 135
+# %% ../nbs/11_results.ipynb 137
 def reading(rows, baseline: str = 'simkd') -> str:
     "The reading of the rows of one setting of `study_stats`: the best, its lead over the runner-up and over `baseline`."
     ranked = rows.sort_values(['mean', 'label'], ascending=[False, True]).to_dict('records')
@@ -568,23 +575,23 @@ def reading(rows, baseline: str = 'simkd') -> str:
     leads = [_lead(best, r) for r in ranked[1:2] + [r for r in ranked[2:] if r['label'] == baseline]]
     return text + ('; ahead of ' + ' and of '.join(leads) if leads else '') + '.'
 
-# %% ../nbs/11_results.ipynb 139
+# %% ../nbs/11_results.ipynb 141
 OKABE_ITO = ('#000000', '#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2', '#D55E00', '#CC79A7')
 METHOD_COLOURS = {'scratch': '#000000', 'kd': '#E69F00', 'fitnet': '#009E73', 'simkd': '#0072B2'}
 TEACHER_COLOUR = '#999999'
 TOP1 = 'best test top-1 (%)'
 
-# %% ../nbs/11_results.ipynb 140
+# %% ../nbs/11_results.ipynb 142
 def method_colour(method: str) -> str:
     "The colour of `method` in every figure (Okabe-Ito); another method gets a remaining colour from its name."
     if method in METHOD_COLOURS: return METHOD_COLOURS[method]
     rest = [c for c in OKABE_ITO if c not in METHOD_COLOURS.values() and c != '#F0E442']   # yellow is unreadable on white
     return rest[zlib.crc32(str(method).encode()) % len(rest)]
 
-# %% ../nbs/11_results.ipynb 144
+# %% ../nbs/11_results.ipynb 146
 def _wrap(text, width=100) -> str: return '\n'.join(textwrap.wrap(str(text), width))
 
-# %% ../nbs/11_results.ipynb 145
+# %% ../nbs/11_results.ipynb 147
 def _spread(values, gap):
     "`values` moved apart, in their order, to at least `gap` from each other (positions of labels that must not overlap)."
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -592,7 +599,7 @@ def _spread(values, gap):
     for i in order: out[i] = last = max(values[i], last + gap)
     return out
 
-# %% ../nbs/11_results.ipynb 146
+# %% ../nbs/11_results.ipynb 148
 def _setting_axes(settings, heights, width=11.5, ncols=1):
     "A figure with one row of `ncols` panels per setting, each titled with its setting in full."
     import matplotlib.pyplot as plt
@@ -601,10 +608,10 @@ def _setting_axes(settings, heights, width=11.5, ncols=1):
     for row, s in zip(axes, settings): row[0].set_title(_wrap(s), loc='left', fontsize=10)
     return fig, axes
 
-# %% ../nbs/11_results.ipynb 147
+# %% ../nbs/11_results.ipynb 149
 REFERENCES = ('scratch', 'kd', 'simkd')
 
-# %% ../nbs/11_results.ipynb 148
+# %% ../nbs/11_results.ipynb 150
 def _reference_lines(ax, refs):
     "Vertical lines at the means of the reference rows `refs`, named above the panel."
     import matplotlib.transforms as mt
@@ -617,7 +624,7 @@ def _reference_lines(ax, refs):
                     va='bottom', xycoords=mt.blended_transform_factory(ax.transData, ax.transAxes), color=method_colour(method),
                     textcoords=mt.blended_transform_factory(ax.transData, ax.transAxes))
 
-# %% ../nbs/11_results.ipynb 149
+# %% ../nbs/11_results.ipynb 151
 def _dots_panel(ax, rows, refs):
     "Each seed a dot, the mean a diamond with its interval, best at the top, value and n at the right."
     rows = rows.sort_values(['mean', 'label'], ascending=[True, False])
@@ -633,7 +640,7 @@ def _dots_panel(ax, rows, refs):
     ax.set_xlim(min(values) - pad, max(values) + pad); ax.set_xlabel(TOP1); ax.grid(axis='x', alpha=0.3)
     _reference_lines(ax, refs)
 
-# %% ../nbs/11_results.ipynb 150
+# %% ../nbs/11_results.ipynb 152
 def dots_figure(rows, stats, references=REFERENCES):
     "Top-1 of `rows` (of `study_stats`), one panel per setting: every seed a dot, the mean with its 95% interval, sorted; the means of `references` as lines."
     settings = sorted(rows.setting.unique())
@@ -645,7 +652,7 @@ def dots_figure(rows, stats, references=REFERENCES):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 154
+# %% ../nbs/11_results.ipynb 156
 def _forest_panel(ax, rows, baseline):
     rows = rows.assign(d=rows[f'vs {baseline}'].map(lambda d: d['mean'])).sort_values(['d', 'label'], ascending=[True, False])
     for y, (r, d) in enumerate(zip(rows.to_dict('records'), rows[f'vs {baseline}'])):
@@ -658,7 +665,7 @@ def _forest_panel(ax, rows, baseline):
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4); ax.grid(axis='x', alpha=0.3)
     ax.set_xlabel(f'paired difference in {TOP1[:-4]} against {baseline} (percentage points)')
 
-# %% ../nbs/11_results.ipynb 155
+# %% ../nbs/11_results.ipynb 157
 def forest_figure(stats, baseline: str = 'simkd'):
     "Paired per-seed difference of every label against `baseline`, one panel per setting, 95% intervals, zero line; None if nothing pairs."
     rows = stats[stats[f'vs {baseline}'].map(lambda d: d['n'] > 0)]
@@ -669,10 +676,10 @@ def forest_figure(stats, baseline: str = 'simkd'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 159
+# %% ../nbs/11_results.ipynb 161
 COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
 
-# %% ../nbs/11_results.ipynb 160
+# %% ../nbs/11_results.ipynb 162
 def _near(rows, col, log=False, within=0.03):
     "`rows` (sorted by `col`) cut into runs of neighbours less than `within` of the range apart on the (log) axis."
     x = [math.log(v) if log else v for v in rows[col]]
@@ -680,7 +687,7 @@ def _near(rows, col, log=False, within=0.03):
     cuts = [0] + [i for i in range(1, len(x)) if x[i] - x[i - 1] > within * width] + [len(x)]
     return [rows.iloc[a:b] for a, b in zip(cuts, cuts[1:])]
 
-# %% ../nbs/11_results.ipynb 161
+# %% ../nbs/11_results.ipynb 163
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
     for r in rows.to_dict('records'):
@@ -697,7 +704,7 @@ def _cost_panel(ax, rows, col, name):
             ax.text(x, y, f'   {label} (n={n})', fontsize=8, va='center')
     ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
-# %% ../nbs/11_results.ipynb 162
+# %% ../nbs/11_results.ipynb 164
 def cost_figure(stats):
     "Top-1 (mean, 95% interval) against deployed parameters and FLOPs per image, one row of two panels per setting; None without counts."
     rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
@@ -709,23 +716,23 @@ def cost_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 166
+# %% ../nbs/11_results.ipynb 168
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
 LINE_STYLES = ('-', '--', ':', '-.')
 
-# %% ../nbs/11_results.ipynb 167
+# %% ../nbs/11_results.ipynb 169
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
     return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
 
-# %% ../nbs/11_results.ipynb 169
+# %% ../nbs/11_results.ipynb 171
 def _end_labels(ax, ends):
     "Name each line at its last point, labels spread apart."
     y0, y1 = ax.get_ylim()
     for (x, _, label, colour), y in zip(ends, _spread([e[1] for e in ends], 0.055 * (y1 - y0))):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
-# %% ../nbs/11_results.ipynb 170
+# %% ../nbs/11_results.ipynb 172
 def _curve_panel(ax, curves, labels, references):
     from matplotlib.ticker import MaxNLocator
     ends = []
@@ -743,7 +750,7 @@ def _curve_panel(ax, curves, labels, references):
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
-# %% ../nbs/11_results.ipynb 171
+# %% ../nbs/11_results.ipynb 173
 def curves_figure(curves, stats, setting: str, references=REFERENCES):
     "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
     import matplotlib.pyplot as plt
@@ -760,7 +767,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 175
+# %% ../nbs/11_results.ipynb 177
 def budget_family(stats) -> list:
     "Each row's setting less its epochs and images: the settings that differ only in budget share it."
     return [r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')]
@@ -770,7 +777,7 @@ def budget_rows(stats):
     s = stats.assign(family=budget_family(stats))
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
-# %% ../nbs/11_results.ipynb 177
+# %% ../nbs/11_results.ipynb 179
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
     from matplotlib.ticker import EngFormatter, NullLocator
@@ -798,7 +805,7 @@ def budget_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 183
+# %% ../nbs/11_results.ipynb 185
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
@@ -811,7 +818,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
-# %% ../nbs/11_results.ipynb 184
+# %% ../nbs/11_results.ipynb 186
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -819,7 +826,7 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 189
+# %% ../nbs/11_results.ipynb 191
 def at_chosen_budget(stats, baseline: str = 'scratch'):
     "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
@@ -831,12 +838,12 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
 
-# %% ../nbs/11_results.ipynb 193
+# %% ../nbs/11_results.ipynb 195
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 195
+# %% ../nbs/11_results.ipynb 197
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -844,7 +851,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 197
+# %% ../nbs/11_results.ipynb 199
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -853,11 +860,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 201
+# %% ../nbs/11_results.ipynb 203
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 202
+# %% ../nbs/11_results.ipynb 204
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -870,17 +877,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 205
+# %% ../nbs/11_results.ipynb 207
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 206
+# %% ../nbs/11_results.ipynb 208
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 207
+# %% ../nbs/11_results.ipynb 209
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -896,7 +903,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 209
+# %% ../nbs/11_results.ipynb 211
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -904,11 +911,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 213
+# %% ../nbs/11_results.ipynb 215
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 214
+# %% ../nbs/11_results.ipynb 216
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -922,7 +929,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 216
+# %% ../nbs/11_results.ipynb 218
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -935,7 +942,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 218
+# %% ../nbs/11_results.ipynb 220
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
