@@ -155,3 +155,18 @@ def test_study_time_is_the_runs_time():
     assert "about 2¼ hours" in text and abs(hours - 2.25) < 0.125
     assert f"the teacher {teacher_min:.0f}\nminutes" in text or f"the teacher {teacher_min:.0f} minutes" in text
     assert f"{len(students)} student runs of {students[0]:.0f} to {students[-1]:.0f} minutes" in text
+
+
+CONVERGED = ROOT / 'results' / 'cifar10-jpeg-converged'
+
+
+@pytest.mark.skipif(not (CONVERGED / 'converged').is_dir(), reason='the converged study is not in this checkout')
+def test_converged_reading_quotes_the_committed_runs():
+    "Every accuracy, difference and interval quoted in the reading of the study at B is computed from its runs at B."
+    from kd_nb.results import load_runs, study_stats
+    runs = load_runs(CONVERGED)
+    at_b = runs[runs.epochs == 8]
+    text = section('What the study at B says so far', '```bash')
+    assert assert_quotes_hold(text, at_b) >= 4
+    early = study_stats(runs[runs.epochs == 1], baselines=('simkd',)).set_index('label')
+    assert f"led by {early.loc['simkd loss=cosine', 'vs simkd']['mean']:.0f} points" in text
