@@ -26,6 +26,21 @@ def _seeds(text: str) -> list[int]:
     except ValueError: raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
 
 # %% ../nbs/12_cli.ipynb 7
+def _add_slurm_arguments(run: argparse.ArgumentParser):
+    "The options of `kd-sweep run --backend slurm`, passed on to submitit."
+    for opt, kind, text in [('partition', str, 'partition'), ('gpus', int, 'GPUs per job'), ('cpus', int, 'CPUs per job'),
+                            ('time', int, 'minutes per job'), ('mem', float, 'memory per job in GB'), ('account', str, 'account'),
+                            ('qos', str, 'quality of service'), ('constraint', str, 'node constraint'),
+                            ('array-parallelism', int, 'array tasks running at once')]:
+        run.add_argument(f'--{opt}', type=kind, help=f'slurm: {text}')
+    run.add_argument('--setup', action='append', help="slurm: shell line run before each job, e.g. 'module load cuda' (repeatable)")
+    run.add_argument('--slurm-extra', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
+                     help='slurm: any other sbatch option, e.g. --slurm-extra mail-type=END (repeatable)')
+    run.add_argument('--no-array', action='store_true', help='slurm: one job per run instead of one job array')
+    run.add_argument('--wait', action=argparse.BooleanOptionalAction, default=None,
+                     help='slurm: wait for the jobs (default: only with --cluster local or debug)')
+
+# %% ../nbs/12_cli.ipynb 8
 def sweep_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-sweep`."
     p = argparse.ArgumentParser(prog='kd-sweep', description='Run sweeps of run_experiment.ipynb and report on them.')
@@ -43,17 +58,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     run.add_argument('--workers', type=int, default=1, help='local: runs at a time (default 1); the CPU cores are split between them')
     run.add_argument('--devices', help='local: GPUs to spread the workers over, e.g. 0,1 (default: all visible)')
     run.add_argument('--cluster', choices=CLUSTERS, default='slurm', help="slurm: 'local' or 'debug' run the jobs on this machine")
-    for opt, kind, text in [('partition', str, 'partition'), ('gpus', int, 'GPUs per job'), ('cpus', int, 'CPUs per job'),
-                            ('time', int, 'minutes per job'), ('mem', float, 'memory per job in GB'), ('account', str, 'account'),
-                            ('qos', str, 'quality of service'), ('constraint', str, 'node constraint'),
-                            ('array-parallelism', int, 'array tasks running at once')]:
-        run.add_argument(f'--{opt}', type=kind, help=f'slurm: {text}')
-    run.add_argument('--setup', action='append', help="slurm: shell line run before each job, e.g. 'module load cuda' (repeatable)")
-    run.add_argument('--slurm-extra', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
-                     help='slurm: any other sbatch option, e.g. --slurm-extra mail-type=END (repeatable)')
-    run.add_argument('--no-array', action='store_true', help='slurm: one job per run instead of one job array')
-    run.add_argument('--wait', action=argparse.BooleanOptionalAction, default=None,
-                     help='slurm: wait for the jobs (default: only with --cluster local or debug)')
+    _add_slurm_arguments(run)
     run.add_argument('--retry-failed', action='store_true', help='also run the failed runs again')
     run.add_argument('--dry-run', action='store_true', help='validate and show what would be launched')
     sub.add_parser('status', parents=[common], help='state of every run of a sweep')
@@ -67,7 +72,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     rep.add_argument('--tables', metavar='DIR', help='also write every table (Markdown, LaTeX) and figure (PDF, PNG) into DIR')
     return p
 
-# %% ../nbs/12_cli.ipynb 9
+# %% ../nbs/12_cli.ipynb 10
 def format_status(rows: list[dict]) -> str:
     "The rows of `sweep_status` as a text table."
     fmt = lambda v, spec='': '-' if v is None else format(v, spec)
@@ -80,7 +85,7 @@ def format_status(rows: list[dict]) -> str:
     lines.append(f"{len(rows)} runs: {counts(r['status'] for r in rows)}")
     return '\n'.join(lines)
 
-# %% ../nbs/12_cli.ipynb 10
+# %% ../nbs/12_cli.ipynb 11
 def sweep_main(argv=None) -> int:
     "The `kd-sweep` command."
     args = sweep_parser().parse_args(argv)
@@ -114,7 +119,7 @@ def sweep_main(argv=None) -> int:
     elif res.jobs: print(f"{sweep.name}: submitted {len(res.jobs)} jobs; follow them with: kd-sweep status {args.sweep}")
     return 1 if res.failed else 0
 
-# %% ../nbs/12_cli.ipynb 16
+# %% ../nbs/12_cli.ipynb 17
 def data_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-data`."
     p = argparse.ArgumentParser(prog='kd-data', description='Put CIFAR on disk in the layout torchvision reads.')
@@ -135,7 +140,7 @@ def data_parser() -> argparse.ArgumentParser:
     syn.add_argument('--force', action='store_true', help='replace official files or an imported copy in data_dir')
     return p
 
-# %% ../nbs/12_cli.ipynb 17
+# %% ../nbs/12_cli.ipynb 18
 def data_main(argv=None) -> int:
     "The `kd-data` command."
     args = data_parser().parse_args(argv)

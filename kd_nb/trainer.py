@@ -71,6 +71,7 @@ def schedule_steps(milestones, epochs: int, steps_per_epoch: int) -> list[int]:
 COMPILE_MODES = ('auto', 'off', 'on')
 TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
+# %% ../nbs/07_trainer.ipynb 18
 @dataclass
 class TrainConfig:
     "Every knob of the training loop; the defaults are the `paper` recipe on the fast path."
@@ -110,7 +111,7 @@ class TrainConfig:
         "Every field with its default: the recipe."
         return {f.name: f.default for f in fields(cls)}
 
-# %% ../nbs/07_trainer.ipynb 21
+# %% ../nbs/07_trainer.ipynb 22
 def seed_everything(seed: int, deterministic: bool = True):
     "Seed every random number generator a run uses and, if asked, prefer deterministic kernels."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -121,7 +122,7 @@ def resolve_deterministic(deterministic, device) -> bool:
     "`deterministic` with 'auto' read as: deterministic except on CUDA."
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
-# %% ../nbs/07_trainer.ipynb 26
+# %% ../nbs/07_trainer.ipynb 27
 def _fast_optimizer(cls, params, device, fused: bool, **kw):
     if not fused: return cls(params, foreach=False, **kw)
     if torch.device(device).type == 'cuda':
@@ -129,25 +130,25 @@ def _fast_optimizer(cls, params, device, fused: bool, **kw):
         except (RuntimeError, ValueError, TypeError): pass  # this torch or device has no fused kernel
     return cls(params, foreach=True, **kw)
 
-# %% ../nbs/07_trainer.ipynb 27
+# %% ../nbs/07_trainer.ipynb 28
 def make_optimizer(params, cfg: TrainConfig, device):
     "SGD of the recipe over `params`: fused on CUDA, foreach elsewhere; a per-parameter loop without `fused_optimizer`."
     return _fast_optimizer(torch.optim.SGD, list(params), device, cfg.fused_optimizer, lr=cfg.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/07_trainer.ipynb 28
+# %% ../nbs/07_trainer.ipynb 29
 def make_aux_optimizer(params, cfg: TrainConfig, device):
     "Adam over auxiliary parameters (None when there are none)."
     params = list(params)
     return _fast_optimizer(torch.optim.Adam, params, device, cfg.fused_optimizer, lr=cfg.aux_lr) if params else None
 
-# %% ../nbs/07_trainer.ipynb 33
+# %% ../nbs/07_trainer.ipynb 34
 def use_compile(mode, device) -> bool:
     "Whether `compile` mode asks for torch.compile on `device` ('auto': CUDA only)."
     mode = check_mode(mode, 'compile', COMPILE_MODES, when_true='on')
     return hasattr(torch, 'compile') and (mode == 'on' or (mode == 'auto' and torch.device(device).type == 'cuda'))
 
-# %% ../nbs/07_trainer.ipynb 34
+# %% ../nbs/07_trainer.ipynb 35
 class CompileFallback:
     "`fn` through `torch.compile`, falling back to `fn` itself when compilation is unavailable or fails."
     def __init__(self, fn, log=print, **options):
@@ -165,7 +166,7 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
-# %% ../nbs/07_trainer.ipynb 40
+# %% ../nbs/07_trainer.ipynb 41
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -177,7 +178,7 @@ class TrainStep(nn.Module):
         out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
-# %% ../nbs/07_trainer.ipynb 41
+# %% ../nbs/07_trainer.ipynb 42
 def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
     "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`."
     with autocast(x.device, amp): total, out = step(x, y, **inputs)
@@ -193,7 +194,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 48
+# %% ../nbs/07_trainer.ipynb 49
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -207,7 +208,7 @@ class Prepared:
     @property
     def compiled(self) -> bool: return isinstance(self.step, CompileFallback) and self.step.compiled is not None
 
-# %% ../nbs/07_trainer.ipynb 49
+# %% ../nbs/07_trainer.ipynb 50
 def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1) -> Prepared:
     "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
     device = torch.device(device)
@@ -225,13 +226,13 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     return Prepared(amp, opt, aux_opt, sched, eager, step)
 
-# %% ../nbs/07_trainer.ipynb 55
+# %% ../nbs/07_trainer.ipynb 56
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
-# %% ../nbs/07_trainer.ipynb 56
+# %% ../nbs/07_trainer.ipynb 57
 @torch.inference_mode()
 def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dict:
     "Top-1/top-5 accuracy (%) and mean cross-entropy of `model` over `loader` (inputs in NHWC with `channels_last`, autocast to `amp`)."
@@ -250,7 +251,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 58
+# %% ../nbs/07_trainer.ipynb 59
 def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
     "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it."
     row = {}
@@ -259,13 +260,13 @@ def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
     if hasattr(distiller, 'select'): distiller.select(row)
     return {**row, **evaluate(distiller, loader, 'test', channels_last, amp)}
 
-# %% ../nbs/07_trainer.ipynb 64
+# %% ../nbs/07_trainer.ipynb 65
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
     online = getattr(distiller, 'online', False)
     return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
 
-# %% ../nbs/07_trainer.ipynb 65
+# %% ../nbs/07_trainer.ipynb 66
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -273,7 +274,7 @@ def load_trainable_state(distiller: Distiller, state: dict):
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-# %% ../nbs/07_trainer.ipynb 66
+# %% ../nbs/07_trainer.ipynb 67
 def atomic_save(obj, path: Path):
     "`torch.save` to a temporary name, then rename."
     path = Path(path)
@@ -281,7 +282,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 71
+# %% ../nbs/07_trainer.ipynb 72
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
@@ -303,7 +304,7 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     *totals, correct = all_reduce_sum(sums).tolist()
     return {**{f'train_{k}': v / n for k, v in zip(keys, totals)}, 'train_acc1': 100 * correct / n, 'train_samples': n}
 
-# %% ../nbs/07_trainer.ipynb 72
+# %% ../nbs/07_trainer.ipynb 73
 def _check_schedule(sched, saved: dict, path):
     "Raise unless the checkpoint at `path` decays the learning rate at the optimizer steps this run's schedule does."
     want, got = sorted(sched.milestones.elements()), sorted(saved['milestones'].elements())
@@ -311,7 +312,7 @@ def _check_schedule(sched, saved: dict, path):
         raise ValueError(f"{path}: its schedule decays the learning rate at steps {got}, this run's at {want}; it was "
                          f"written by another schedule (other knobs or another kd-nb version): move the run folder away to train it anew")
 
-# %% ../nbs/07_trainer.ipynb 73
+# %% ../nbs/07_trainer.ipynb 74
 def _resume(p: Prepared, distiller, run_dir, log):
     "History, best accuracy and first epoch: from `run_dir/last.pt` when there is one, else a fresh start."
     if run_dir is None or not (run_dir / LAST).exists(): return [], -1.0, 0
@@ -325,7 +326,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 76
+# %% ../nbs/07_trainer.ipynb 77
 def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best: float):
     "After an epoch: `best.pt` when it beats `best` (the deployed model too, which a `teacher_run` reads), and `last.pt` to resume from."
     epoch = row['epoch']
@@ -339,7 +340,7 @@ def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best:
                  'rng': torch.get_rng_state(),
                  'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
 
-# %% ../nbs/07_trainer.ipynb 77
+# %% ../nbs/07_trainer.ipynb 78
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."

@@ -30,3 +30,16 @@ def test_readme_results_are_the_committed_runs():
     table = runs_tables(STUDY / 'cifar10_cpu', ('scratch', 'kd'))
     assert table.count('\n| ') == 14 and table in (ROOT / 'README.md').read_text()   # a row per label, after the header
     assert (STUDY / 'report.html').is_file() and (STUDY / 'report.ipynb').is_file()
+
+
+def test_export_cells_stay_small():
+    "A reader sees one idea per exported cell: a median of at most 12 lines, none over 40 (the `#| export` line counts)."
+    import json, statistics
+    sizes = {}
+    for nb in sorted((ROOT / 'nbs').glob('[0-9][0-9]_*.ipynb')):
+        for i, cell in enumerate(json.loads(nb.read_text())['cells']):
+            source = ''.join(cell['source'])
+            if cell['cell_type'] == 'code' and source.startswith('#| export'): sizes[f'{nb.name} cell {i}'] = len(source.splitlines())
+    assert len(sizes) > 100
+    assert statistics.median(sizes.values()) <= 12
+    assert not {k: n for k, n in sizes.items() if n > 40}
