@@ -9,7 +9,8 @@ from conftest import ROOT, NOTEBOOK, quick_params
 
 from kd_nb.data import make_loaders, load_cifar, dataset_info
 from kd_nb.models import get_model
-from kd_nb.distill import make_distiller, student_parameters
+from kd_nb.distill import METHOD_DEFAULTS, make_distiller, student_parameters
+from kd_nb.losses import LOSSES, list_losses
 from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, trainable_state
 from kd_nb.hardware import as_input
 from kd_nb.reference import ReferenceSimKD
@@ -174,6 +175,44 @@ def test_compile_failure_falls_back_to_eager(same_batches, monkeypatch):
     assert any('running eagerly' in m and 'inductor backend unavailable' in m for m in logs)
     keys = ('train_loss', 'train_acc1', 'test_acc1', 'test_loss')
     assert [r[k] for r in fallback for k in keys] == [r[k] for r in eager for k in keys]
+
+
+COMPILED = [('method', m) for m in METHOD_DEFAULTS] + [('loss', n) for n in list_losses()]
+
+
+def compile_case(kind, name):
+    "A distiller of every method with its own losses, or SimKD (KD for a logit loss) with one registered loss."
+    torch.manual_seed(0)
+    if kind == 'method':
+        teacher = {'scratch': None, 'tf_reg': None, 'dml': None, 'tf_self': 'resnet8'}.get(name, 'resnet14')
+        return make_distiller(name, get_model('resnet8'), teacher and get_model(teacher))
+    losses = ['l2', name] if LOSSES[name].kind == 'stages' else [name]
+    return make_distiller('kd' if LOSSES[name].kind == 'logits' else 'simkd', get_model('resnet8'), get_model('resnet14'),
+                          losses=losses, num_samples=320)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind,name', COMPILED, ids=[f'{k}-{n}' for k, n in COMPILED])
+def test_torch_compile_captures_every_step_whole(kind, name, synthetic_cifar100, monkeypatch):
+    "torch.compile traces the training step of every method and every loss as graphs without a break, and trains as eager does."
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    L = make_loaders('cifar100', synthetic_cifar100, batch_size=32, eval_batch_size=160, download=False, seed=0, train_limit=64)
+    cfg = dict(epochs=1, lr_milestones=(), progress=False, amp='off')
+    eager_model = compile_case(kind, name)
+    eager = fit(eager_model, L.train, L.test, TrainConfig(compile='off', **cfg), log=lambda s: None)
+    graphs, logs, compile = [], [], torch.compile
+    def recording(gm, example_inputs):   # a backend that keeps the traced graph and runs it as traced
+        graphs.append(gm); return gm.forward
+    monkeypatch.setattr(torch, 'compile', lambda fn, **options: compile(fn, backend=recording))
+    torch._dynamo.reset(); counters.clear()
+    compiled_model = compile_case(kind, name)
+    compiled = fit(compiled_model, L.train, L.test, TrainConfig(compile='on', **cfg), log=logs.append)
+    assert graphs and not counters['graph_break'] and not [m for m in logs if 'torch.compile' in m]
+    keys = ('train_loss', 'train_acc1', 'test_acc1', 'test_loss')
+    assert [r[k] for r in compiled for k in keys] == pytest.approx([r[k] for r in eager for k in keys], rel=1e-5, abs=1e-6)
+    for k, v in trainable_state(eager_model).items():
+        assert torch.allclose(trainable_state(compiled_model)[k].float(), v.float(), rtol=1e-4, atol=1e-5), k
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(same_batches):
