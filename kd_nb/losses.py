@@ -290,13 +290,12 @@ class MMDLoss(AlignmentLoss):
         b = s.shape[0]
         z = torch.cat([s, t])
         d2 = sq_dists(z, z)
-        off = ~torch.eye(2 * b, dtype=torch.bool, device=z.device)
         h = off_diagonal(d2.detach()).median().clamp_min(EPS)
         k = self.kernel(d2, h)
         kss, ktt, kst = k[:b, :b], k[b:, b:], k[:b, b:]
         if not self.unbiased: return kss.mean() + ktt.mean() - 2 * kst.mean()
         if b < 2: raise ValueError(f"mmd: unbiased=True needs a batch of at least 2, got {b}")
-        pair = (kss + ktt - kst - kst.T) * off[:b, :b]
+        pair = (kss + ktt - kst - kst.T) * ~torch.eye(b, dtype=torch.bool, device=z.device)
         return pair.sum() / (b * (b - 1))
 
 # %% ../nbs/02_losses.ipynb 65

@@ -9,7 +9,7 @@ from conftest import ROOT, NOTEBOOK, quick_params
 
 from kd_nb.data import make_loaders, load_cifar, dataset_info
 from kd_nb.models import get_model
-from kd_nb.distill import METHOD_DEFAULTS, make_distiller, student_parameters
+from kd_nb.distill import METHOD_DEFAULTS, make_distiller, student_parameters, teacher_from
 from kd_nb.losses import LOSSES, list_losses
 from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, trainable_state
 from kd_nb.hardware import as_input
@@ -184,7 +184,7 @@ def compile_case(kind, name):
     "A distiller of every method with its own losses, or SimKD (KD for a logit loss) with one registered loss."
     torch.manual_seed(0)
     if kind == 'method':
-        teacher = {'scratch': None, 'tf_reg': None, 'dml': None, 'tf_self': 'resnet8'}.get(name, 'resnet14')
+        teacher = {'given': 'resnet14', 'student': 'resnet8'}.get(teacher_from(name))
         return make_distiller(name, get_model('resnet8'), teacher and get_model(teacher))
     losses = ['l2', name] if LOSSES[name].kind == 'stages' else [name]
     return make_distiller('kd' if LOSSES[name].kind == 'logits' else 'simkd', get_model('resnet8'), get_model('resnet14'),
