@@ -214,7 +214,7 @@ def test_converged_study_sweeps():
     "The converged study: one committed teacher, the budget curve, and the study at its budget B = 8 epochs."
     load = lambda f: (lambda s: (s, validate(s, expand(s))))(load_sweep(ROOT / 'sweeps' / f'{f}.yaml'))
     (teacher, [t]), (budget, curve), (study, runs) = (load(f) for f in ('cifar10_teacher', 'cifar10_budget', 'cifar10_converged'))
-    assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 32, 62)
+    assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 32, 64)
     ckpt = 'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0/best.pt'
     assert (t['method'], t['student'], t['train_limit']) == ('scratch', 'resnet20', 0) and (ROOT / ckpt).is_file()
     assert {c['epochs'] * 50_000 for c in curve} == {50_000, 100_000, 200_000, 400_000} and {c['epochs'] for c in runs} == {8}
@@ -227,6 +227,8 @@ def test_converged_study_sweeps():
         return all(c[k] == v for k, v in ref.items() if k not in ('run_name', 'teacher', 'teacher_ckpt'))
     for m in ('scratch', 'kd', 'fitnet', 'simkd'): assert sorted(c['seed'] for c in at_b if c['method'] == m and plain(c)) == [0, 1, 2], m
     simkd = [c for c in at_b if c['method'] == 'simkd' and c['student'] == 'resnet8' and not c['teacher_run']]
+    for loss in ('l1', 'smooth_l1'):   # the losses that beat L2 with 2 seeds get a third
+        assert sorted(c['seed'] for c in at_b if c['method'] == 'simkd' and c['loss'] == [loss] and c['layers'] == [4]) == [0, 1, 2], loss
     assert {'+'.join(c['loss']) for c in simkd} == {'l2', 'l1', 'smooth_l1', 'cosine', 'kl', 'rkd', 'emd', 'pkt', 'vid', 'cc',
                                                    'dkd', 'crd', 'l2+fsp'}
     assert {(tuple(c['layers']), c['layer_weights']) for c in simkd} >= {((3, 4), 'uniform'), ((2, 3, 4), 'uniform'), ((2, 3, 4), 'increasing')}
