@@ -94,9 +94,9 @@ def native_bf16(device) -> bool:
 
 # %% ../nbs/05_hardware.ipynb 21
 def amp_dtype(amp, device) -> torch.dtype | None:
-    "The autocast dtype of `amp` on `device`: bf16 for 'bf16', and for 'auto' where `native_bf16(device)`; else None (fp32)."
-    amp = check_mode(amp, 'amp', AMP_MODES)
-    return torch.bfloat16 if amp == 'bf16' or (amp == 'auto' and native_bf16(device)) else None
+    "The autocast dtype of `amp` on `device`: bf16 for 'bf16', and for 'auto' on a GPU where `native_bf16`; else None (fp32)."
+    amp, device = check_mode(amp, 'amp', AMP_MODES), torch.device(device)
+    return torch.bfloat16 if amp == 'bf16' or (amp == 'auto' and device.type == 'cuda' and native_bf16(device)) else None
 
 # %% ../nbs/05_hardware.ipynb 22
 def precision_name(dtype) -> str:

@@ -86,7 +86,7 @@ class TrainConfig:
     progress: bool = True     # a progress bar per epoch
     deterministic: bool | str = 'auto'  # 'auto': deterministic on CPU, cuDNN autotuning on CUDA
     channels_last: bool = True  # NHWC memory format for models and inputs
-    amp: str = 'auto'           # 'auto' (bf16 where the device has native bf16), 'bf16', 'off'
+    amp: str = 'auto'           # 'auto' (bf16 on a GPU with native bf16, else fp32), 'bf16', 'off'
     fused_optimizer: bool = True  # fused SGD on CUDA, foreach elsewhere; False: per-parameter loop
     compile: str = 'auto'       # 'auto' (CUDA only), 'on', 'off'
     compile_mode: str = 'default'  # torch.compile's mode; 'reduce-overhead' adds CUDA graphs
