@@ -207,6 +207,12 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
 # %% ../nbs/06_runs.ipynb 37
 def begin_run(run: Run, params: dict, keys, env=None) -> Run:
     "Write the run's `config.json` (knobs `params`, environment `env`) and record a new launch in `summary.json` (status running, the `keys` of `params`)."
+    was, now = (run.config.get('precision') if run.resumed else None), (env or {}).get('precision')
+    if was and now and was != now:   # a resumed run goes on in the precision it started in, or not at all
+        run.close()
+        raise ValueError(f"precision: run {run.id!r} ({run.path}) computed in {was} on {run.config.get('device_name')}, and this launch "
+                         f"would compute in {now} on {(env or {}).get('device_name')}; resume it where it computes in {was}, or "
+                         f"give this launch another run_name")
     write_json({'run_id': run.id, 'params': params, **(env or {}), 'started': time.strftime('%Y-%m-%d %H:%M:%S')},
                run.path / CONFIG)
     launches = list(run.summary.get('launches') or [])
@@ -214,7 +220,7 @@ def begin_run(run: Run, params: dict, keys, env=None) -> Run:
     run.update(run_id=run.id, status='running', launches=launches, **{k: params.get(k) for k in keys})
     return run
 
-# %% ../nbs/06_runs.ipynb 45
+# %% ../nbs/06_runs.ipynb 47
 class EpochLog:
     "Writes a run's per-epoch rows to `metrics.csv` and, as scalars, to TensorBoard event files in `folder`."
     def __init__(self, folder, history=(), tensorboard: bool = True):
@@ -234,7 +240,7 @@ class EpochLog:
     def close(self):
         if self.writer is not None: self.writer.close(); self.writer = None
 
-# %% ../nbs/06_runs.ipynb 50
+# %% ../nbs/06_runs.ipynb 52
 _COPY_WHEN_DONE = r'''
 import json, os, shutil, sys, time
 src, dst, parent, deadline = sys.argv[1], sys.argv[2], int(sys.argv[3]), time.time() + float(sys.argv[4])
@@ -255,7 +261,7 @@ if os.path.exists(src):
     tmp = dst + ".tmp"; shutil.copyfile(src, tmp); os.replace(tmp, dst)
 '''
 
-# %% ../nbs/06_runs.ipynb 51
+# %% ../nbs/06_runs.ipynb 53
 def papermill_output_path(injected=None):
     "The output notebook of the papermill process running this kernel, or None outside papermill."
     if injected: return Path(injected)
@@ -266,7 +272,7 @@ def papermill_output_path(injected=None):
     paths = [a for a in args if a.endswith('.ipynb')]
     return Path(paths[1]).resolve() if len(paths) >= 2 else None
 
-# %% ../nbs/06_runs.ipynb 52
+# %% ../nbs/06_runs.ipynb 54
 def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
     "When papermill has finished, copy its executed notebook into the run folder as `notebook.ipynb`; the source path, or None outside papermill."
     src, dst = papermill_output_path(injected), run.path / NOTEBOOK
@@ -276,13 +282,13 @@ def keep_notebook(run: RunFolder, injected=None, timeout_s: float = 3600):
                                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return src
 
-# %% ../nbs/06_runs.ipynb 56
+# %% ../nbs/06_runs.ipynb 58
 def is_run_folder(path) -> bool:
     "Whether `path` holds a run: its config, its executed notebook, or a summary naming it."
     p = Path(path)
     return (p / CONFIG).is_file() or (p / NOTEBOOK).is_file() or 'run_id' in (read_json(p / SUMMARY) or {})
 
-# %% ../nbs/06_runs.ipynb 57
+# %% ../nbs/06_runs.ipynb 59
 def find_runs(root) -> list[RunFolder]:
     "Every run folder under `root`, in sorted order (the teachers' cache and `_*`/`.*` folders skipped)."
     found = []
