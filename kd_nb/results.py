@@ -693,31 +693,44 @@ def _near(rows, col, log=False, within=0.03):
     return [rows.iloc[a:b] for a, b in zip(cuts, cuts[1:])]
 
 # %% ../nbs/11_results.ipynb 165
+def _fit_apart(values, gap, lo, hi):
+    "`_spread` positions of `values`, shifted and if need be squeezed to lie within [lo, hi]."
+    if not values: return []
+    gap = min(gap, (hi - lo) / max(len(values) - 1, 1))
+    out = _spread(values, gap)
+    shift = max(out) - hi
+    return [y - shift for y in out] if shift > 0 else out
+
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
     for r in rows.to_dict('records'):
-        c = method_colour(r['method'])
         err = [[r['mean'] - r['lo']], [r['hi'] - r['mean']]] if r['n'] > 1 else None
-        ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=c, ms=6, capsize=3)
+        ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=method_colour(r['method']), ms=6, capsize=3)
     lo, hi = rows[col].min(), rows[col].max()
-    if hi > 20 * lo: ax.set_xscale('log')
+    log = hi > 20 * lo
+    if log: ax.set_xscale('log')
+    ax.set_xlim(*((lo / 1.3, hi * (hi / lo) ** 0.5 * 1.3) if log else (lo - 0.05 * (hi - lo or lo), hi + 0.55 * (hi - lo or lo))))
     ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylim(*ax.get_ylim())
     y0, y1 = ax.get_ylim()
-    for group in _near(rows.sort_values(col), col, ax.get_xscale() == 'log'):
-        for x, y, label, n in zip(group[col], _spread(list(group['mean']), 0.045 * (y1 - y0)), group.label, group.n):
-            ax.text(x, y, f'   {label} (n={n})', fontsize=8, va='center')
-    ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
+    for group in _near(rows.sort_values(col), col, log):   # the labels of one cost column, apart, joined to their points
+        for x, mean, y, label, n in zip(group[col], group['mean'], _fit_apart(list(group['mean']), 0.05 * (y1 - y0), y0, y1 - 0.04 * (y1 - y0)),
+                                         group.label, group.n):
+            ax.annotate(f'{label} (n={n})', xy=(x, mean), xytext=(14, y), textcoords=('offset points', 'data'), fontsize=8,
+                        va='center', arrowprops=dict(arrowstyle='-', color='0.6', lw=0.6))
+    ax.set_ylim(y0, y1); ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
 # %% ../nbs/11_results.ipynb 166
 def cost_figure(stats):
-    "Top-1 (mean, 95% interval) against deployed parameters and FLOPs per image, one row of two panels per setting; None without counts."
+    "Top-1 (mean, 95% interval) against deployed parameters and against FLOPs per image, one panel each per setting; None without counts."
     rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
     if rows.empty: return None
     settings = sorted(rows.setting.unique())
-    fig, axes = _setting_axes(settings, [5.2] * len(settings), width=13, ncols=2)
-    for row, s in zip(axes, settings):
-        for ax, (col, name) in zip(row, COSTS): _cost_panel(ax, rows[rows.setting == s], col, name)
+    fig, axes = _setting_axes([s for s in settings for _ in COSTS], [4.6] * len(COSTS) * len(settings), width=13)
+    for i, s in enumerate(settings):
+        for j, (col, name) in enumerate(COSTS):
+            ax = axes[i * len(COSTS) + j, 0]
+            _cost_panel(ax, rows[rows.setting == s], col, name)
+            if j: ax.set_title('')
     fig.tight_layout()
     return fig
 
