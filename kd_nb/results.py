@@ -685,41 +685,30 @@ def forest_figure(stats, baseline: str = 'simkd'):
 COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
 
 # %% ../nbs/11_results.ipynb 164
-def _near(rows, col, log=False, within=0.03):
-    "`rows` (sorted by `col`) cut into runs of neighbours less than `within` of the range apart on the (log) axis."
-    x = [math.log(v) if log else v for v in rows[col]]
-    width = (max(x) - min(x)) or 1
-    cuts = [0] + [i for i in range(1, len(x)) if x[i] - x[i - 1] > within * width] + [len(x)]
-    return [rows.iloc[a:b] for a, b in zip(cuts, cuts[1:])]
-
-# %% ../nbs/11_results.ipynb 165
 def _fit_apart(values, gap, lo, hi):
-    "`_spread` positions of `values`, shifted and if need be squeezed to lie within [lo, hi]."
-    if not values: return []
+    "Positions for labels of `values`, in their order, at least `gap` apart (less if [lo, hi] is too short) and within [lo, hi]."
+    order = sorted(range(len(values)), key=lambda i: values[i])
     gap = min(gap, (hi - lo) / max(len(values) - 1, 1))
-    out = _spread(values, gap)
-    shift = max(out) - hi
-    return [y - shift for y in out] if shift > 0 else out
+    ys = [min(max(values[i], lo), hi) for i in order]
+    for k in range(1, len(ys)): ys[k] = max(ys[k], ys[k - 1] + gap)             # pushed up from below ...
+    for k in reversed(range(len(ys))): ys[k] = min(ys[k], hi if k == len(ys) - 1 else ys[k + 1] - gap)   # ... then down from the top
+    return [y for _, y in sorted(zip(order, ys))]
 
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
     for r in rows.to_dict('records'):
         err = [[r['mean'] - r['lo']], [r['hi'] - r['mean']]] if r['n'] > 1 else None
         ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=method_colour(r['method']), ms=6, capsize=3)
-    lo, hi = rows[col].min(), rows[col].max()
-    log = hi > 20 * lo
-    if log: ax.set_xscale('log')
-    ax.set_xlim(*((lo / 1.3, hi * (hi / lo) ** 0.5 * 1.3) if log else (lo - 0.05 * (hi - lo or lo), hi + 0.55 * (hi - lo or lo))))
+    if rows[col].max() > 20 * rows[col].min(): ax.set_xscale('log')
     ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
     y0, y1 = ax.get_ylim()
-    for group in _near(rows.sort_values(col), col, log):   # the labels of one cost column, apart, joined to their points
-        for x, mean, y, label, n in zip(group[col], group['mean'], _fit_apart(list(group['mean']), 0.05 * (y1 - y0), y0, y1 - 0.04 * (y1 - y0)),
-                                         group.label, group.n):
-            ax.annotate(f'{label} (n={n})', xy=(x, mean), xytext=(14, y), textcoords=('offset points', 'data'), fontsize=8,
-                        va='center', arrowprops=dict(arrowstyle='-', color='0.6', lw=0.6))
+    ys = _fit_apart(list(rows['mean']), 0.05 * (y1 - y0), y0, y1)
+    for x, mean, y, label, n in zip(rows[col], rows['mean'], ys, rows.label, rows.n):   # one column of labels beside the panel
+        ax.annotate(f'{label} (n={n})', xy=(x, mean), xytext=(1.02, y), textcoords=('axes fraction', 'data'), fontsize=8,
+                    va='center', arrowprops=dict(arrowstyle='-', color='0.75', lw=0.5))
     ax.set_ylim(y0, y1); ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
-# %% ../nbs/11_results.ipynb 166
+# %% ../nbs/11_results.ipynb 165
 def cost_figure(stats):
     "Top-1 (mean, 95% interval) against deployed parameters and against FLOPs per image, one panel each per setting; None without counts."
     rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
@@ -734,23 +723,23 @@ def cost_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 170
+# %% ../nbs/11_results.ipynb 169
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
 LINE_STYLES = ('-', '--', ':', '-.')
 
-# %% ../nbs/11_results.ipynb 171
+# %% ../nbs/11_results.ipynb 170
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
     return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
 
-# %% ../nbs/11_results.ipynb 173
+# %% ../nbs/11_results.ipynb 172
 def _end_labels(ax, ends):
     "Name each line at its last point, labels spread apart."
     y0, y1 = ax.get_ylim()
     for (x, _, label, colour), y in zip(ends, _spread([e[1] for e in ends], 0.055 * (y1 - y0))):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
-# %% ../nbs/11_results.ipynb 174
+# %% ../nbs/11_results.ipynb 173
 def _curve_panel(ax, curves, labels, references):
     from matplotlib.ticker import MaxNLocator
     ends = []
@@ -768,7 +757,7 @@ def _curve_panel(ax, curves, labels, references):
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
-# %% ../nbs/11_results.ipynb 175
+# %% ../nbs/11_results.ipynb 174
 def curves_figure(curves, stats, setting: str, references=REFERENCES):
     "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
     import matplotlib.pyplot as plt
@@ -785,7 +774,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 179
+# %% ../nbs/11_results.ipynb 178
 def budget_family(stats) -> list:
     "Each row's setting less its epochs and images: the settings that differ only in budget share it."
     return [r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')]
@@ -795,7 +784,7 @@ def budget_rows(stats):
     s = stats.assign(family=budget_family(stats))
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
-# %% ../nbs/11_results.ipynb 181
+# %% ../nbs/11_results.ipynb 180
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
     from matplotlib.ticker import EngFormatter, NullLocator
@@ -823,7 +812,7 @@ def budget_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 187
+# %% ../nbs/11_results.ipynb 186
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
@@ -836,7 +825,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
-# %% ../nbs/11_results.ipynb 188
+# %% ../nbs/11_results.ipynb 187
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -844,7 +833,7 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 193
+# %% ../nbs/11_results.ipynb 192
 def at_chosen_budget(stats, baseline: str = 'scratch'):
     "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
@@ -856,12 +845,12 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
 
-# %% ../nbs/11_results.ipynb 197
+# %% ../nbs/11_results.ipynb 196
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 199
+# %% ../nbs/11_results.ipynb 198
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -869,7 +858,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 201
+# %% ../nbs/11_results.ipynb 200
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -878,11 +867,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 205
+# %% ../nbs/11_results.ipynb 204
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 206
+# %% ../nbs/11_results.ipynb 205
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -895,17 +884,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 209
+# %% ../nbs/11_results.ipynb 208
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 210
+# %% ../nbs/11_results.ipynb 209
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 211
+# %% ../nbs/11_results.ipynb 210
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -921,7 +910,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 213
+# %% ../nbs/11_results.ipynb 212
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -929,11 +918,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 217
+# %% ../nbs/11_results.ipynb 216
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 218
+# %% ../nbs/11_results.ipynb 217
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -947,7 +936,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 220
+# %% ../nbs/11_results.ipynb 219
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -960,7 +949,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 222
+# %% ../nbs/11_results.ipynb 221
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
