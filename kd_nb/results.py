@@ -687,12 +687,13 @@ COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FL
 # %% ../nbs/11_results.ipynb 164
 def _fit_apart(values, gap, lo, hi):
     "Positions for labels of `values`, in their order, at least `gap` apart (less if [lo, hi] is too short) and within [lo, hi]."
-    order = sorted(range(len(values)), key=lambda i: values[i])
     gap = min(gap, (hi - lo) / max(len(values) - 1, 1))
-    ys = [min(max(values[i], lo), hi) for i in order]
-    for k in range(1, len(ys)): ys[k] = max(ys[k], ys[k - 1] + gap)             # pushed up from below ...
-    for k in reversed(range(len(ys))): ys[k] = min(ys[k], hi if k == len(ys) - 1 else ys[k + 1] - gap)   # ... then down from the top
-    return [y for _, y in sorted(zip(order, ys))]
+    up = _spread([min(max(v, lo), hi) for v in values], gap)                  # pushed up from below ...
+    out, top = list(up), hi
+    for i in sorted(range(len(up)), key=up.__getitem__, reverse=True):      # ... then down from the top
+        out[i] = top = min(up[i], top)
+        top -= gap
+    return out
 
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter

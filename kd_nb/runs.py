@@ -207,13 +207,14 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
 # %% ../nbs/06_runs.ipynb 37
 def begin_run(run: Run, params: dict, keys, env=None) -> Run:
     "Write the run's `config.json` (knobs `params`, environment `env`) and record a new launch in `summary.json` (status running, the `keys` of `params`)."
-    was, now = (run.config.get('precision') if run.resumed else None), (env or {}).get('precision')
+    env, old = env or {}, (run.config if run.resumed else {})
+    was, now = old.get('precision'), env.get('precision')
     if was and now and was != now:   # a resumed run goes on in the precision it started in, or not at all
         run.close()
-        raise ValueError(f"precision: run {run.id!r} ({run.path}) computed in {was} on {run.config.get('device_name')}, and this launch "
-                         f"would compute in {now} on {(env or {}).get('device_name')}; resume it where it computes in {was}, or "
+        raise ValueError(f"precision: run {run.id!r} ({run.path}) computed in {was} on {old.get('device_name')}, and this launch "
+                         f"would compute in {now} on {env.get('device_name')}; resume it where it computes in {was}, or "
                          f"give this launch another run_name")
-    write_json({'run_id': run.id, 'params': params, **(env or {}), 'started': time.strftime('%Y-%m-%d %H:%M:%S')},
+    write_json({'run_id': run.id, 'params': params, **env, 'started': time.strftime('%Y-%m-%d %H:%M:%S')},
                run.path / CONFIG)
     launches = list(run.summary.get('launches') or [])
     launches.append({'host': socket.gethostname(), 'pid': os.getpid(), 'start': time.strftime('%Y-%m-%d %H:%M:%S'), 'seconds': 0.0})
