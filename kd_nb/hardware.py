@@ -12,8 +12,9 @@ import torch.nn as nn
 
 # %% auto 0
 __all__ = ['DEVICES', 'AMP_MODES', 'pick_device', 'device_name', 'available_cores', 'busy_threads', 'set_threads', 'check_mode',
-           'native_bf16', 'amp_dtype', 'precision_name', 'autocast', 'as_input', 'world', 'is_main', 'init_distributed',
-           'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'sync_buffers', 'average_gradients']
+           'native_bf16', 'amp_dtype', 'precision_name', 'ieee_fp32', 'autocast', 'as_input', 'world', 'is_main',
+           'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'sync_buffers',
+           'average_gradients']
 
 # %% ../nbs/05_hardware.ipynb 5
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -104,27 +105,34 @@ def precision_name(dtype) -> str:
     return 'bf16' if dtype == torch.bfloat16 else 'fp32'
 
 # %% ../nbs/05_hardware.ipynb 23
+def ieee_fp32():
+    "Compute CUDA's fp32 matrix products and convolutions in IEEE fp32, never in TF32."
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, 'fp32_precision'): matmul.fp32_precision = conv.conv.fp32_precision = 'ieee'  # torch >= 2.9
+    else: matmul.allow_tf32 = conv.allow_tf32 = False
+
+# %% ../nbs/05_hardware.ipynb 24
 def autocast(device, dtype):
     "Autocast to `dtype` on `device`'s type, or nothing when `dtype` is None."
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-# %% ../nbs/05_hardware.ipynb 24
+# %% ../nbs/05_hardware.ipynb 25
 def as_input(x, channels_last: bool):
     "An input batch in the memory format the models were put in."
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
-# %% ../nbs/05_hardware.ipynb 34
+# %% ../nbs/05_hardware.ipynb 37
 def world() -> tuple[int, int]:
     "(rank, world size) of this process in the initialized process group; (0, 1) without one."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-# %% ../nbs/05_hardware.ipynb 35
+# %% ../nbs/05_hardware.ipynb 38
 def is_main() -> bool:
     "Whether this process is rank 0 of its process group, or of the torchrun job it is about to join."
     return (world()[0] if dist.is_available() and dist.is_initialized() else int(os.environ.get('RANK', 0))) == 0
 
-# %% ../nbs/05_hardware.ipynb 36
+# %% ../nbs/05_hardware.ipynb 39
 def init_distributed(device) -> tuple[int, int]:
     "Under torchrun (`WORLD_SIZE` > 1) join the process group once, NCCL for CUDA and Gloo otherwise; (rank, world size)."
     size = int(os.environ.get('WORLD_SIZE', 1))
@@ -138,36 +146,36 @@ def init_distributed(device) -> tuple[int, int]:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return world()
 
-# %% ../nbs/05_hardware.ipynb 37
+# %% ../nbs/05_hardware.ipynb 40
 def shard(t, rank: int, size: int):
     "This process's contiguous slice of a batch (the whole batch when alone)."
     return t if size == 1 else t.tensor_split(size)[rank]
 
-# %% ../nbs/05_hardware.ipynb 38
+# %% ../nbs/05_hardware.ipynb 41
 def all_reduce_sum(t):
     "`t` summed over all processes, in place (unchanged when alone)."
     if world()[1] > 1: dist.all_reduce(t)
     return t
 
-# %% ../nbs/05_hardware.ipynb 39
+# %% ../nbs/05_hardware.ipynb 42
 def broadcast_object(obj):
     "Rank 0's `obj` on every process."
     if world()[1] == 1: return obj
     box = [obj]; dist.broadcast_object_list(box, src=0)
     return box[0]
 
-# %% ../nbs/05_hardware.ipynb 40
+# %% ../nbs/05_hardware.ipynb 43
 def barrier():
     "Wait for every process (no-op when alone)."
     if world()[1] > 1: dist.barrier()
 
-# %% ../nbs/05_hardware.ipynb 41
+# %% ../nbs/05_hardware.ipynb 44
 def sync_buffers(module: nn.Module):
     "Copy rank 0's buffers (batch-norm statistics) to every process."
     if world()[1] > 1:
         for b in module.buffers(): dist.broadcast(b, src=0)
 
-# %% ../nbs/05_hardware.ipynb 42
+# %% ../nbs/05_hardware.ipynb 45
 def average_gradients(params):
     "Average the gradients of `params` over the processes (for parts outside DistributedDataParallel)."
     size = world()[1]

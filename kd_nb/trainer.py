@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs, deployed_module
-from .hardware import (check_mode, AMP_MODES, amp_dtype, autocast, as_input, world, init_distributed, shard,
+from .hardware import (check_mode, AMP_MODES, amp_dtype, ieee_fp32, autocast, as_input, world, init_distributed, shard,
                             all_reduce_sum, barrier, sync_buffers, average_gradients)
 from .runs import LAST, BEST, EpochLog
 
@@ -214,6 +214,7 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     device = torch.device(device)
     seed_everything(cfg.seed, resolve_deterministic(cfg.deterministic, device))
     amp = amp_dtype(cfg.amp, device)
+    if device.type == 'cuda': ieee_fp32()
     if cfg.channels_last: distiller.to(memory_format=torch.channels_last)
     opt = make_optimizer(student_parameters(distiller), cfg, device)
     aux_opt = make_aux_optimizer(aux_parameters(distiller), cfg, device)
