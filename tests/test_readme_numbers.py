@@ -6,6 +6,7 @@ accuracy and interval quoted in the reading of the study on real pixels."""
 import itertools
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,13 @@ def test_sweep_run_counts():
 
 
 def benchmark_figures(path) -> tuple:
-    "The four cells of a row of the CPU speed table, as `benchmarks/bench_simkd.py` measured them into `path`."
+    "The four cells of a row of a speed table, as `benchmarks/bench_simkd.py` measured them into `path` (recipe: hours on a CPU, minutes on a GPU)."
     b = json.loads(path.read_text())
-    r, hours = b['ratio'], lambda side: b[side]['recipe_minutes'] / 60
+    r, on_cpu = b['ratio'], b['device'] == 'cpu'
+    recipe = lambda side: b[side]['recipe_minutes'] / (60 if on_cpu else 1)
+    unit = 'h' if on_cpu else 'min'
     return (b['device_name'], f"{r['train']:.2f}x ({r['train_median_of_rounds']:.2f}x)", f"{r['eval']:.1f}x",
-            f"{hours('reference'):.1f} h → {hours('fast'):.1f} h")
+            f"{recipe('reference'):.1f} {unit} → {recipe('fast'):.1f} {unit}")
 
 
 def test_cpu_speed_table_is_the_benchmark_results():
@@ -65,6 +68,38 @@ def test_cpu_speed_table_is_the_benchmark_results():
     medians = {re.search(r'\((\d\.\d\dx)\)', r[2])[1] for r in rows}
     quoted = re.findall(r'\d\.\d\dx', section('The CPU target is met', '\n\n'))
     assert quoted and set(quoted) <= medians
+
+
+def test_gpu_speed_table_is_the_benchmark_results():
+    "Each row of the GPU speed table is one committed GPU benchmark result; the sentence below quotes its figures."
+    measured = {p.name: benchmark_figures(p) for p in sorted((ROOT / 'benchmarks' / 'results').glob('cuda-*.json'))}
+    rows = table_rows('| GPU | fast path |')
+    assert rows and measured
+    for gpu, _, train, evaluation, recipe in rows:
+        assert any(d in gpu and (train, evaluation, recipe) == tuple(m) for d, *m in measured.values()), (gpu, train, evaluation, recipe)
+    text = section('The GPU targets are', '\n\n')
+    figures = {x for _, t, _, r in measured.values() for x in (t.split(' ')[0], r.split(' → ')[1].split(' ')[0])}
+    quoted = re.findall(r'\d\.\d\dx', text) + re.findall(r'(\d+\.\d) minutes', text)
+    assert quoted and set(quoted) <= figures, quoted
+    b = [json.loads(p.read_text()) for p in sorted((ROOT / 'benchmarks' / 'results').glob('cuda-*.json'))]
+    split = {f"{v:.1f}" for r in b for side in ('reference', 'fast') for v in r[side]['split_ms_per_step'].values()}
+    quoted = re.findall(r'(\d+\.\d)(?= ms| and \d+\.\d ms)', text)
+    assert len(quoted) == 6 and set(quoted) <= split, quoted
+
+
+def test_device_check_quotes_both_runs():
+    "The GPU and CPU accuracies of SimKD seed 0 quoted in the precision paragraph are those of the two committed runs."
+    gpu = ROOT / 'results' / 'cifar10-jpeg-device-check' / 'gpu-check' / 'simkd-resnet20-resnet8-s0'
+    cpu = ROOT / 'results' / 'cifar10-jpeg-converged' / 'budget' / 'simkd-resnet20-resnet8-epochs_8-s0'
+    if not (gpu.is_dir() and cpu.is_dir()): pytest.skip('the device check runs are not in this checkout')
+    cfg, summary = (json.loads((gpu / f).read_text()) for f in ('config.json', 'summary.json'))
+    assert cfg['device'] == 'cuda' and cfg['precision'] == 'fp32'
+    text = ' '.join(section('Whether the', '\n\n').split())
+    accs = [json.loads((d / 'summary.json').read_text())['best_test_acc'] for d in (gpu, cpu)]
+    assert f"**{accs[0]:.2f}%** on the GPU against **{accs[1]:.2f}%** on the CPU" in text
+    seeds = [cpu, cpu.with_name('simkd-resnet20-resnet8-epochs_8-s1'), cpu.parents[1] / 'converged' / 'simkd-resnet20-resnet8-s2']
+    spread = statistics.stdev(json.loads((d / 'summary.json').read_text())['best_test_acc'] for d in seeds)
+    assert f"inside the {spread:.2f}-point spread of SimKD's three seeds" in text
 
 
 @pytest.mark.skipif(not (STUDY / 'fast_path_quick').is_dir(), reason='the fast-path runs are not in this checkout')
