@@ -9,7 +9,7 @@ __all__ = ['EPS', 'LOSSES', 'MEASURED_WEIGHT', 'NEEDS', 'MATCH_RULES', 'KINDS', 
            'SmoothL1Loss', 'CosineLoss', 'KLDivLoss', 'MMDLoss', 'AttentionTransferLoss', 'SimilarityPreservingLoss',
            'RelationalKDLoss', 'linear_cka', 'CKALoss', 'NSTLoss', 'AdversarialLoss', 'PKTLoss',
            'CorrelationCongruenceLoss', 'VIDLoss', 'DKDLoss', 'FSPLoss', 'sinkhorn_ot', 'EMDLoss', 'nce_loss',
-           'gathered_rows', 'ContrastMemory', 'CRDLoss', 'grad_norm_ratios']
+           'gathered_rows', 'bank_scores', 'ContrastMemory', 'CRDLoss', 'grad_norm_ratios']
 
 # %% ../nbs/02_losses.ipynb 4
 import inspect
@@ -579,6 +579,12 @@ def gathered_rows(*ts):
     return out
 
 # %% ../nbs/02_losses.ipynb 133
+def bank_scores(bank, e, idx):
+    "<e_b, bank[idx[b, j]]> (B, J) for embeddings `e` (B, D): through the whole bank when the B*J draws outnumber its rows, else through the drawn rows."
+    if idx.numel() >= len(bank): return (e @ bank.detach().clone().T).gather(1, idx)   # a copy: the bank may change before backward
+    return torch.bmm(bank[idx].detach(), e[:, :, None]).squeeze(2)
+
+# %% ../nbs/02_losses.ipynb 134
 class ContrastMemory(nn.Module):
     "Memory banks of student and teacher embeddings indexed by sample, with CRD's scores and momentum update."
     def __init__(self, feat_dim, num_samples, nce_k, nce_t, nce_m):
@@ -591,8 +597,7 @@ class ContrastMemory(nn.Module):
         "exp(<e, memory row> / T) / Z of each embedding against its own row (column 0) and K random rows of the other side's bank."
         idx = torch.randint(0, len(self.memory_s), (len(indices), self.k + 1), device=indices.device)
         idx[:, 0] = indices
-        out = [torch.exp(torch.bmm(mem[idx].detach(), e[:, :, None]).squeeze(2) / self.t)
-               for mem, e in ((self.memory_t, es), (self.memory_s, et))]
+        out = [torch.exp(bank_scores(mem, e, idx) / self.t) for mem, e in ((self.memory_t, es), (self.memory_s, et))]
         with torch.no_grad(): self.z.copy_(torch.where(self.z < 0, torch.stack([o.mean() for o in out]) * len(self.memory_s), self.z))
         return out[0] / self.z[0], out[1] / self.z[1]
 
@@ -603,7 +608,7 @@ class ContrastMemory(nn.Module):
         for mem, e in ((self.memory_s, es), (self.memory_t, et)):
             mem.index_copy_(0, indices, F.normalize(mem[indices] * self.m + e.detach() * (1 - self.m), dim=1))
 
-# %% ../nbs/02_losses.ipynb 134
+# %% ../nbs/02_losses.ipynb 135
 @register_loss('crd')
 class CRDLoss(AlignmentLoss):
     "Contrastive representation distillation: NCE of each sample's embedding against its other-network memory row vs K random rows."
@@ -626,7 +631,7 @@ class CRDLoss(AlignmentLoss):
         if self.training: self.memory.update(es, et, indices)
         return nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
 
-# %% ../nbs/02_losses.ipynb 152
+# %% ../nbs/02_losses.ipynb 155
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all that need at most `channels` from the run), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()
