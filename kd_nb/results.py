@@ -735,9 +735,9 @@ def setting_metrics(runs, metrics, metric='best_test_acc'):
 
 # %% ../nbs/11_results.ipynb 172
 def _end_labels(ax, ends):
-    "Name each line at its last point, labels spread apart."
+    "Name each line at its last point, labels spread apart inside the panel."
     y0, y1 = ax.get_ylim()
-    for (x, _, label, colour), y in zip(ends, _spread([e[1] for e in ends], 0.055 * (y1 - y0))):
+    for (x, _, label, colour), y in zip(ends, _fit_apart([e[1] for e in ends], 0.055 * (y1 - y0), y0, y1)):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
 # %% ../nbs/11_results.ipynb 173
@@ -770,7 +770,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     for ax, axis in zip(panels.flat, axes_found):
         labels = list(axis_rows(rows, axis).sort_values('mean', ascending=False).label)
         _curve_panel(ax, curves, labels, [] if axis == 'method' else references)
-        ax.set_title(axis_title(axis), loc='left', fontsize=10)
+        ax.set_title(axis_title(axis).split(':')[0], loc='left', fontsize=10)   # a half-width panel: the question without its gloss
     for ax in panels.flat[len(axes_found):]: ax.set_visible(False)
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
