@@ -23,10 +23,11 @@ __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'R
            'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution', 'speed_table',
            't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'axis_of', 'axis_title', 'images_seen',
            'study_stats', 'research_axes', 'axis_rows', 'difference_text', 'top1_text', 'study_table', 'study_caption',
-           'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour', 'dots_figure', 'forest_figure',
-           'cost_figure', 'setting_metrics', 'curves_figure', 'budget_family', 'budget_rows', 'budget_figure',
-           'budget_steps', 'choose_budget', 'at_chosen_budget', 'slug', 'save_figure', 'save_table', 'runs_tables',
-           'budget_verdict', 'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
+           'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour', 'drawn_interval', 'dots_figure',
+           'forest_figure', 'cost_figure', 'setting_metrics', 'curves_figure', 'budget_family', 'budget_rows',
+           'budget_figure', 'budget_steps', 'choose_budget', 'at_chosen_budget', 'slug', 'save_figure', 'save_table',
+           'runs_tables', 'budget_verdict', 'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report',
+           'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -630,22 +631,29 @@ def _reference_lines(ax, refs):
                     textcoords=mt.blended_transform_factory(ax.transData, ax.transAxes))
 
 # %% ../nbs/11_results.ipynb 153
+def drawn_interval(lo, hi):
+    "An interval of a mean accuracy as the figures draw it: cut to 0-100%, the range of an accuracy (tables print it whole)."
+    if isinstance(lo, (int, float)): return max(lo, 0.0), min(hi, 100.0)
+    return lo.clip(lower=0.0), hi.clip(upper=100.0)
+
+# %% ../nbs/11_results.ipynb 155
 def _dots_panel(ax, rows, refs):
     "Each seed a dot, the mean a diamond with its interval, best at the top, value and n at the right."
     rows = rows.sort_values(['mean', 'label'], ascending=[True, False])
     for y, r in enumerate(rows.to_dict('records')):
         c = method_colour(r['method'])
         ax.scatter(r['values'], [y + 0.12 * ((i % 3) - 1) for i in range(r['n'])], s=22, color=c, alpha=0.5, lw=0, zorder=2)
-        if r['n'] > 1: ax.hlines(y, r['lo'], r['hi'], color=c, lw=2, zorder=2)
+        if r['n'] > 1: ax.hlines(y, *drawn_interval(r['lo'], r['hi']), color=c, lw=2, zorder=2)
         ax.scatter([r['mean']], [y], marker='D', s=50, color=c, edgecolor='white', zorder=3)
         ax.annotate(f"{mean_std(r['mean'], r['std'])} (n={r['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4)
-    values = [v for vs in rows['values'] for v in vs] + list(rows.lo.dropna()) + list(rows.hi.dropna()) + list(refs['mean'])
+    values = [v for vs in rows['values'] for v in vs] + [x for r in rows.dropna(subset=['lo']).to_dict('records')
+              for x in drawn_interval(r['lo'], r['hi'])] + list(refs['mean'])
     pad = 0.05 * (max(values) - min(values) or 1)
     ax.set_xlim(min(values) - pad, max(values) + pad); ax.set_xlabel(TOP1); ax.grid(axis='x', alpha=0.3)
     _reference_lines(ax, refs)
 
-# %% ../nbs/11_results.ipynb 154
+# %% ../nbs/11_results.ipynb 156
 def dots_figure(rows, stats, references=REFERENCES):
     "Top-1 of `rows` (of `study_stats`), one panel per setting: every seed a dot, the mean with its 95% interval, sorted; the means of `references` as lines."
     settings = sorted(rows.setting.unique())
@@ -657,7 +665,7 @@ def dots_figure(rows, stats, references=REFERENCES):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 158
+# %% ../nbs/11_results.ipynb 160
 def _forest_panel(ax, rows, baseline):
     rows = rows.assign(d=rows[f'vs {baseline}'].map(lambda d: d['mean'])).sort_values(['d', 'label'], ascending=[True, False])
     for y, (r, d) in enumerate(zip(rows.to_dict('records'), rows[f'vs {baseline}'])):
@@ -670,7 +678,7 @@ def _forest_panel(ax, rows, baseline):
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4); ax.grid(axis='x', alpha=0.3)
     ax.set_xlabel(f'paired difference in {TOP1[:-4]} against {baseline} (percentage points)')
 
-# %% ../nbs/11_results.ipynb 159
+# %% ../nbs/11_results.ipynb 161
 def forest_figure(stats, baseline: str = 'simkd'):
     "Paired per-seed difference of every label against `baseline`, one panel per setting, 95% intervals, zero line; None if nothing pairs."
     rows = stats[stats[f'vs {baseline}'].map(lambda d: d['n'] > 0)]
@@ -681,10 +689,10 @@ def forest_figure(stats, baseline: str = 'simkd'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 163
+# %% ../nbs/11_results.ipynb 165
 COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
 
-# %% ../nbs/11_results.ipynb 164
+# %% ../nbs/11_results.ipynb 166
 def _fit_apart(values, gap, lo, hi):
     "Positions for labels of `values`, in their order, at least `gap` apart (less if [lo, hi] is too short) and within [lo, hi]."
     gap = min(gap, (hi - lo) / max(len(values) - 1, 1))
@@ -698,7 +706,8 @@ def _fit_apart(values, gap, lo, hi):
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
     for r in rows.to_dict('records'):
-        err = [[r['mean'] - r['lo']], [r['hi'] - r['mean']]] if r['n'] > 1 else None
+        lo, hi = drawn_interval(r['lo'], r['hi'])
+        err = [[r['mean'] - lo], [hi - r['mean']]] if r['n'] > 1 else None
         ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=method_colour(r['method']), ms=6, capsize=3)
     if rows[col].max() > 20 * rows[col].min(): ax.set_xscale('log')
     ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
@@ -709,7 +718,7 @@ def _cost_panel(ax, rows, col, name):
                     va='center', arrowprops=dict(arrowstyle='-', color='0.75', lw=0.5))
     ax.set_ylim(y0, y1); ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
-# %% ../nbs/11_results.ipynb 165
+# %% ../nbs/11_results.ipynb 167
 def cost_figure(stats):
     "Top-1 (mean, 95% interval) against deployed parameters and against FLOPs per image, one panel each per setting; None without counts."
     rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
@@ -724,23 +733,23 @@ def cost_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 169
+# %% ../nbs/11_results.ipynb 171
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
 LINE_STYLES = ('-', '--', ':', '-.')
 
-# %% ../nbs/11_results.ipynb 170
+# %% ../nbs/11_results.ipynb 172
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
     return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
 
-# %% ../nbs/11_results.ipynb 172
+# %% ../nbs/11_results.ipynb 174
 def _end_labels(ax, ends):
     "Name each line at its last point, labels spread apart inside the panel."
     y0, y1 = ax.get_ylim()
     for (x, _, label, colour), y in zip(ends, _fit_apart([e[1] for e in ends], 0.055 * (y1 - y0), y0, y1)):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
-# %% ../nbs/11_results.ipynb 173
+# %% ../nbs/11_results.ipynb 175
 def _curve_panel(ax, curves, labels, references):
     from matplotlib.ticker import MaxNLocator
     ends = []
@@ -758,7 +767,7 @@ def _curve_panel(ax, curves, labels, references):
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
-# %% ../nbs/11_results.ipynb 174
+# %% ../nbs/11_results.ipynb 176
 def curves_figure(curves, stats, setting: str, references=REFERENCES):
     "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
     import matplotlib.pyplot as plt
@@ -775,7 +784,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 178
+# %% ../nbs/11_results.ipynb 180
 def budget_family(stats) -> list:
     "Each row's setting less its epochs and images: the settings that differ only in budget share it."
     return [r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')]
@@ -785,7 +794,7 @@ def budget_rows(stats):
     s = stats.assign(family=budget_family(stats))
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
-# %% ../nbs/11_results.ipynb 180
+# %% ../nbs/11_results.ipynb 182
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
     from matplotlib.ticker import EngFormatter, NullLocator
@@ -799,7 +808,7 @@ def budget_figure(stats):
             method = g.method.iloc[0]; colour = method_colour(method)
             style = LINE_STYLES[drawn.count(method) % len(LINE_STYLES)]; drawn.append(method)   # labels of one method: one colour, other lines
             ax.plot(g.images_seen, g['mean'], color=colour, ls=style, marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.8)
-            ax.fill_between(g.images_seen, g.lo, g.hi, color=colour, alpha=0.15, lw=0)
+            ax.fill_between(g.images_seen, *drawn_interval(g.lo, g.hi), color=colour, alpha=0.15, lw=0)
             ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
         teacher = r.teacher_acc.dropna()
         if len(teacher):
@@ -813,7 +822,7 @@ def budget_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 186
+# %% ../nbs/11_results.ipynb 188
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
@@ -826,7 +835,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
-# %% ../nbs/11_results.ipynb 187
+# %% ../nbs/11_results.ipynb 189
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -834,7 +843,7 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 192
+# %% ../nbs/11_results.ipynb 194
 def at_chosen_budget(stats, baseline: str = 'scratch'):
     "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
@@ -846,12 +855,12 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
 
-# %% ../nbs/11_results.ipynb 196
+# %% ../nbs/11_results.ipynb 198
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 198
+# %% ../nbs/11_results.ipynb 200
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -859,7 +868,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 200
+# %% ../nbs/11_results.ipynb 202
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -868,11 +877,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 204
+# %% ../nbs/11_results.ipynb 206
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 205
+# %% ../nbs/11_results.ipynb 207
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -885,17 +894,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 208
+# %% ../nbs/11_results.ipynb 210
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 209
+# %% ../nbs/11_results.ipynb 211
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 210
+# %% ../nbs/11_results.ipynb 212
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -911,7 +920,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 212
+# %% ../nbs/11_results.ipynb 214
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -919,11 +928,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 216
+# %% ../nbs/11_results.ipynb 218
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 217
+# %% ../nbs/11_results.ipynb 219
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -937,7 +946,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 219
+# %% ../nbs/11_results.ipynb 221
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -950,7 +959,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 221
+# %% ../nbs/11_results.ipynb 223
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
