@@ -632,23 +632,22 @@ def _reference_lines(ax, refs):
 
 # %% ../nbs/11_results.ipynb 153
 def drawn_interval(lo, hi):
-    "An interval of a mean accuracy as the figures draw it: cut to 0-100%, the range of an accuracy (tables print it whole)."
-    if isinstance(lo, (int, float)): return max(lo, 0.0), min(hi, 100.0)
+    "Intervals (Series `lo`, `hi`) of mean accuracies as the figures draw them: cut to 0-100%, the range of an accuracy (tables print them whole)."
     return lo.clip(lower=0.0), hi.clip(upper=100.0)
 
 # %% ../nbs/11_results.ipynb 155
 def _dots_panel(ax, rows, refs):
     "Each seed a dot, the mean a diamond with its interval, best at the top, value and n at the right."
     rows = rows.sort_values(['mean', 'label'], ascending=[True, False])
-    for y, r in enumerate(rows.to_dict('records')):
+    los, his = drawn_interval(rows.lo, rows.hi)
+    for y, (r, lo, hi) in enumerate(zip(rows.to_dict('records'), los, his)):
         c = method_colour(r['method'])
         ax.scatter(r['values'], [y + 0.12 * ((i % 3) - 1) for i in range(r['n'])], s=22, color=c, alpha=0.5, lw=0, zorder=2)
-        if r['n'] > 1: ax.hlines(y, *drawn_interval(r['lo'], r['hi']), color=c, lw=2, zorder=2)
+        if r['n'] > 1: ax.hlines(y, lo, hi, color=c, lw=2, zorder=2)
         ax.scatter([r['mean']], [y], marker='D', s=50, color=c, edgecolor='white', zorder=3)
         ax.annotate(f"{mean_std(r['mean'], r['std'])} (n={r['n']})", xy=(1.01, y), xycoords=('axes fraction', 'data'), va='center', fontsize=9)
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4)
-    values = [v for vs in rows['values'] for v in vs] + [x for r in rows.dropna(subset=['lo']).to_dict('records')
-              for x in drawn_interval(r['lo'], r['hi'])] + list(refs['mean'])
+    values = [v for vs in rows['values'] for v in vs] + list(los.dropna()) + list(his.dropna()) + list(refs['mean'])
     pad = 0.05 * (max(values) - min(values) or 1)
     ax.set_xlim(min(values) - pad, max(values) + pad); ax.set_xlabel(TOP1); ax.grid(axis='x', alpha=0.3)
     _reference_lines(ax, refs)
@@ -705,8 +704,7 @@ def _fit_apart(values, gap, lo, hi):
 
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
-    for r in rows.to_dict('records'):
-        lo, hi = drawn_interval(r['lo'], r['hi'])
+    for r, lo, hi in zip(rows.to_dict('records'), *drawn_interval(rows.lo, rows.hi)):
         err = [[r['mean'] - lo], [hi - r['mean']]] if r['n'] > 1 else None
         ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=method_colour(r['method']), ms=6, capsize=3)
     if rows[col].max() > 20 * rows[col].min(): ax.set_xscale('log')

@@ -92,13 +92,13 @@ def test_device_check_quotes_both_runs():
     gpu = ROOT / 'results' / 'cifar10-jpeg-device-check' / 'gpu-check' / 'simkd-resnet20-resnet8-s0'
     cpu = ROOT / 'results' / 'cifar10-jpeg-converged' / 'budget' / 'simkd-resnet20-resnet8-epochs_8-s0'
     if not (gpu.is_dir() and cpu.is_dir()): pytest.skip('the device check runs are not in this checkout')
-    cfg, summary = (json.loads((gpu / f).read_text()) for f in ('config.json', 'summary.json'))
+    cfg = json.loads((gpu / 'config.json').read_text())
     assert cfg['device'] == 'cuda' and cfg['precision'] == 'fp32'
+    best = lambda run: json.loads((run / 'summary.json').read_text())['best_test_acc']
     text = ' '.join(section('Whether the', '\n\n').split())
-    accs = [json.loads((d / 'summary.json').read_text())['best_test_acc'] for d in (gpu, cpu)]
-    assert f"**{accs[0]:.2f}%** on the GPU against **{accs[1]:.2f}%** on the CPU" in text
+    assert f"**{best(gpu):.2f}%** on the GPU against **{best(cpu):.2f}%** on the CPU" in text
     seeds = [cpu, cpu.with_name('simkd-resnet20-resnet8-epochs_8-s1'), cpu.parents[1] / 'converged' / 'simkd-resnet20-resnet8-s2']
-    spread = statistics.stdev(json.loads((d / 'summary.json').read_text())['best_test_acc'] for d in seeds)
+    spread = statistics.stdev(best(d) for d in seeds)
     assert f"inside the {spread:.2f}-point spread of SimKD's three seeds" in text
 
 
