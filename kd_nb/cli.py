@@ -60,6 +60,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     run.add_argument('--cluster', choices=CLUSTERS, default='slurm', help="slurm: 'local' or 'debug' run the jobs on this machine")
     _add_slurm_arguments(run)
     run.add_argument('--retry-failed', action='store_true', help='also run the failed runs again')
+    run.add_argument('--retrain-teachers', action='store_true',
+                     help="train again a finished teacher run whose best.pt is gone, its folder set aside first")
     run.add_argument('--dry-run', action='store_true', help='validate and show what would be launched')
     sub.add_parser('status', parents=[common], help='state of every run of a sweep')
     ls = sub.add_parser('list', parents=[common], help='the runs a sweep expands to, validated')
@@ -111,7 +113,7 @@ def sweep_main(argv=None) -> int:
         if args.slurm_extra: slurm['extra'] = dict(args.slurm_extra)
         devices = args.devices.split(',') if args.devices else None
         res = run_sweep(sweep, args.runs, args.backend, args.workers, devices, args.retry_failed, args.dry_run,
-                        args.cluster, slurm, not args.no_array, args.wait, **selection)
+                        args.cluster, slurm, not args.no_array, args.wait, retrain_teachers=args.retrain_teachers, **selection)
     except (SweepError, ValueError) as e:
         print(f"kd-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -25,11 +25,11 @@ from .trainer import TrainConfig, PRESETS, check_preset, check_milestones, recip
 __all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'SCHEME_OFF', 'RUN_KEYS',
            'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'parse_milestones', 'check_choice',
            'loss_choices', 'registered', 'parse_layers', 'project_root', 'project_path', 'project_relative',
-           'train_config', 'build_distiller', 'parse_float', 'TeacherRunPending', 'find_teacher_run', 'teacher_chain',
-           'run_teacher', 'resolve_config', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher',
-           'prepare_teacher', 'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run',
-           'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs',
-           'main']
+           'train_config', 'build_distiller', 'parse_float', 'TeacherRunPending', 'TeacherCheckpointMissing',
+           'find_teacher_run', 'teacher_chain', 'run_teacher', 'resolve_config', 'git_commit', 'environment',
+           'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher', 'run_figures', 'Experiment', 'setup',
+           'load_data', 'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish',
+           'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -190,15 +190,21 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
 
 # %% ../nbs/09_experiment.ipynb 45
 class TeacherRunPending(ValueError):
-    "A `teacher_run` that has not finished (yet): no folder, no `done` summary or no `best.pt`."
+    "A `teacher_run` that has not finished (yet): no folder, or no `done` summary."
+
+class TeacherCheckpointMissing(TeacherRunPending):
+    "A `teacher_run` that finished, but whose `best.pt` is not in its folder (results are kept without checkpoints)."
 
 # %% ../nbs/09_experiment.ipynb 46
 def find_teacher_run(name: str, runs_dir) -> Path:
     "The folder `name` names, from the project root or under `runs_dir`, if it holds a finished run whose `best.pt` has its deployed model."
     folder = next((f for f in (project_path(name), project_path(runs_dir) / name) if f.is_dir()), None)
     if folder is None: raise TeacherRunPending(f"teacher_run: no run folder {str(project_path(name))!r} nor {str(project_path(runs_dir) / name)!r}")
-    if RunFolder(folder).summary.get('status') != 'done' or not (folder / BEST).is_file():
-        raise TeacherRunPending(f"teacher_run: {str(folder)!r} holds no finished run (summary.json status 'done' and best.pt)")
+    if RunFolder(folder).summary.get('status') != 'done':
+        raise TeacherRunPending(f"teacher_run: {str(folder)!r} holds no finished run (summary.json status 'done')")
+    if not (folder / BEST).is_file():
+        raise TeacherCheckpointMissing(f"teacher_run: {str(folder)!r} finished, but its {BEST} is not there (results are kept without "
+                                       f"checkpoints); copy it back, or train that run again (kd-sweep run --retrain-teachers)")
     if 'deployed' not in torch.load(folder / BEST, map_location='cpu', weights_only=False):
         raise ValueError(f"teacher_run: {str(folder / BEST)!r} has no deployed model (written before runs saved it); run it again")
     return folder

@@ -11,18 +11,18 @@ from pathlib import Path
 from queue import Queue
 import torch
 from .hardware import available_cores
-from .runs import STATES, NOTEBOOK, RunFolder, read_json, write_json, same_config
+from .runs import STATES, NOTEBOOK, BEST, RunFolder, read_json, write_json, same_config
 from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path, project_relative, TeacherRunPending
 from .distill import METHOD_DEFAULTS, teacher_from, needs_teacher
 
 # %% auto 0
-__all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SweepError',
-           'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values', 'expand',
-           'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state',
-           'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
+__all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SET_ASIDE',
+           'SweepError', 'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values',
+           'expand', 'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive',
+           'run_state', 'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
            'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
            'worker_env', 'run_local', 'outcome_line', 'one_line_at_a_time', 'slurm_parameters', 'slurm_dependency',
-           'run_slurm', 'SweepResult', 'counts', 'run_sweep']
+           'run_slurm', 'SweepResult', 'counts', 'set_aside', 'teachers_without_checkpoint', 'to_launch', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -527,9 +527,48 @@ def counts(states) -> str:
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
 # %% ../nbs/10_sweep.ipynb 116
+SET_ASIDE = '_set_aside'
+
+def set_aside(folder) -> Path:
+    "Move the run `folder` whole into `_set_aside/<name>-<time>` beside it, where sweeps, studies and reports do not look."
+    folder = Path(folder)
+    dest = folder.parent / SET_ASIDE / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dest.exists(): raise SweepError(f"set aside: {str(dest)!r} already exists; try again in a second")
+    dest.parent.mkdir(exist_ok=True)
+    shutil.move(folder, dest)
+    return dest
+
+# %% ../nbs/10_sweep.ipynb 117
+def teachers_without_checkpoint(planned: list, todo: list) -> list:
+    "The finished runs of `planned` that a run of `todo` (or of those, up the chain) takes its teacher from, whose `best.pt` is gone."
+    after, by_name, found = teacher_runs([p.config for p in planned]), {p.name: p for p in planned}, []
+    while True:
+        names = {after[p.name] for p in [*todo, *found] if p.name in after} - {p.name for p in found}
+        new = [by_name[n] for n in sorted(names) if by_name[n].status == 'done' and not (by_name[n].folder.path / BEST).is_file()]
+        if not new: return found
+        found += new
+
+# %% ../nbs/10_sweep.ipynb 119
+def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_run=False, log=print, **selection) -> tuple:
+    "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after any finished teacher run of theirs whose `best.pt` is gone, set aside with `retrain_teachers`."
+    everything = plan(sweep, runs_root)
+    launchable = lambda p: p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')
+    retrain = teachers_without_checkpoint(everything, [p for p in select(everything, **selection) if launchable(p)])
+    if retrain and not retrain_teachers:
+        raise SweepError(f"teacher_run: {', '.join(p.name for p in retrain)} finished, but {BEST} is not in their folders, and runs "
+                         f"to launch take their teacher from them; copy those checkpoints back, or train them again first "
+                         f"with retrain_teachers (kd-sweep run --retrain-teachers), which sets their folders aside in {SET_ASIDE}/")
+    if retrain and not dry_run:
+        for p in retrain: log(f"{p.name}: finished without its {BEST}; set aside in {project_relative(set_aside(p.folder.path))}, to train again")
+        everything = plan(sweep, runs_root)
+    retrain = {p.name for p in retrain}
+    planned = [p for p in everything if p.name in retrain] + [p for p in select(everything, **selection) if p.name not in retrain]
+    return everything, planned, [p for p in planned if p.name in retrain or launchable(p)]
+
+# %% ../nbs/10_sweep.ipynb 120
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
-              log=print) -> SweepResult:
+              retrain_teachers=False, log=print) -> SweepResult:
     "Validate `sweep`, then run what is left of it with the `local` or `slurm` backend."
     if backend not in BACKENDS: raise SweepError(f"backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
     if cluster not in CLUSTERS: raise SweepError(f"cluster: unknown {cluster!r}; valid: {', '.join(CLUSTERS)}")
@@ -537,8 +576,7 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
     if backend == 'slurm' and cluster == 'slurm' and not dry_run and not shutil.which('sbatch'):
         raise SweepError("cluster: no SLURM here (sbatch not found); use cluster 'local' or 'debug' to try the slurm path")
     sweep = as_sweep(sweep, overrides)
-    planned = select(plan(sweep, runs_root), only, seeds, limit)
-    todo = [p for p in planned if p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')]
+    everything, planned, todo = to_launch(sweep, runs_root, retry_failed, retrain_teachers, dry_run, log, only=only, seeds=seeds, limit=limit)
     skipped = {p.name: p.status for p in planned if p not in todo}
     left = [p.name for p in planned if p.status == 'failed' and p not in todo]
     log(f"{sweep.name}: {len(planned)} runs ({counts(p.status for p in planned)}); "
@@ -549,7 +587,7 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
         return result
     root = sweep_dir(sweep, runs_root); (root / '_sweep').mkdir(parents=True, exist_ok=True)
     if sweep.path: shutil.copyfile(sweep.path, root / '_sweep' / 'sweep.yaml')
-    after = teacher_runs([p.config for p in planned])
+    after = teacher_runs([p.config for p in everything])
     waves = [[run_spec(sweep, p.config, runs_root) for p in todo if p.name in w] for w in launch_waves([p.name for p in todo], after)]
     result.launched = [s['name'] for w in waves for s in w]
     options = {**sweep.slurm, **(slurm or {})}

@@ -107,3 +107,18 @@ def test_sweep_runs_a_student_after_its_teacher_run(synthetic_cifar100, tmp_path
     assert [o['status'] for o in r.outcomes] == ['done', 'done']
     student = json.loads((tmp_path / 'runs' / 'chain' / r.launched[1] / 'summary.json').read_text())
     assert student['scheme']['teacher_chain'][0]['run'].endswith('chain/simkd-resnet14-resnet8-s0')
+    # a fresh clone: the assistant's summary is there, its best.pt is not; a new student of it stops the sweep, by name
+    import hashlib, shutil
+    from kd_nb.sweep import SweepError
+    root = tmp_path / 'runs' / 'chain'
+    (root / r.launched[0] / 'best.pt').unlink(); shutil.rmtree(root / r.launched[1])
+    with pytest.raises(SweepError, match="simkd-resnet14-resnet8-s0 finished, but best.pt is not in their folders"):
+        run_sweep(path, tmp_path / 'runs', log=QUIET)
+    assert (root / r.launched[0] / 'summary.json').is_file() and not (root / r.launched[1]).exists()   # nothing moved or run
+    r2 = run_sweep(path, tmp_path / 'runs', only='kd-chain', retrain_teachers=True, log=QUIET)
+    assert r2.launched == r.launched and [o['status'] for o in r2.outcomes] == ['done', 'done']
+    [old] = (root / '_set_aside').iterdir()
+    assert old.name.startswith(r.launched[0] + '-') and json.loads((old / 'summary.json').read_text())['status'] == 'done'
+    best = (root / r.launched[0] / 'best.pt').read_bytes()
+    student = json.loads((root / r.launched[1] / 'summary.json').read_text())
+    assert student['scheme']['teacher_chain'][0]['sha256'] == hashlib.sha256(best).hexdigest()
