@@ -201,7 +201,7 @@ def test_converged_reading_quotes_the_committed_runs():
     from kd_nb.results import load_runs, study_stats
     runs = load_runs(CONVERGED)
     at_b = runs[runs.epochs == 8]
-    text = section('What the study at B says so far', '```bash')
+    text = section('What the study at B says (', '```bash')
     assert assert_quotes_hold(text, at_b) >= 4
     early = study_stats(runs[runs.epochs == 1], baselines=('simkd',)).set_index('label')
     assert f"led by {early.loc['simkd loss=cosine', 'vs simkd']['mean']:.0f} points" in text
