@@ -11,23 +11,23 @@ from .runs import RunFolder, find_runs, read_json, METRICS, SUMMARY
 from .losses import loss_options as loss_option_defaults
 from .projectors import PROJECTORS, projector_knobs
 from .distill import METHOD_DEFAULTS, default_loss_weights, teacher_from
-from .experiment import RUN_KEYS, SCHEME_KNOBS, resolve_config, project_root, project_path, project_relative
+from .experiment import RUN_KEYS, SCHEME_KNOBS, FAST_PATH_KNOBS, resolve_config, project_root, project_path, project_relative
 from .sweep import run_state, record_path
 
 # %% auto 0
-__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN', 'INTERVAL_METHOD',
-           'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS',
-           'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS',
-           'LINE_STYLES', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run', 'teacher_run_label', 'method_recipe',
-           'varied_knobs', 'load_runs', 'load_metrics', 'dedupe', 'mean_std', 'aggregate', 'paper_table',
-           'paired_table', 'markdown_table', 'setting_label', 'caption', 'scratch_in_pairs', 'execution', 'speed_table',
-           't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'axis_of', 'axis_title', 'images_seen',
-           'study_stats', 'research_axes', 'axis_rows', 'difference_text', 'top1_text', 'study_table', 'study_caption',
-           'latex_escape', 'latex_table', 'html_table', 'reading', 'method_colour', 'drawn_interval', 'dots_figure',
-           'forest_figure', 'cost_figure', 'setting_metrics', 'curves_figure', 'budget_family', 'budget_rows',
-           'budget_figure', 'budget_steps', 'choose_budget', 'at_chosen_budget', 'slug', 'save_figure', 'save_table',
-           'runs_tables', 'budget_verdict', 'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report',
-           'write_redirect']
+__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'EXECUTION_KNOBS', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN',
+           'INTERVAL_METHOD', 'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES',
+           'TRAIN_IMAGES', 'STAT_COLUMNS', 'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1',
+           'REFERENCES', 'COSTS', 'MARKERS', 'LINE_STYLES', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run',
+           'teacher_run_label', 'method_recipe', 'varied_knobs', 'distinct_labels', 'load_runs', 'load_metrics',
+           'dedupe', 'mean_std', 'aggregate', 'paper_table', 'paired_table', 'markdown_table', 'setting_label',
+           'caption', 'scratch_in_pairs', 'execution', 'speed_table', 't_quantile', 'seed_interval', 'paired_interval',
+           'verdict', 'axis_of', 'axis_title', 'images_seen', 'study_stats', 'research_axes', 'axis_rows',
+           'difference_text', 'top1_text', 'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table',
+           'reading', 'method_colour', 'drawn_interval', 'dots_figure', 'forest_figure', 'cost_figure',
+           'setting_metrics', 'curves_figure', 'budget_family', 'budget_rows', 'budget_figure', 'budget_steps',
+           'choose_budget', 'at_chosen_budget', 'slug', 'save_figure', 'save_table', 'runs_tables', 'budget_verdict',
+           'budget_tables', 'fill_tables', 'notebook_to_html', 'render_report', 'write_redirect']
 
 # %% ../nbs/11_results.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -137,16 +137,34 @@ def varied_knobs(row: dict) -> tuple:
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
     return tuple(varied) + scheme
 
-# %% ../nbs/11_results.ipynb 23
+# %% ../nbs/11_results.ipynb 24
+def _shown(v) -> str:
+    "A knob's value in a label: 'none' when unset, a checkpoint by the run folder that holds it."
+    if _missing(v) or v == '': return 'none'
+    return Path(str(v)).parent.name if str(v).endswith('.pt') else str(v)
+
+EXECUTION_KNOBS = ('seed', 'fast_data', *FAST_PATH_KNOBS)   # how a recipe ran, not what it is: settings and speed tables tell those apart
+
+def distinct_labels(df):
+    "`df` with one configuration per label of a dataset, recipe and pair: labels that hold several get the knobs they differ on."
+    keys = [c for c in ('dataset', 'data_source', 'recipe', 'pair', 'label') if c in df]
+    for _, g in df[df.config.notna()].groupby(keys, dropna=False, sort=False):
+        by_seed = g.groupby('seed')
+        if not by_seed.config.nunique().gt(1).any(): continue   # a chain's seeds each have a teacher run of their own: one configuration each
+        knobs = [k for k in RUN_KEYS if k not in EXECUTION_KNOBS and k in g and by_seed[k].agg(lambda v: v.map(_shown).nunique()).gt(1).any()]
+        df.loc[g.index, 'label'] = [' '.join([r['label'], *(f'{k}={_shown(r[k])}' for k in knobs)]) for r in g.to_dict('records')]
+    return df
+
+# %% ../nbs/11_results.ipynb 25
 def load_runs(runs_dir='runs'):
     "One row per run folder under `runs_dir` (any status), with summary fields and resolved knobs as columns."
     import pandas as pd
     df = pd.DataFrame([read_run(f.path, runs_dir) for f in find_runs(project_path(runs_dir))])
     for c in RUN_COLUMNS:
         if c not in df: df[c] = pd.Series(dtype=float if c in ('best_test_acc', 'final_test_acc') else object)
-    return df[list(RUN_COLUMNS) + sorted(set(df.columns) - set(RUN_COLUMNS))]
+    return distinct_labels(df[list(RUN_COLUMNS) + sorted(set(df.columns) - set(RUN_COLUMNS))])
 
-# %% ../nbs/11_results.ipynb 25
+# %% ../nbs/11_results.ipynb 29
 def load_metrics(runs_dir='runs'):
     "Every row of every run's `metrics.csv` (one per epoch), with the run's `run`, `sweep` and `run_id`."
     import pandas as pd
@@ -161,7 +179,7 @@ def load_metrics(runs_dir='runs'):
         frames.append(m)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['run', 'sweep', 'run_id', 'epoch', 'test_acc1'])
 
-# %% ../nbs/11_results.ipynb 34
+# %% ../nbs/11_results.ipynb 38
 def dedupe(df):
     "(kept, dropped): the finished runs of `df`, one per (`config`, `seed`) (the first started), and the others with `kept_run`."
     d = df[df.status == 'done'].copy()
@@ -177,7 +195,7 @@ def dedupe(df):
     kept['duplicates'] = [others.get(r, []) for r in kept.run]
     return kept.sort_index(), dropped.sort_index()
 
-# %% ../nbs/11_results.ipynb 40
+# %% ../nbs/11_results.ipynb 44
 def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
     "`mean ± std (n=...)`; the mean alone for a single run; `signed` writes the mean's sign, + too (a difference)."
     if _missing(mean): return '—'
@@ -186,13 +204,13 @@ def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
     if n == 1 or _missing(std): return f'{m}{count}'
     return f'{m} ± {std:.{digits}f}{count}'
 
-# %% ../nbs/11_results.ipynb 42
+# %% ../nbs/11_results.ipynb 46
 def _seed_difference(a, b, signed=False) -> str:
     "`mean_std` of `a - b` (values indexed by seed) over the seeds both have; '—' where they share none."
     diff = (a - b).dropna()
     return mean_std(diff.mean(), diff.std(), len(diff), signed=signed) if len(diff) else '—'
 
-# %% ../nbs/11_results.ipynb 43
+# %% ../nbs/11_results.ipynb 47
 def aggregate(df, by=('label',), metric='best_test_acc', keep=()):
     "Mean, sample std and count of `metric` over the finished runs (one per configuration and seed) of each group of `data_source` + `by`."
     import pandas as pd
@@ -209,15 +227,15 @@ def aggregate(df, by=('label',), metric='best_test_acc', keep=()):
     for k in keep: out[k] = g[k].first()
     return out.reset_index()[cols]
 
-# %% ../nbs/11_results.ipynb 47
+# %% ../nbs/11_results.ipynb 51
 PAPER_COLUMNS = ('student (scratch)', 'KD', 'FitNet', 'SimKD', 'best variant', 'teacher')
 SETTING = ['dataset', 'data_source', 'recipe']
 
-# %% ../nbs/11_results.ipynb 48
+# %% ../nbs/11_results.ipynb 52
 def _cell(r, metric):
     return mean_std(r[metric].mean(), r[metric].std(), len(r)) if len(r) else '—'
 
-# %% ../nbs/11_results.ipynb 49
+# %% ../nbs/11_results.ipynb 53
 def paper_table(df, metric='best_test_acc'):
     "The SimKD paper's layout of `df`'s finished runs: rows per setting and pair, columns `PAPER_COLUMNS`."
     import pandas as pd
@@ -239,7 +257,7 @@ def paper_table(df, metric='best_test_acc'):
         rows.append(row)
     return pd.DataFrame(rows, columns=[*SETTING, 'teacher → student', *PAPER_COLUMNS]).set_index([*SETTING, 'teacher → student'])
 
-# %% ../nbs/11_results.ipynb 53
+# %% ../nbs/11_results.ipynb 57
 def paired_table(df, baselines=('scratch', 'kd'), metric='best_test_acc'):
     "Per label of each setting and pair: n, mean ± std of `metric`, and its per-seed difference against each of `baselines` (labels)."
     import pandas as pd
@@ -261,7 +279,7 @@ def paired_table(df, baselines=('scratch', 'kd'), metric='best_test_acc'):
     cols = ['dataset', 'data_source', 'recipe', 'pair', 'label', 'n', 'mean', 'top-1 (mean ± std)', *[f'Δ vs {b} (per seed)' for b in baselines]]
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11_results.ipynb 55
+# %% ../nbs/11_results.ipynb 59
 def markdown_table(df, columns=None) -> str:
     "`df` (its `columns`) as a Markdown table."
     columns = list(columns or df.columns)
@@ -269,20 +287,20 @@ def markdown_table(df, columns=None) -> str:
     lines = [row(columns), '|' + '---|' * len(columns)] + [row(r[c] for c in columns) for r in df.to_dict('records')]
     return '\n'.join(lines)
 
-# %% ../nbs/11_results.ipynb 57
+# %% ../nbs/11_results.ipynb 61
 def _cell_text(v) -> str: return f'{v:.2f}' if isinstance(v, float) else str(v)
 
-# %% ../nbs/11_results.ipynb 60
+# %% ../nbs/11_results.ipynb 64
 def _on(v) -> bool: return str(v).strip().lower() in ('true', '1', 'on')
 
-# %% ../nbs/11_results.ipynb 61
+# %% ../nbs/11_results.ipynb 65
 def setting_label(row) -> str:
     "`teacher → student | dataset (data source), recipe`, then the execution path if it is not the default device-data one."
     label = f"{row['pair']} | {row['dataset']} ({row['data_source']}), {row['recipe']}"
     fast_data = row.get('fast_data')
     return label if _missing(fast_data) or _on(fast_data) else f"{label}, {execution(row)}"
 
-# %% ../nbs/11_results.ipynb 63
+# %% ../nbs/11_results.ipynb 67
 def caption(df) -> str:
     "What the rows of `df` were measured on: data sets and their sources, recipes, and how many runs."
     if len(df) == 0: return 'no runs'
@@ -291,7 +309,7 @@ def caption(df) -> str:
     recipes = '; '.join(sorted({r for r in df.recipe if known(r)})) or 'unknown'
     return f"Data: {data}. Recipe: {recipes}. {len(df)} run{'s' if len(df) != 1 else ''}."
 
-# %% ../nbs/11_results.ipynb 65
+# %% ../nbs/11_results.ipynb 69
 def scratch_in_pairs(df):
     "`df` with each run taught by no given teacher (scratch, Tf-KD, mutual learning) repeated in every teacher → student pair of its student (same setting), as that pair."
     import pandas as pd
@@ -302,26 +320,26 @@ def scratch_in_pairs(df):
     alone = scratch[~scratch.run.isin(placed.run)]
     return pd.concat([rest, placed[df.columns], alone], ignore_index=True)
 
-# %% ../nbs/11_results.ipynb 69
+# %% ../nbs/11_results.ipynb 73
 RECIPE_TRAINING = ('paper', 'quick')  # presets that keep the recipe's batch and learning rate
 
-# %% ../nbs/11_results.ipynb 70
+# %% ../nbs/11_results.ipynb 74
 def _precision(row) -> str:
     "The precision a run recorded, or what its `amp` knob implies where it recorded none."
     p = row.get('precision')
     return p if isinstance(p, str) else {'off': 'fp32', 'bf16': 'bf16'}.get(row.get('amp'), f"amp {row.get('amp')}")
 
-# %% ../nbs/11_results.ipynb 71
+# %% ../nbs/11_results.ipynb 75
 def execution(row) -> str:
     "How a run executed its recipe, in words: data path, precision, memory format, optimizer, compilation."
     return ', '.join(['device data' if _on(row.get('fast_data')) else 'PIL workers', _precision(row),
                       'NHWC' if _on(row.get('channels_last')) else 'NCHW',
                       'fused SGD' if _on(row.get('fused_optimizer')) else 'SGD loop', f"compile {row.get('compile')}"])
 
-# %% ../nbs/11_results.ipynb 73
+# %% ../nbs/11_results.ipynb 77
 def _is_reference(row) -> bool: return not _on(row.get('fast_data')) and _precision(row) == 'fp32'
 
-# %% ../nbs/11_results.ipynb 74
+# %% ../nbs/11_results.ipynb 78
 def speed_table(df, metric='best_test_acc'):
     "Finished configurations trained under more than one preset or execution path, side by side (see above)."
     import pandas as pd
@@ -350,7 +368,7 @@ def speed_table(df, metric='best_test_acc'):
         out.append(a[cols])
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
-# %% ../nbs/11_results.ipynb 78
+# %% ../nbs/11_results.ipynb 82
 def _t_central(theta: float, dof: int) -> float:
     "P(|T| < sqrt(dof) tan(theta)) for Student's t with a whole number `dof` of degrees of freedom."
     s, c = math.sin(theta), math.cos(theta)
@@ -360,7 +378,7 @@ def _t_central(theta: float, dof: int) -> float:
         coef, k = coef * (k + 1) / (k + 2), k + 2
     return s * total if dof % 2 == 0 else 2 / math.pi * (theta + s * total)
 
-# %% ../nbs/11_results.ipynb 79
+# %% ../nbs/11_results.ipynb 83
 def t_quantile(dof: int, level: float = 0.95) -> float:
     "The t with P(|T| < t) = `level` for Student's t with `dof` degrees of freedom (the two-sided quantile)."
     if isinstance(dof, bool) or int(dof) != dof or dof < 1: raise ValueError(f"dof: expected a whole number >= 1, got {dof!r}")
@@ -369,12 +387,12 @@ def t_quantile(dof: int, level: float = 0.95) -> float:
     for _ in range(60): lo, hi = ((lo + hi) / 2, hi) if _t_central((lo + hi) / 2, int(dof)) < level else (lo, (lo + hi) / 2)
     return math.sqrt(dof) * math.tan((lo + hi) / 2)
 
-# %% ../nbs/11_results.ipynb 83
+# %% ../nbs/11_results.ipynb 87
 NAN = float('nan')
 INTERVAL_METHOD = ('95% interval: paired t over seeds, mean ± t(0.975, n−1) · s/√n with the sample standard deviation s '
                    'of the n per-seed values; a single seed gets no interval')
 
-# %% ../nbs/11_results.ipynb 84
+# %% ../nbs/11_results.ipynb 88
 def seed_interval(values, level: float = 0.95) -> dict:
     "n, mean, sample std and the `level` t interval (lo, hi) of the mean of `values` (one per seed); n=1: no std, no interval."
     v = [float(x) for x in values if not _missing(x)]
@@ -386,19 +404,19 @@ def seed_interval(values, level: float = 0.95) -> dict:
     half = t_quantile(n - 1, level) * std / math.sqrt(n)
     return dict(n=n, mean=mean, std=std, lo=mean - half, hi=mean + half)
 
-# %% ../nbs/11_results.ipynb 86
+# %% ../nbs/11_results.ipynb 90
 def paired_interval(a, b, level: float = 0.95) -> dict:
     "`seed_interval` of the per-seed differences `a - b` (Series indexed by seed) over the seeds both have."
     return seed_interval((a - b).dropna(), level)
 
-# %% ../nbs/11_results.ipynb 88
+# %% ../nbs/11_results.ipynb 92
 def verdict(d: dict) -> str:
     "'beyond noise' or 'within noise' (the interval covers 0) for a difference of `paired_interval`; why not, otherwise."
     if d['n'] == 0: return 'no shared seed'
     if d['n'] == 1: return 'n=1, no interval'
     return 'within noise' if d['lo'] <= 0 <= d['hi'] else 'beyond noise'
 
-# %% ../nbs/11_results.ipynb 92
+# %% ../nbs/11_results.ipynb 96
 AXIS_FAMILY = {'loss_weight': 'loss', 'loss_options': 'loss', 'layer_weights': 'layers', 'layer_losses': 'layers',
                'factor': 'projector', **dict.fromkeys(SCHEME_KNOBS, 'scheme')}
 AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction', 'scheme')
@@ -407,29 +425,29 @@ AXIS_TITLES = {'method': 'Which method', 'loss': 'Which alignment loss', 'layers
                'scheme': 'Which learning scheme: no trained teacher, the student as teacher, peers, a teacher trained online or a chain'}
 AXIS_REFERENCES = {'scheme': ('scratch', 'kd', 'simkd')}   # recipes shown with an axis besides those of the methods it varies
 
-# %% ../nbs/11_results.ipynb 93
+# %% ../nbs/11_results.ipynb 97
 def axis_of(varied, method=None) -> str:
     "The research axis of a run of `method` that changes the knobs `varied`: the method's declared `axis` ('method' by default) for none, else their families joined by ' + '."
     knobs = [k for k in varied.split(',') if k] if isinstance(varied, str) else list(varied or ())
     return ' + '.join(dict.fromkeys(AXIS_FAMILY.get(k, k) for k in knobs)) or METHOD_DEFAULTS.get(method, {}).get('axis', 'method')
 
-# %% ../nbs/11_results.ipynb 95
+# %% ../nbs/11_results.ipynb 99
 def axis_title(axis: str) -> str:
     "The question an axis answers, as a heading."
     return AXIS_TITLES.get(axis, f"Which {axis.replace('_', ' ')}")
 
-# %% ../nbs/11_results.ipynb 99
+# %% ../nbs/11_results.ipynb 103
 BASELINES = ('simkd', 'scratch')
 TRAIN_IMAGES = {'cifar10': 50_000, 'cifar100': 50_000}
 
-# %% ../nbs/11_results.ipynb 100
+# %% ../nbs/11_results.ipynb 104
 def images_seen(row) -> float:
     "Training images a run saw: epochs × (`train_limit`, or the whole training set less `val_size`)."
     epochs, limit = _num(row.get('epochs')), _num(row.get('train_limit'))
     per_epoch = limit or (TRAIN_IMAGES[row['dataset']] - (_num(row.get('val_size')) or 0) if row.get('dataset') in TRAIN_IMAGES else None)
     return epochs * per_epoch if epochs and per_epoch else NAN
 
-# %% ../nbs/11_results.ipynb 101
+# %% ../nbs/11_results.ipynb 105
 def _placed(df, metric='best_test_acc'):
     "The finished runs of `df` with `metric`, one per configuration and seed, scratch runs inside their pairs, with setting and axis."
     d, _ = dedupe(df)
@@ -438,11 +456,11 @@ def _placed(df, metric='best_test_acc'):
     d['axis'] = [axis_of(v, m) for v, m in zip(d.varied, d.method)]
     return d
 
-# %% ../nbs/11_results.ipynb 102
+# %% ../nbs/11_results.ipynb 106
 STAT_COLUMNS = ('setting', 'dataset', 'data_source', 'recipe', 'pair', 'teacher_acc', 'images_seen', 'method', 'axis', 'label',
                 'seeds', 'values', 'n', 'mean', 'std', 'lo', 'hi', 'deploy_params', 'deploy_flops')
 
-# %% ../nbs/11_results.ipynb 103
+# %% ../nbs/11_results.ipynb 107
 def _by_seed(rows, metric): return rows.groupby('seed')[metric].mean()
 
 def _taught_by_pair_teacher(row) -> bool:
@@ -451,7 +469,7 @@ def _taught_by_pair_teacher(row) -> bool:
     frozen = _missing(mode) or mode in ('', 'frozen')
     return method in METHOD_DEFAULTS and teacher_from(method) == 'given' and frozen and not (isinstance(chain, str) and chain)
 
-# %% ../nbs/11_results.ipynb 104
+# %% ../nbs/11_results.ipynb 108
 def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
     "One row per setting and label of `df`'s finished runs: seeds, values, `seed_interval`, and `vs <baseline>` (`paired_interval`)."
     import pandas as pd
@@ -472,14 +490,14 @@ def study_stats(df, baselines=BASELINES, metric='best_test_acc', level=0.95):
             rows.append(row)
     return pd.DataFrame(rows, columns=[*STAT_COLUMNS, *[f'vs {b}' for b in baselines]])
 
-# %% ../nbs/11_results.ipynb 112
+# %% ../nbs/11_results.ipynb 116
 def research_axes(stats) -> list:
     "The axes of `stats`: 'method' where a setting has two methods' recipes, then every variant axis, in `AXIS_ORDER` then by name."
     recipes = stats[stats.axis == 'method'].groupby('setting').label.nunique()
     found = set(stats.axis) - {'method'} | ({'method'} if (recipes > 1).any() else set())
     return sorted(found, key=lambda a: (AXIS_ORDER.index(a) if a in AXIS_ORDER else len(AXIS_ORDER), a))
 
-# %% ../nbs/11_results.ipynb 114
+# %% ../nbs/11_results.ipynb 118
 def axis_rows(stats, axis: str):
     "The rows of `stats` on `axis`, with, for a variant axis, the recipe of each method that it varies (same setting)."
     rows = stats[stats.axis == axis]
@@ -488,7 +506,7 @@ def axis_rows(stats, axis: str):
     recipes = stats[(stats.axis == 'method') & shown & stats.setting.isin(rows.setting)]
     return stats.loc[sorted(set(rows.index) | set(recipes.index))]
 
-# %% ../nbs/11_results.ipynb 118
+# %% ../nbs/11_results.ipynb 122
 def difference_text(d: dict, digits: int = 2, mark_noise: bool = True) -> str:
     "A paired difference as `+m [lo, hi]`, then `within noise` where the interval covers 0 (if `mark_noise`); `+m (n=1, no interval)`; '—'."
     if d['n'] == 0: return '—'
@@ -497,12 +515,12 @@ def difference_text(d: dict, digits: int = 2, mark_noise: bool = True) -> str:
     text = f"{m} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
     return f'{text} within noise' if mark_noise and verdict(d) == 'within noise' else text
 
-# %% ../nbs/11_results.ipynb 119
+# %% ../nbs/11_results.ipynb 123
 def top1_text(row, digits: int = 2) -> str:
     "Top-1 of a row of `study_stats` as mean ± std; `mean (single seed)` for one seed."
     return f"{row['mean']:.{digits}f} (single seed)" if row['n'] == 1 else mean_std(row['mean'], row['std'], digits=digits)
 
-# %% ../nbs/11_results.ipynb 120
+# %% ../nbs/11_results.ipynb 124
 def study_table(stats, baselines=('simkd',)):
     "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters."
     import pandas as pd
@@ -514,10 +532,10 @@ def study_table(stats, baselines=('simkd',)):
     table['deployed params'] = rows.deploy_params.map(lambda v: '—' if _missing(v) else f'{int(v):,}')
     return table.reset_index(drop=True)
 
-# %% ../nbs/11_results.ipynb 121
+# %% ../nbs/11_results.ipynb 125
 def _images(v) -> str: return f'{v / 1e6:g}M' if v >= 1e6 else f'{v / 1e3:g}k' if v >= 1e3 else f'{v:g}'
 
-# %% ../nbs/11_results.ipynb 122
+# %% ../nbs/11_results.ipynb 126
 def study_caption(stats, baselines=('simkd',)) -> str:
     "What the rows of one setting of `stats` share, stated once: setting, images seen, teacher, what the cells are."
     r = stats.iloc[0]
@@ -528,17 +546,17 @@ def study_caption(stats, baselines=('simkd',)) -> str:
             "t quantile with n−1 dof]; "
             "within noise: the interval covers 0.")
 
-# %% ../nbs/11_results.ipynb 128
+# %% ../nbs/11_results.ipynb 132
 LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',
                  '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}', '±': r'$\pm$', '→': r'$\rightarrow$',
                  'Δ': r'$\Delta$', '×': r'$\times$', '−': '-', '—': '---', '·': r'$\cdot$', '√': r'$\surd$'}
 
-# %% ../nbs/11_results.ipynb 129
+# %% ../nbs/11_results.ipynb 133
 def latex_escape(text) -> str:
     "`text` with LaTeX's special characters escaped and the report's symbols (±, →, Δ, ×, —) in math mode."
     return ''.join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
-# %% ../nbs/11_results.ipynb 131
+# %% ../nbs/11_results.ipynb 135
 def latex_table(df, caption: str = '', label: str = '') -> str:
     "`df` as a LaTeX table (booktabs: \\toprule, \\midrule, \\bottomrule), every cell escaped, first column left-aligned."
     row = lambda cells: ' & '.join(latex_escape(_cell_text(c)) for c in cells) + r' \\'
@@ -547,7 +565,7 @@ def latex_table(df, caption: str = '', label: str = '') -> str:
                       r'\toprule', row(df.columns), r'\midrule', *[row(r) for r in df.itertuples(index=False)],
                       r'\bottomrule', r'\end{tabular}', r'\end{table}']) + '\n'
 
-# %% ../nbs/11_results.ipynb 133
+# %% ../nbs/11_results.ipynb 137
 def html_table(df, caption: str = '') -> str:
     "`df` as an HTML table with `caption` under it (a figure caption, as wide as the text): no index column, every cell in full."
     from html import escape
@@ -556,19 +574,19 @@ def html_table(df, caption: str = '') -> str:
     cap = f'<figcaption>{escape(caption)}</figcaption>' if caption else ''
     return f'<figure class="kd-table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}</figure>'
 
-# %% ../nbs/11_results.ipynb 137
+# %% ../nbs/11_results.ipynb 141
 def _row_seeds(row):
     import pandas as pd
     return pd.Series(row['values'], index=row['seeds'], dtype=float)
 
-# %% ../nbs/11_results.ipynb 138
+# %% ../nbs/11_results.ipynb 142
 def _lead(a, b) -> str:
     d = paired_interval(_row_seeds(a), _row_seeds(b))
     if d['n'] == 0: return f"{b['label']} (no shared seed)"
     if d['n'] == 1: return f"{b['label']} by {d['mean']:+.2f} points (one shared seed, not a finding)"
     return f"{b['label']} by {difference_text(d, mark_noise=False)} points ({verdict(d)}, n={d['n']})"
 
-# %% ../nbs/11_results.ipynb 139
+# %% ../nbs/11_results.ipynb 143
 def reading(rows, baseline: str = 'simkd') -> str:
     "The reading of the rows of one setting of `study_stats`: the best, its lead over the runner-up and over `baseline`."
     ranked = rows.sort_values(['mean', 'label'], ascending=[False, True]).to_dict('records')
@@ -581,23 +599,23 @@ def reading(rows, baseline: str = 'simkd') -> str:
     leads = [_lead(best, r) for r in ranked[1:2] + [r for r in ranked[2:] if r['label'] == baseline]]
     return text + ('; ahead of ' + ' and of '.join(leads) if leads else '') + '.'
 
-# %% ../nbs/11_results.ipynb 143
+# %% ../nbs/11_results.ipynb 147
 OKABE_ITO = ('#000000', '#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2', '#D55E00', '#CC79A7')
 METHOD_COLOURS = {'scratch': '#000000', 'kd': '#E69F00', 'fitnet': '#009E73', 'simkd': '#0072B2'}
 TEACHER_COLOUR = '#999999'
 TOP1 = 'best test top-1 (%)'
 
-# %% ../nbs/11_results.ipynb 144
+# %% ../nbs/11_results.ipynb 148
 def method_colour(method: str) -> str:
     "The colour of `method` in every figure (Okabe-Ito); another method gets a remaining colour from its name."
     if method in METHOD_COLOURS: return METHOD_COLOURS[method]
     rest = [c for c in OKABE_ITO if c not in METHOD_COLOURS.values() and c != '#F0E442']   # yellow is unreadable on white
     return rest[zlib.crc32(str(method).encode()) % len(rest)]
 
-# %% ../nbs/11_results.ipynb 148
+# %% ../nbs/11_results.ipynb 152
 def _wrap(text, width=100) -> str: return '\n'.join(textwrap.wrap(str(text), width))
 
-# %% ../nbs/11_results.ipynb 149
+# %% ../nbs/11_results.ipynb 153
 def _spread(values, gap):
     "`values` moved apart, in their order, to at least `gap` from each other (positions of labels that must not overlap)."
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -605,7 +623,7 @@ def _spread(values, gap):
     for i in order: out[i] = last = max(values[i], last + gap)
     return out
 
-# %% ../nbs/11_results.ipynb 150
+# %% ../nbs/11_results.ipynb 154
 def _setting_axes(settings, heights, width=11.5, ncols=1):
     "A figure with one row of `ncols` panels per setting, each titled with its setting in full."
     import matplotlib.pyplot as plt
@@ -614,10 +632,10 @@ def _setting_axes(settings, heights, width=11.5, ncols=1):
     for row, s in zip(axes, settings): row[0].set_title(_wrap(s), loc='left', fontsize=10)
     return fig, axes
 
-# %% ../nbs/11_results.ipynb 151
+# %% ../nbs/11_results.ipynb 155
 REFERENCES = ('scratch', 'kd', 'simkd')
 
-# %% ../nbs/11_results.ipynb 152
+# %% ../nbs/11_results.ipynb 156
 def _reference_lines(ax, refs):
     "Vertical lines at the means of the reference rows `refs`, named above the panel."
     import matplotlib.transforms as mt
@@ -630,12 +648,12 @@ def _reference_lines(ax, refs):
                     va='bottom', xycoords=mt.blended_transform_factory(ax.transData, ax.transAxes), color=method_colour(method),
                     textcoords=mt.blended_transform_factory(ax.transData, ax.transAxes))
 
-# %% ../nbs/11_results.ipynb 153
+# %% ../nbs/11_results.ipynb 157
 def drawn_interval(lo, hi):
     "Intervals (Series `lo`, `hi`) of mean accuracies as the figures draw them: cut to 0-100%, the range of an accuracy (tables print them whole)."
     return lo.clip(lower=0.0), hi.clip(upper=100.0)
 
-# %% ../nbs/11_results.ipynb 155
+# %% ../nbs/11_results.ipynb 159
 def _dots_panel(ax, rows, refs):
     "Each seed a dot, the mean a diamond with its interval, best at the top, value and n at the right."
     rows = rows.sort_values(['mean', 'label'], ascending=[True, False])
@@ -652,7 +670,7 @@ def _dots_panel(ax, rows, refs):
     ax.set_xlim(min(values) - pad, max(values) + pad); ax.set_xlabel(TOP1); ax.grid(axis='x', alpha=0.3)
     _reference_lines(ax, refs)
 
-# %% ../nbs/11_results.ipynb 156
+# %% ../nbs/11_results.ipynb 160
 def dots_figure(rows, stats, references=REFERENCES):
     "Top-1 of `rows` (of `study_stats`), one panel per setting: every seed a dot, the mean with its 95% interval, sorted; the means of `references` as lines."
     settings = sorted(rows.setting.unique())
@@ -664,7 +682,7 @@ def dots_figure(rows, stats, references=REFERENCES):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 160
+# %% ../nbs/11_results.ipynb 164
 def _forest_panel(ax, rows, baseline):
     rows = rows.assign(d=rows[f'vs {baseline}'].map(lambda d: d['mean'])).sort_values(['d', 'label'], ascending=[True, False])
     for y, (r, d) in enumerate(zip(rows.to_dict('records'), rows[f'vs {baseline}'])):
@@ -677,7 +695,7 @@ def _forest_panel(ax, rows, baseline):
     ax.set_yticks(range(len(rows)), rows.label); ax.set_ylim(-0.6, len(rows) - 0.4); ax.grid(axis='x', alpha=0.3)
     ax.set_xlabel(f'paired difference in {TOP1[:-4]} against {baseline} (percentage points)')
 
-# %% ../nbs/11_results.ipynb 161
+# %% ../nbs/11_results.ipynb 165
 def forest_figure(stats, baseline: str = 'simkd'):
     "Paired per-seed difference of every label against `baseline`, one panel per setting, 95% intervals, zero line; None if nothing pairs."
     rows = stats[stats[f'vs {baseline}'].map(lambda d: d['n'] > 0)]
@@ -688,10 +706,10 @@ def forest_figure(stats, baseline: str = 'simkd'):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 165
+# %% ../nbs/11_results.ipynb 169
 COSTS = (('deploy_params', 'deployed parameters'), ('deploy_flops', 'deployed FLOPs per image'))
 
-# %% ../nbs/11_results.ipynb 166
+# %% ../nbs/11_results.ipynb 170
 def _fit_apart(values, gap, lo, hi):
     "Positions for labels of `values`, in their order, at least `gap` apart (less if [lo, hi] is too short) and within [lo, hi]."
     gap = min(gap, (hi - lo) / max(len(values) - 1, 1))
@@ -716,7 +734,7 @@ def _cost_panel(ax, rows, col, name):
                     va='center', arrowprops=dict(arrowstyle='-', color='0.75', lw=0.5))
     ax.set_ylim(y0, y1); ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
-# %% ../nbs/11_results.ipynb 167
+# %% ../nbs/11_results.ipynb 171
 def cost_figure(stats):
     "Top-1 (mean, 95% interval) against deployed parameters and against FLOPs per image, one panel each per setting; None without counts."
     rows = stats[stats.deploy_params.notna() & stats.deploy_flops.notna()]
@@ -731,23 +749,23 @@ def cost_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 171
+# %% ../nbs/11_results.ipynb 175
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
 LINE_STYLES = ('-', '--', ':', '-.')
 
-# %% ../nbs/11_results.ipynb 172
+# %% ../nbs/11_results.ipynb 176
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
     return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
 
-# %% ../nbs/11_results.ipynb 174
+# %% ../nbs/11_results.ipynb 178
 def _end_labels(ax, ends):
     "Name each line at its last point, labels spread apart inside the panel."
     y0, y1 = ax.get_ylim()
     for (x, _, label, colour), y in zip(ends, _fit_apart([e[1] for e in ends], 0.055 * (y1 - y0), y0, y1)):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
-# %% ../nbs/11_results.ipynb 175
+# %% ../nbs/11_results.ipynb 179
 def _curve_panel(ax, curves, labels, references):
     from matplotlib.ticker import MaxNLocator
     ends = []
@@ -765,7 +783,7 @@ def _curve_panel(ax, curves, labels, references):
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
-# %% ../nbs/11_results.ipynb 176
+# %% ../nbs/11_results.ipynb 180
 def curves_figure(curves, stats, setting: str, references=REFERENCES):
     "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
     import matplotlib.pyplot as plt
@@ -782,7 +800,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 180
+# %% ../nbs/11_results.ipynb 184
 def budget_family(stats) -> list:
     "Each row's setting less its epochs and images: the settings that differ only in budget share it."
     return [r['setting'].replace(str(r['recipe']), str(r['recipe']).split(',')[0]) for r in stats.to_dict('records')]
@@ -792,7 +810,7 @@ def budget_rows(stats):
     s = stats.assign(family=budget_family(stats))
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
-# %% ../nbs/11_results.ipynb 182
+# %% ../nbs/11_results.ipynb 186
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
     from matplotlib.ticker import EngFormatter, NullLocator
@@ -820,7 +838,7 @@ def budget_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_results.ipynb 188
+# %% ../nbs/11_results.ipynb 192
 def budget_steps(rows, baseline: str = 'scratch'):
     "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
     import pandas as pd
@@ -833,7 +851,7 @@ def budget_steps(rows, baseline: str = 'scratch'):
     return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
                          'max_gain_shift_next': shift.values})
 
-# %% ../nbs/11_results.ipynb 189
+# %% ../nbs/11_results.ipynb 193
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
     "The smallest budget whose ranking holds at the next budget with every gain over `baseline` moving by < `tolerance` points; else the largest, not converged."
     steps = budget_steps(rows, baseline)
@@ -841,7 +859,7 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     chosen = ok.images_seen.iloc[0] if len(ok) else steps.images_seen.iloc[-1]
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
-# %% ../nbs/11_results.ipynb 194
+# %% ../nbs/11_results.ipynb 198
 def at_chosen_budget(stats, baseline: str = 'scratch'):
     "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
@@ -853,12 +871,12 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
 
-# %% ../nbs/11_results.ipynb 198
+# %% ../nbs/11_results.ipynb 202
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/11_results.ipynb 200
+# %% ../nbs/11_results.ipynb 204
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -866,7 +884,7 @@ def save_figure(fig, folder, name: str) -> list:
     for p in paths: fig.savefig(p, dpi=150, bbox_inches='tight')
     return paths
 
-# %% ../nbs/11_results.ipynb 202
+# %% ../nbs/11_results.ipynb 206
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -875,11 +893,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/11_results.ipynb 206
+# %% ../nbs/11_results.ipynb 210
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 207
+# %% ../nbs/11_results.ipynb 211
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -892,17 +910,17 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/11_results.ipynb 210
+# %% ../nbs/11_results.ipynb 214
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
 
-# %% ../nbs/11_results.ipynb 211
+# %% ../nbs/11_results.ipynb 215
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/11_results.ipynb 212
+# %% ../nbs/11_results.ipynb 216
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -918,7 +936,7 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/11_results.ipynb 214
+# %% ../nbs/11_results.ipynb 218
 def fill_tables(text: str, root=None) -> str:
     "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
@@ -926,11 +944,11 @@ def fill_tables(text: str, root=None) -> str:
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
 
-# %% ../nbs/11_results.ipynb 218
+# %% ../nbs/11_results.ipynb 222
 def _is_front_matter(cell) -> bool:
     return cell.cell_type == 'raw' and cell.source.lstrip().startswith('---')
 
-# %% ../nbs/11_results.ipynb 219
+# %% ../nbs/11_results.ipynb 223
 def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     "Convert an executed notebook to one standalone HTML file (images embedded; code hidden unless `show_code`; no front matter, no cell tagged `remove-cell`)."
     import nbformat
@@ -944,7 +962,7 @@ def notebook_to_html(nb_path, out_html, show_code=False) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/11_results.ipynb 221
+# %% ../nbs/11_results.ipynb 225
 def render_report(runs_dir='runs', out_html='report/index.html', title=None, show_code=False, notebook=None, tables_dir=None) -> Path:
     "Execute `nbs/summary.ipynb` on `runs_dir` with papermill and write it as standalone HTML to `out_html` (tables and figures also to `tables_dir`)."
     import papermill as pm
@@ -957,7 +975,7 @@ def render_report(runs_dir='runs', out_html='report/index.html', title=None, sho
     pm.execute_notebook(str(nb), str(executed), parameters=params, cwd=str(nb.parent), progress_bar=False)
     return notebook_to_html(executed, out, show_code)
 
-# %% ../nbs/11_results.ipynb 223
+# %% ../nbs/11_results.ipynb 227
 def write_redirect(path, target) -> Path:
     "Write an HTML page at `path` that sends the browser to `target` (kept if `path` exists; a site's landing page)."
     path = Path(path)
