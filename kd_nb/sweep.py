@@ -22,7 +22,7 @@ __all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NO
            'run_state', 'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
            'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
            'worker_env', 'run_local', 'outcome_line', 'one_line_at_a_time', 'slurm_parameters', 'slurm_dependency',
-           'run_slurm', 'SweepResult', 'counts', 'set_aside', 'teachers_without_checkpoint', 'to_launch', 'run_sweep']
+           'run_slurm', 'SweepResult', 'counts', 'set_aside', 'teachers_to_train', 'to_launch', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -539,21 +539,23 @@ def set_aside(folder) -> Path:
     return dest
 
 # %% ../nbs/10_sweep.ipynb 117
-def teachers_without_checkpoint(planned: list, todo: list) -> list:
-    "The finished runs of `planned` that a run of `todo` (or of those, up the chain) takes its teacher from, whose `best.pt` is gone."
-    after, by_name, found = teacher_runs([p.config for p in planned]), {p.name: p for p in planned}, []
-    while True:
-        names = {after[p.name] for p in [*todo, *found] if p.name in after} - {p.name for p in found}
-        new = [by_name[n] for n in sorted(names) if by_name[n].status == 'done' and not (by_name[n].folder.path / BEST).is_file()]
-        if not new: return found
-        found += new
+def teachers_to_train(planned: list, todo: list, launchable) -> list:
+    "The runs of `planned` that a run of `todo` (or of those, up the chain) takes its teacher from and that must train first: `launchable` ones, and finished ones whose `best.pt` is gone."
+    after, by_name, found, frontier = teacher_runs([p.config for p in planned]), {p.name: p for p in planned}, [], list(todo)
+    must = lambda p: launchable(p) or (p.status == 'done' and not (p.folder.path / BEST).is_file())
+    while frontier:
+        names = {after[p.name] for p in frontier if p.name in after} - {p.name for p in [*todo, *found]}
+        frontier = [by_name[n] for n in sorted(names) if must(by_name[n])]
+        found += frontier
+    return found
 
 # %% ../nbs/10_sweep.ipynb 119
 def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_run=False, log=print, **selection) -> tuple:
-    "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after any finished teacher run of theirs whose `best.pt` is gone, set aside with `retrain_teachers`."
+    "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after the teacher runs they need trained (`teachers_to_train`; a finished one set aside with `retrain_teachers`)."
     everything = plan(sweep, runs_root)
     launchable = lambda p: p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')
-    retrain = teachers_without_checkpoint(everything, [p for p in select(everything, **selection) if launchable(p)])
+    teachers = teachers_to_train(everything, [p for p in select(everything, **selection) if launchable(p)], launchable)
+    retrain = [p for p in teachers if p.status == 'done']
     if retrain and not retrain_teachers:
         raise SweepError(f"teacher_run: {', '.join(p.name for p in retrain)} finished, but {BEST} is not in their folders, and runs "
                          f"to launch take their teacher from them; copy those checkpoints back, or train them again first "
@@ -561,9 +563,11 @@ def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_
     if retrain and not dry_run:
         for p in retrain: log(f"{p.name}: finished without its {BEST}; set aside in {project_relative(set_aside(p.folder.path))}, to train again")
         everything = plan(sweep, runs_root)
-    retrain = {p.name for p in retrain}
-    planned = [p for p in everything if p.name in retrain] + [p for p in select(everything, **selection) if p.name not in retrain]
-    return everything, planned, [p for p in planned if p.name in retrain or launchable(p)]
+    first = {p.name for p in teachers}
+    for p in teachers:
+        if p.status != 'done': log(f"{p.name}: not selected, but a selected run takes its teacher from it; launching it first")
+    planned = [p for p in everything if p.name in first] + [p for p in select(everything, **selection) if p.name not in first]
+    return everything, planned, [p for p in planned if p.name in first or launchable(p)]
 
 # %% ../nbs/10_sweep.ipynb 120
 def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
