@@ -15,7 +15,7 @@ from .experiment import RUN_KEYS, SCHEME_KNOBS, FAST_PATH_KNOBS, resolve_config,
 from .sweep import run_state, record_path
 
 # %% auto 0
-__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'EXECUTION_KNOBS', 'PAPER_COLUMNS', 'SETTING', 'RECIPE_TRAINING', 'NAN',
+__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'SETTING', 'EXECUTION_KNOBS', 'PAPER_COLUMNS', 'RECIPE_TRAINING', 'NAN',
            'INTERVAL_METHOD', 'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES', 'AXIS_REFERENCES', 'BASELINES',
            'TRAIN_IMAGES', 'STAT_COLUMNS', 'LATEX_SPECIAL', 'OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1',
            'REFERENCES', 'COSTS', 'MARKERS', 'LINE_STYLES', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'config_key', 'read_run',
@@ -143,11 +143,12 @@ def _shown(v) -> str:
     if _missing(v) or v == '': return 'none'
     return Path(str(v)).parent.name if str(v).endswith('.pt') else str(v)
 
+SETTING = ['dataset', 'data_source', 'recipe']
 EXECUTION_KNOBS = ('seed', 'fast_data', *FAST_PATH_KNOBS)   # how a recipe ran, not what it is: settings and speed tables tell those apart
 
 def distinct_labels(df):
     "`df` with one configuration per label of a dataset, recipe and pair: labels that hold several get the knobs they differ on."
-    keys = [c for c in ('dataset', 'data_source', 'recipe', 'pair', 'label') if c in df]
+    keys = [c for c in (*SETTING, 'pair', 'label') if c in df]
     for _, g in df[df.config.notna()].groupby(keys, dropna=False, sort=False):
         by_seed = g.groupby('seed')
         if not by_seed.config.nunique().gt(1).any(): continue   # a chain's seeds each have a teacher run of their own: one configuration each
@@ -229,7 +230,6 @@ def aggregate(df, by=('label',), metric='best_test_acc', keep=()):
 
 # %% ../nbs/11_results.ipynb 51
 PAPER_COLUMNS = ('student (scratch)', 'KD', 'FitNet', 'SimKD', 'best variant', 'teacher')
-SETTING = ['dataset', 'data_source', 'recipe']
 
 # %% ../nbs/11_results.ipynb 52
 def _cell(r, metric):

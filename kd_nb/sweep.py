@@ -554,7 +554,8 @@ def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_
     "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after the teacher runs they need trained (`teachers_to_train`; a finished one set aside with `retrain_teachers`)."
     everything = plan(sweep, runs_root)
     launchable = lambda p: p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')
-    teachers = teachers_to_train(everything, [p for p in select(everything, **selection) if launchable(p)], launchable)
+    selected = select(everything, **selection)
+    teachers = teachers_to_train(everything, [p for p in selected if launchable(p)], launchable)
     retrain = [p for p in teachers if p.status == 'done']
     if retrain and not retrain_teachers:
         raise SweepError(f"teacher_run: {', '.join(p.name for p in retrain)} finished, but {BEST} is not in their folders, and runs "
@@ -562,11 +563,11 @@ def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_
                          f"with retrain_teachers (kd-sweep run --retrain-teachers), which sets their folders aside in {SET_ASIDE}/")
     if retrain and not dry_run:
         for p in retrain: log(f"{p.name}: finished without its {BEST}; set aside in {project_relative(set_aside(p.folder.path))}, to train again")
-        everything = plan(sweep, runs_root)
+        everything = plan(sweep, runs_root); selected = select(everything, **selection)
     first = {p.name for p in teachers}
     for p in teachers:
         if p.status != 'done': log(f"{p.name}: not selected, but a selected run takes its teacher from it; launching it first")
-    planned = [p for p in everything if p.name in first] + [p for p in select(everything, **selection) if p.name not in first]
+    planned = [p for p in everything if p.name in first] + [p for p in selected if p.name not in first]
     return everything, planned, [p for p in planned if p.name in first or launchable(p)]
 
 # %% ../nbs/10_sweep.ipynb 120
