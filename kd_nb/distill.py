@@ -121,10 +121,12 @@ class Alignment(nn.Module):
 # %% ../nbs/04_distill.ipynb 31
 @dataclass
 class StepOutput:
-    "One training step: the prediction, every weighted loss term and the aligned feature pairs."
+    "One training step: the prediction, every weighted loss term, the aligned feature pairs and the student side each feature term reads."
     logits: torch.Tensor
     terms: dict = field(default_factory=dict)
     aligned: list = field(default_factory=list)
+    features: dict = field(default_factory=dict)   # term name -> the student's aligned map it was computed from
+    pulls: dict = field(default_factory=dict)      # term name -> how hard it pulls those features (`train_step(pull=True)`)
 
     @property
     def total(self): return sum(self.terms.values())
@@ -327,7 +329,9 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
         if not losses: continue  # the reused head's stage without a feature loss: prediction only
         s, t = al.match(s, t)
         out.aligned.append((s, t, losses))
-        for name, loss in losses.items(): out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
+        for name, loss in losses.items():
+            out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
+            out.features[f'{name}@{al.stage}'] = s
     for (a, b), lam, losses in zip(self.stage_pairs, self.stage_weights, self.stage_losses):
         s, t = (fs.stages[a - 1], fs.stages[b - 1]), (ft.stages[a - 1], ft.stages[b - 1])
         for name, loss in losses.items(): out.terms[f'{name}@{b}'] = self.weights[name] * lam * loss(s, t, **needed(loss))

@@ -21,8 +21,8 @@ from .runs import LAST, BEST, EpochLog
 __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 'LINEAR_LR_PRESETS', 'COMPILE_MODES',
            'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'check_milestones', 'schedule_steps', 'TrainConfig',
            'seed_everything', 'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile',
-           'CompileFallback', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
-           'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
+           'CompileFallback', 'feature_pull', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct',
+           'evaluate', 'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -167,6 +167,16 @@ class CompileFallback:
         return self.fn(*args, **kwargs)
 
 # %% ../nbs/07_trainer.ipynb 41
+def feature_pull(out) -> dict:
+    "For each feature term of the `StepOutput` `out`: sqrt(B)·‖∂term/∂s‖_F, the RMS over the batch of each sample's gradient norm on the student map `s` the term reads."
+    pulls = {}
+    for key, s in out.features.items():
+        if not (s.requires_grad and out.terms[key].requires_grad): continue
+        g, = torch.autograd.grad(out.terms[key], s, retain_graph=True, allow_unused=True)
+        if g is not None: pulls[key] = g.detach().float().norm() * s.shape[0] ** 0.5
+    return pulls
+
+# %% ../nbs/07_trainer.ipynb 46
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -178,10 +188,11 @@ class TrainStep(nn.Module):
         out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
-# %% ../nbs/07_trainer.ipynb 42
-def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
-    "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`."
+# %% ../nbs/07_trainer.ipynb 47
+def train_step(step, x, y, opt, aux_opt=None, amp=None, pull=False, **inputs):
+    "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`, with `feature_pull` in `out.pulls` if `pull`."
     with autocast(x.device, amp): total, out = step(x, y, **inputs)
+    if pull: out.pulls = feature_pull(out)
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -194,7 +205,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None, **inputs):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 49
+# %% ../nbs/07_trainer.ipynb 54
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -208,7 +219,7 @@ class Prepared:
     @property
     def compiled(self) -> bool: return isinstance(self.step, CompileFallback) and self.step.compiled is not None
 
-# %% ../nbs/07_trainer.ipynb 50
+# %% ../nbs/07_trainer.ipynb 55
 def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1) -> Prepared:
     "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
     device = torch.device(device)
@@ -227,13 +238,13 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
     return Prepared(amp, opt, aux_opt, sched, eager, step)
 
-# %% ../nbs/07_trainer.ipynb 56
+# %% ../nbs/07_trainer.ipynb 61
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
-# %% ../nbs/07_trainer.ipynb 57
+# %% ../nbs/07_trainer.ipynb 62
 @torch.inference_mode()
 def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dict:
     "Top-1/top-5 accuracy (%) and mean cross-entropy of `model` over `loader` (inputs in NHWC with `channels_last`, autocast to `amp`)."
@@ -252,7 +263,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dic
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 59
+# %% ../nbs/07_trainer.ipynb 64
 def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
     "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it."
     row = {}
@@ -261,13 +272,13 @@ def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
     if hasattr(distiller, 'select'): distiller.select(row)
     return {**row, **evaluate(distiller, loader, 'test', channels_last, amp)}
 
-# %% ../nbs/07_trainer.ipynb 65
+# %% ../nbs/07_trainer.ipynb 70
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
     online = getattr(distiller, 'online', False)
     return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
 
-# %% ../nbs/07_trainer.ipynb 66
+# %% ../nbs/07_trainer.ipynb 71
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -275,7 +286,7 @@ def load_trainable_state(distiller: Distiller, state: dict):
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-# %% ../nbs/07_trainer.ipynb 67
+# %% ../nbs/07_trainer.ipynb 72
 def atomic_save(obj, path: Path):
     "`torch.save` to a temporary name, then rename."
     path = Path(path)
@@ -283,7 +294,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 72
+# %% ../nbs/07_trainer.ipynb 77
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
@@ -295,17 +306,17 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
         n += len(y)
         x, y = as_input(shard(x, rank, size), cfg.channels_last), shard(y, rank, size)
         idx = None if idx is None else shard(idx, rank, size)
-        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, indices=idx, progress=progress)
+        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, pull=not p.compiled, indices=idx, progress=progress)
         p.sched.step()
-        keys = keys or ['loss', *out.terms]
+        keys = keys or ['loss', *out.terms, *(f'pull_{k}' for k in out.pulls)]
         b = len(y)
-        s = torch.stack([out.total.detach().double() * b, *(v.detach().double() * b for v in out.terms.values()),
+        s = torch.stack([out.total.detach().double() * b, *(v.detach().double() * b for v in [*out.terms.values(), *out.pulls.values()]),
                          (out.logits.detach().argmax(1) == y).sum().double()])
         sums = s if sums is None else sums + s  # summed on the device: no host round trip within the epoch
     *totals, correct = all_reduce_sum(sums).tolist()
     return {**{f'train_{k}': v / n for k, v in zip(keys, totals)}, 'train_acc1': 100 * correct / n, 'train_samples': n}
 
-# %% ../nbs/07_trainer.ipynb 73
+# %% ../nbs/07_trainer.ipynb 78
 def _check_schedule(sched, saved: dict, path):
     "Raise unless the checkpoint at `path` decays the learning rate at the optimizer steps this run's schedule does."
     want, got = sorted(sched.milestones.elements()), sorted(saved['milestones'].elements())
@@ -313,7 +324,7 @@ def _check_schedule(sched, saved: dict, path):
         raise ValueError(f"{path}: its schedule decays the learning rate at steps {got}, this run's at {want}; it was "
                          f"written by another schedule (other knobs or another kd-nb version): move the run folder away to train it anew")
 
-# %% ../nbs/07_trainer.ipynb 74
+# %% ../nbs/07_trainer.ipynb 79
 def _resume(p: Prepared, distiller, run_dir, log):
     "History, best accuracy and first epoch: from `run_dir/last.pt` when there is one, else a fresh start."
     if run_dir is None or not (run_dir / LAST).exists(): return [], -1.0, 0
@@ -327,7 +338,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 77
+# %% ../nbs/07_trainer.ipynb 82
 def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best: float):
     "After an epoch: `best.pt` when it beats `best` (the deployed model too, which a `teacher_run` reads), and `last.pt` to resume from."
     epoch = row['epoch']
@@ -341,7 +352,7 @@ def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best:
                  'rng': torch.get_rng_state(),
                  'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
 
-# %% ../nbs/07_trainer.ipynb 78
+# %% ../nbs/07_trainer.ipynb 83
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
