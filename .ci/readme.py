@@ -4,7 +4,7 @@
     python .ci/readme.py --check    # exit 1 if a results table differs from its runs or README.md from nbs/index.ipynb (CI)
 
 Edit nbs/index.ipynb, never README.md. A results table sits between `<!-- table: RUNS vs B1,B2 -->` and
-`<!-- /table -->` and is never typed: kd_nb.results.fill_tables writes it from the runs in RUNS. (nbdev_readme, run by
+`<!-- /table -->` and is never typed: kd_nb.tables.fill_tables writes it from the runs in RUNS. (nbdev_readme, run by
 nbdev_prepare and nbdev_docs where Quarto is installed, renders the same cells through Quarto.)
 """
 import json, sys
@@ -23,7 +23,7 @@ def readme_text(index=INDEX) -> str:
 
 def filled_index(index=INDEX) -> str:
     "The text of `index` with every results table written again from its runs."
-    from kd_nb.results import fill_tables
+    from kd_nb.tables import fill_tables
     nb = json.loads(Path(index).read_text())
     for c in nb['cells']:
         if c['cell_type'] == 'markdown':

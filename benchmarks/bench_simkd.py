@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import kd_nb
-from kd_nb.data import make_synthetic_cifar, load_cifar, train_transform, test_transform, make_loaders
+from kd_nb.data import make_synthetic_cifar, load_cifar, train_transform, test_transform, make_loaders, dataset_info, data_source
 from kd_nb.models import get_model
 from kd_nb.reference import ReferenceSimKD
 from kd_nb.experiment import resolve_config, build_distiller, train_config, git_commit
 from kd_nb.hardware import autocast, as_input, device_name
-from kd_nb.trainer import PRESETS, RECIPE_BATCH, prepare, train_step, evaluate, recipe_lr, resolve_deterministic
+from kd_nb.trainer import PRESETS, RECIPE_BATCH, prepare, train_step, evaluate_all, recipe_lr, resolve_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(epochs=PRESETS['paper']['epochs'], train_images=50_000, test_images=10_000)   # CIFAR's 50,000 / 10,000 images
@@ -50,10 +50,10 @@ class Reference:
     "SimKD trained as the original code trains it: PIL transforms in DataLoader workers, fp32, NCHW, default SGD."
     name = 'reference'
 
-    def __init__(self, teacher, student, data_dir, batch_size, workers, device, lr):
+    def __init__(self, teacher, student, data_dir, batch_size, workers, device, lr, dataset='cifar100'):
         self.device = device
-        train_set = load_cifar('cifar100', data_dir, train=True, transform=train_transform('cifar100'), download=False)
-        test_set = load_cifar('cifar100', data_dir, train=False, transform=test_transform('cifar100'), download=False)
+        train_set = load_cifar(dataset, data_dir, train=True, transform=train_transform(dataset), download=False)
+        test_set = load_cifar(dataset, data_dir, train=False, transform=test_transform(dataset), download=False)
         self.train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
         self.test_loader = DataLoader(test_set, batch_size=max(1, batch_size // 2), shuffle=False, num_workers=workers // 2)
         self.loop = ReferenceSimKD(student.to(device), teacher.to(device), lr=lr)
@@ -99,17 +99,18 @@ class Reference:
 class FastPath:
     name = 'fast'
 
-    def __init__(self, teacher, student, data_dir, batch_size, device, knobs, log):
-        self.device = device
-        self.cfg = resolve_config(**{**knobs, 'teacher': teacher, 'student': student,
+    def __init__(self, teacher, student, data_dir, batch_size, device, knobs, log, dataset='cifar100'):
+        self.device, self.dataset = device, dataset
+        self.cfg = resolve_config(**{**knobs, 'dataset': dataset, 'teacher': teacher, 'student': student,
                                      'batch_size': batch_size, 'data_dir': str(data_dir), 'download': False,
                                      'train_limit': 0, 'test_limit': 0})
         self.tcfg = train_config(self.cfg)
-        self.loaders = make_loaders('cifar100', data_dir, batch_size=batch_size, eval_batch_size=self.cfg['eval_batch_size'],
+        self.loaders = make_loaders(dataset, data_dir, batch_size=batch_size, eval_batch_size=self.cfg['eval_batch_size'],
                                     fast=True, device=device, seed=0, download=False)
-        self.teacher = get_model(teacher).to(device).eval()
+        classes = self.loaders.info.num_classes
+        self.teacher = get_model(teacher, classes).to(device).eval()
         torch.manual_seed(0)
-        self.distiller = build_distiller(self.cfg, get_model(student), self.teacher).to(device)
+        self.distiller = build_distiller(self.cfg, get_model(student, classes), self.teacher).to(device)
         self.prepared = prepare(self.distiller, self.tcfg, device, log)   # what fit sets up, in fit's order
         self.amp, self.opt, self.aux_opt = self.prepared.amp, self.prepared.opt, self.prepared.aux_opt
         self.eager, self.step, self.compiled = self.prepared.eager, self.prepared.step, self.prepared.compiled
@@ -122,7 +123,7 @@ class FastPath:
         return dict(channels_last=t.channels_last, amp=str(self.amp).replace('torch.', '') if self.amp else 'fp32',
                     fused_optimizer=t.fused_optimizer, optimizer=('fused' if self.opt.defaults.get('fused') else
                     'foreach' if self.opt.defaults.get('foreach') else 'for-loop'),
-                    compile=self.compiled, compile_mode=t.compile_mode if self.compiled else None,
+                    compile=self.compiled, compile_mode=t.compile_mode if self.compiled else None, step_mode=self.prepared.mode,
                     deterministic=resolve_deterministic(t.deterministic, self.device),
                     eval_batch_size=self.cfg['eval_batch_size'], data='DeviceLoader (uint8 on the device)')
 
@@ -135,6 +136,7 @@ class FastPath:
         self.distiller.train()
         for _ in range(k + bool(last_size)):
             x, y = self._next(last_size if _ == k else None)
+            self.prepared.mark_step()
             out = train_step(self.step, x, y, self.opt, self.aux_opt, self.amp)
             s = torch.stack([out.total.detach().double() * len(y), (out.logits.detach().argmax(1) == y).sum().double()])
             self.sums = s if self.sums is None else self.sums + s  # fit's on-device running sums
@@ -165,7 +167,7 @@ class FastPath:
         return {p: v / k for p, v in total.items()}
 
     def eval_pass(self):
-        evaluate(self.distiller, self.loaders.test, channels_last=self.tcfg.channels_last, amp=self.amp)
+        evaluate_all(self.distiller, self.loaders.test, channels_last=self.tcfg.channels_last, amp=self.amp, p=self.prepared)
         sync(self.device)
         return self.loaders.test.num_samples
 
@@ -206,7 +208,8 @@ def parse_args(argv=None):
                    help='alternating rounds the timed steps are split into (default: one step per round on CPU, 1 on CUDA)')
     p.add_argument('--split-steps', type=int, default=None, help='extra synchronized steps per path for the time split (default: 20 on CUDA, 3 on CPU)')
     p.add_argument('--eval-images', type=int, default=None, help='test images per evaluation pass (default: 10000 on CUDA, 512 on CPU)')
-    p.add_argument('--data-dir', default=None, help='a folder with cifar-100-python/ (default: synthetic CIFAR-100-shaped data)')
+    p.add_argument('--dataset', default='cifar100', choices=['cifar10', 'cifar100'], help='the data set of --data-dir (default: cifar100)')
+    p.add_argument('--data-dir', default=None, help='a folder with the data set (e.g. cifar-100-python/; default: synthetic CIFAR-100-shaped data)')
     p.add_argument('--amp', default=None, help="the fast path's amp knob (default: the run default, 'auto')")
     p.add_argument('--compile', default=None, help="the fast path's compile knob (default: 'auto')")
     p.add_argument('--compile-mode', default=None, help="the fast path's compile_mode knob, e.g. reduce-overhead (default: 'default')")
@@ -230,7 +233,8 @@ def main(argv=None):
     log = lambda *s: print(*s, flush=True)
 
     tmp = tempfile.TemporaryDirectory()
-    if a.data_dir: data_dir, data = Path(a.data_dir), f'CIFAR-100 from {a.data_dir}'
+    dataset = a.dataset if a.data_dir else 'cifar100'
+    if a.data_dir: data_dir, data = Path(a.data_dir), f'{dataset} from {a.data_dir} ({data_source(dataset, a.data_dir)})'
     else:
         n_train = RECIPE['train_images'] if steps == 0 else (warmup + steps + split_steps + 1) * bs
         data_dir = make_synthetic_cifar(tmp.name, 'cifar100', n_train=n_train, n_test=eval_images, seed=0)
@@ -241,16 +245,17 @@ def main(argv=None):
     log(f'device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads; data: {data}')
     before = mem.allocated()
     torch.manual_seed(0)
-    ref = Reference(get_model(a.teacher), get_model(a.student), data_dir, bs, a.workers, device, lr)
+    classes = dataset_info(dataset).num_classes
+    ref = Reference(get_model(a.teacher, classes), get_model(a.student, classes), data_dir, bs, a.workers, device, lr, dataset)
     mem.resident['reference'] = mem.allocated() - before
     before = mem.allocated()
-    fast = FastPath(a.teacher, a.student, data_dir, bs, device, knobs, log)
+    fast = FastPath(a.teacher, a.student, data_dir, bs, device, knobs, log, dataset)
     mem.resident['fast'] = mem.allocated() - before
     if a.data_dir and eval_images < len(ref.test_loader.dataset):  # a real test set: evaluate the first `eval_images`
         sub = list(range(eval_images))
         ref.test_loader = DataLoader(torch.utils.data.Subset(ref.test_loader.dataset, sub), batch_size=ref.test_loader.batch_size,
                                      num_workers=ref.test_loader.num_workers)
-        fast.loaders = make_loaders('cifar100', data_dir, batch_size=bs, eval_batch_size=fast.cfg['eval_batch_size'],
+        fast.loaders = make_loaders(dataset, data_dir, batch_size=bs, eval_batch_size=fast.cfg['eval_batch_size'],
                                     fast=True, device=device, seed=0, download=False, test_limit=eval_images)
     epoch_steps = len(ref.train_loader)
     timed = epoch_steps if steps == 0 else steps
@@ -275,6 +280,7 @@ def main(argv=None):
     images = sum(chunks) * bs - (bs - last if steps == 0 and last else 0)
     rss_train = rss_mb()
 
+    if fast.compiled: fast.eval_pass()   # compiles the evaluation, untimed
     results = {}
     for path in (ref, fast):
         t0 = time.perf_counter()
@@ -305,7 +311,7 @@ def main(argv=None):
         kd_nb=kd_nb.__version__, git_commit=git_commit(ROOT), host=socket.gethostname(), threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
         load_average=dict(before=load_before, after=os.getloadavg()),  # other work on the machine during the run
-        config=dict(teacher=a.teacher, student=a.student, batch_size=bs, steps=timed, full_epoch=steps == 0, warmup=warmup,
+        config=dict(dataset=dataset, teacher=a.teacher, student=a.student, batch_size=bs, steps=timed, full_epoch=steps == 0, warmup=warmup,
                     fast_knobs={k: v for k, v in knobs.items() if k != 'device'},  # empty: the fast path of a default run
                     rounds=rounds, workers=a.workers, data=data, eval_images=eval_images, lr=lr, recipe=RECIPE,
                     split='extra eager steps, device synchronized after each phase'),

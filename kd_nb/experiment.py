@@ -12,24 +12,26 @@ import torch
 import kd_nb
 from .data import dataset_info, make_loaders, data_source, source_sha256
 from .models import get_model, check_model, list_models, load_checkpoint, count_params
-from .losses import LOSSES, check_loss, list_losses, loss_options as loss_option_defaults
+from .losses import LOSSES, check_loss, list_losses, complete_options, loss_options as loss_option_defaults
 from .projectors import check_projector, list_projectors
 from .distill import (METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
                      teacher_from, needs_teacher, TEACHER_MODES, deployed_module, DeployedTeacher)
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
-                            is_main, broadcast_object, barrier)
+                            is_main, broadcast_object, barrier, peak_memory_mb)
 from .runs import Run, RunFolder, open_run, begin_run, keep_notebook, read_json, write_json, folder_lock, BEST, SUMMARY, METRICS
-from .trainer import TrainConfig, PRESETS, check_preset, check_milestones, recipe_lr, fit, evaluate
+from .trainer import TrainConfig, PRESETS, check_preset, check_milestones, rescale_milestones, recipe_lr, fit, evaluate, step_mode
+from .quantize import check_quant_bits, quantize_distiller, weight_bits
 
 # %% auto 0
-__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS', 'SCHEME_OFF', 'RUN_KEYS',
-           'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list', 'parse_milestones', 'check_choice',
-           'loss_choices', 'registered', 'parse_layers', 'project_root', 'project_path', 'project_relative',
-           'train_config', 'build_distiller', 'parse_float', 'TeacherRunPending', 'TeacherCheckpointMissing',
-           'find_teacher_run', 'teacher_chain', 'run_teacher', 'resolve_config', 'git_commit', 'environment',
-           'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher', 'run_figures', 'Experiment', 'setup',
-           'load_data', 'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish',
-           'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
+__all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'PATH_KNOBS', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS',
+           'SCHEME_OFF', 'RUN_KEYS', 'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list',
+           'parse_milestones', 'check_choice', 'loss_choices', 'registered', 'parse_layers', 'project_root',
+           'project_path', 'project_relative', 'recorded_paths', 'train_config', 'build_distiller', 'parse_float',
+           'TeacherRunPending', 'TeacherCheckpointMissing', 'find_teacher_run', 'teacher_chain', 'run_teacher',
+           'resolve_config', 'run_identity', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher',
+           'prepare_teacher', 'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run',
+           'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs',
+           'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -37,7 +39,7 @@ DEFAULT_KNOBS = dict(
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
     layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
     tf_temperature=None, peers=None, teacher_mode='frozen', online_warmup=None,
-    teacher_run='', preset='paper', epochs=None,
+    teacher_run='', quant_bits='none', preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
     val_size=0, fast_data=True, num_workers=2, seed=0, device='auto', threads=0, run_name='', runs_dir='runs',
     teachers_dir='', progress=True, eval_batch_size=1024, channels_last=True, amp='auto', fused_optimizer=True,
@@ -129,6 +131,13 @@ def project_relative(p) -> str:
     except ValueError: return str(p)
 
 # %% ../nbs/09_experiment.ipynb 34
+PATH_KNOBS = ('runs_dir', 'teachers_dir', 'data_dir')
+
+def recorded_paths(cfg: dict) -> dict:
+    "`cfg` with its folders (`PATH_KNOBS`) as `project_relative` writes them, the unset ones left as they are."
+    return {**cfg, **{k: project_relative(cfg[k]) for k in PATH_KNOBS if cfg.get(k)}}
+
+# %% ../nbs/09_experiment.ipynb 37
 FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -137,22 +146,23 @@ def train_config(cfg: dict) -> TrainConfig:
                        weight_decay=float(cfg['weight_decay']), lr_milestones=tuple(cfg['lr_milestones']),
                        seed=int(cfg['seed']), progress=cfg['progress'], **{k: cfg[k] for k in FAST_PATH_KNOBS})
 
-# %% ../nbs/09_experiment.ipynb 35
+# %% ../nbs/09_experiment.ipynb 38
 def build_distiller(cfg: dict, student, teacher=None, num_samples=None):
-    "The `Distiller` that the resolved configuration `cfg` describes, for a training set of `num_samples` images."
-    return make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'], num_samples=num_samples,
+    "The `Distiller` that the resolved configuration `cfg` describes, for a training set of `num_samples` images (its deployed parts fake-quantized with `quant_bits`)."
+    d = make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'], num_samples=num_samples,
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
                           projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
                           loss_options=cfg['loss_options'], virtual=_virtual(cfg), peers=cfg.get('peers'),
                           teacher_mode=cfg.get('teacher_mode'), online_warmup=cfg.get('online_warmup'))
+    return quantize_distiller(d, cfg.get('quant_bits'))
 
-# %% ../nbs/09_experiment.ipynb 36
+# %% ../nbs/09_experiment.ipynb 39
 def _virtual(cfg: dict) -> dict | None:
     "The virtual teacher's settings (`tf_reg`), None for other methods."
     return None if cfg.get('tf_correct_prob') is None else dict(a=cfg['tf_correct_prob'], T=cfg['tf_temperature'])
 
-# %% ../nbs/09_experiment.ipynb 39
+# %% ../nbs/09_experiment.ipynb 42
 def _resolve_losses(k: dict, m: dict, given: dict):
     "loss, loss_weight, layer_losses and loss_options of `k`, checked and completed."
     k['loss'] = parse_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
@@ -171,7 +181,7 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     own = m.get('loss_options', {})   # a method's own options (Tf-KD's temperatures) over each loss's defaults
     k['loss_options'] = json.loads(json.dumps({n: {**loss_option_defaults(n), **own.get(n, {}), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 41
+# %% ../nbs/09_experiment.ipynb 44
 def parse_float(value, knob: str) -> float:
     "`value` as a float (numbers, or text of one); anything else raises naming `knob`."
     try:
@@ -179,7 +189,7 @@ def parse_float(value, knob: str) -> float:
         return float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError): raise ValueError(f"{knob}: expected a number, got {value!r}") from None
 
-# %% ../nbs/09_experiment.ipynb 42
+# %% ../nbs/09_experiment.ipynb 45
 def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
     "`knob` of `k` cast by `cast` (its `default` when unset) where it `applies`; elsewhere None, and refused when set."
     v = k[knob]
@@ -188,14 +198,14 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
         return None
     return cast(default if v in (None, '') else v, knob)
 
-# %% ../nbs/09_experiment.ipynb 45
+# %% ../nbs/09_experiment.ipynb 48
 class TeacherRunPending(ValueError):
     "A `teacher_run` that has not finished (yet): no folder, or no `done` summary."
 
 class TeacherCheckpointMissing(TeacherRunPending):
     "A `teacher_run` that finished, but whose `best.pt` is not in its folder (results are kept without checkpoints)."
 
-# %% ../nbs/09_experiment.ipynb 46
+# %% ../nbs/09_experiment.ipynb 49
 def find_teacher_run(name: str, runs_dir) -> Path:
     "The folder `name` names, from the project root or under `runs_dir`, if it holds a finished run whose `best.pt` has its deployed model."
     folder = next((f for f in (project_path(name), project_path(runs_dir) / name) if f.is_dir()), None)
@@ -209,13 +219,13 @@ def find_teacher_run(name: str, runs_dir) -> Path:
         raise ValueError(f"teacher_run: {str(folder / BEST)!r} has no deployed model (written before runs saved it); run it again")
     return folder
 
-# %% ../nbs/09_experiment.ipynb 47
+# %% ../nbs/09_experiment.ipynb 50
 def teacher_chain(folder) -> list:
     "The teacher runs from the one in `folder` up: each `{'run': path, 'sha256': of its best.pt}`, nearest first."
     link = {'run': project_relative(folder), 'sha256': source_sha256(Path(folder) / BEST)}
     return [link, *(RunFolder(folder).params.get('teacher_chain') or [])]
 
-# %% ../nbs/09_experiment.ipynb 48
+# %% ../nbs/09_experiment.ipynb 51
 def _resolve_teacher_run(k: dict):
     "`teacher_run` as the project-relative folder of a finished run, `teacher` as its architecture, and `teacher_chain`."
     k['teacher_run'], k['teacher_chain'] = k['teacher_run'] or '', None
@@ -227,7 +237,7 @@ def _resolve_teacher_run(k: dict):
     k['teacher_run'], k['teacher_chain'] = project_relative(folder), teacher_chain(folder)
     k['teacher'] = RunFolder(folder).params['student']
 
-# %% ../nbs/09_experiment.ipynb 49
+# %% ../nbs/09_experiment.ipynb 52
 def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
     "The model the run in `folder` deployed, rebuilt from its `config.json` (its own teacher run's, recursively) and, with `load`, its `best.pt`."
     params = RunFolder(folder).params
@@ -237,8 +247,8 @@ def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
     if load: module.load_state_dict(torch.load(Path(folder) / BEST, map_location='cpu', weights_only=False)['deployed'])
     return DeployedTeacher(module).requires_grad_(False).eval()
 
-# %% ../nbs/09_experiment.ipynb 53
-SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup', 'teacher_run')
+# %% ../nbs/09_experiment.ipynb 56
+SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup', 'teacher_run', 'quant_bits')
 SCHEME_OFF = {'teacher_mode': 'frozen'}   # a knob's value that is no scheme (the classic runs, recorded without one)
 
 def _resolve_online(k: dict):
@@ -250,7 +260,7 @@ def _resolve_online(k: dict):
     k['online_warmup'] = _scheme_knob(k, 'online_warmup', mode == 'online', max(1, round(k['epochs'] / 10)),
                                       lambda v, n: parse_int(v, n, 0), "teacher_mode 'online'")
 
-# %% ../nbs/09_experiment.ipynb 54
+# %% ../nbs/09_experiment.ipynb 57
 def _resolve_scheme(k: dict, m: dict):
     "The scheme knobs of `k` checked against its method `m`, and `scheme`: those in use (None when none is)."
     virtual, tf = m.get('teacher_from') == 'virtual', m.get('virtual', {})
@@ -262,10 +272,11 @@ def _resolve_scheme(k: dict, m: dict):
                               f"methods trained by peers ({', '.join(n for n in METHOD_DEFAULTS if teacher_from(n) == 'peers')})")
     _resolve_online(k)
     _resolve_teacher_run(k)
+    k['quant_bits'] = check_quant_bits(k['quant_bits'])
     scheme = {n: k[n] for n in SCHEME_KNOBS if k[n] not in (None, '') and k[n] != SCHEME_OFF.get(n)}
     k['scheme'] = {**scheme, 'teacher_chain': k['teacher_chain']} if k['teacher_chain'] else scheme or None
 
-# %% ../nbs/09_experiment.ipynb 55
+# %% ../nbs/09_experiment.ipynb 58
 def _resolve_choices(k: dict) -> tuple:
     "Step 1: the data set, method, device and models named, and the switches; the data set's info and the method's defaults."
     info = dataset_info(k['dataset'])
@@ -279,7 +290,7 @@ def _resolve_choices(k: dict) -> tuple:
     if isinstance(k['compile'], str) and k['compile'].lower() in _TRUE + _FALSE: k['compile'] = parse_bool(k['compile'], 'compile')
     return info, m
 
-# %% ../nbs/09_experiment.ipynb 56
+# %% ../nbs/09_experiment.ipynb 59
 def _resolve_recipe(k: dict):
     "Step 2: the training recipe, the preset's values where a knob is unset, the teacher's from the student's, as the trainer checks them."
     preset = check_preset(k['preset'])
@@ -295,13 +306,12 @@ def _resolve_recipe(k: dict):
     except (TypeError, ValueError): raise ValueError(f"lr/momentum/weight_decay: expected numbers, got {k['lr']!r}, {k['momentum']!r}, {k['weight_decay']!r}") from None
     k['lr_milestones'] = parse_milestones(k['lr_milestones'], 'lr_milestones')
     if k['teacher_lr_milestones'] in (None, ''):
-        k['teacher_lr_milestones'] = [m if isinstance(m, float) else max(1, round(m * k['teacher_epochs'] / k['epochs']))
-                                      for m in k['lr_milestones']]
+        k['teacher_lr_milestones'] = list(rescale_milestones(k['lr_milestones'], k['epochs'], k['teacher_epochs']))
     k['teacher_lr_milestones'] = parse_milestones(k['teacher_lr_milestones'], 'teacher_lr_milestones')
     TrainConfig(epochs=k['teacher_epochs'], lr_milestones=k['teacher_lr_milestones'])   # checks them against the epochs as the trainer will
     k.update({n: getattr(train_config(k), n) for n in ('amp', 'compile', 'deterministic')})  # the trainer checks its knobs
 
-# %% ../nbs/09_experiment.ipynb 57
+# %% ../nbs/09_experiment.ipynb 60
 def _resolve_distillation(k: dict, m: dict, knobs: dict):
     "Step 3: losses, learning scheme, aligned layers, projector and direction, from the method's defaults `m` where unset."
     if k['method'] == 'scratch' and (knobs.get('loss') or knobs.get('layers')):
@@ -320,7 +330,7 @@ def _resolve_distillation(k: dict, m: dict, knobs: dict):
     if k['ce_weight'] in (None, ''): k['ce_weight'] = 1.0 if (k['direction'] != 'up' and m['reuse_head']) else m['ce_weight']
     k['ce_weight'] = float(k['ce_weight'])
 
-# %% ../nbs/09_experiment.ipynb 58
+# %% ../nbs/09_experiment.ipynb 61
 def _check_buildable(k: dict, info):
     "Step 4: the teacher checkpoint loads, the data set is there, and the distiller builds (on the meta device: no memory, no time)."
     if k['teacher_ckpt']:
@@ -333,7 +343,7 @@ def _check_buildable(k: dict, info):
                         _teacher_model(k, info.num_classes) if needs_teacher(k['method']) else None,
                         num_samples=1)
 
-# %% ../nbs/09_experiment.ipynb 59
+# %% ../nbs/09_experiment.ipynb 62
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -345,25 +355,29 @@ def resolve_config(**knobs) -> dict:
     _check_buildable(k, info)
     return k
 
-# %% ../nbs/09_experiment.ipynb 60
+# %% ../nbs/09_experiment.ipynb 63
 def _teacher_model(k: dict, num_classes: int):
     "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
     return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
 
-# %% ../nbs/09_experiment.ipynb 73
+# %% ../nbs/09_experiment.ipynb 78
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
             'preset', 'epochs', 'batch_size', 'lr', 'lr_milestones', 'weight_decay', 'momentum', 'train_limit',
             'test_limit', 'val_size', 'fast_data', 'seed', 'amp', 'scheme')
 
-# %% ../nbs/09_experiment.ipynb 74
+def run_identity(params: dict) -> dict:
+    "`params` as runs are compared: loss options completed with their defaults (`complete_options`), so an option added later, at its default, leaves every recorded run the same configuration."
+    return {**params, 'loss_options': complete_options(params.get('loss_options'))} if params.get('loss_options') else params
+
+# %% ../nbs/09_experiment.ipynb 80
 def git_commit(root=None) -> str | None:
     "The commit checked out in `root` (default: the project root), or None outside a git checkout."
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root or project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/09_experiment.ipynb 75
+# %% ../nbs/09_experiment.ipynb 81
 def environment(device, amp='auto') -> dict:
     "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
@@ -372,14 +386,14 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 80
+# %% ../nbs/09_experiment.ipynb 86
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
                      teacher_chain=None, **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
-# %% ../nbs/09_experiment.ipynb 81
+# %% ../nbs/09_experiment.ipynb 87
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
     own = dict(seed=cfg['teacher_seed'], epochs=cfg['teacher_epochs'], lr_milestones=cfg['teacher_lr_milestones'],
@@ -387,7 +401,7 @@ def teacher_params(cfg: dict) -> dict:
     return {**cfg, **SCRATCH_KNOBS, 'student': cfg['teacher'], **own, **{f'teacher_{k}': v for k, v in own.items()},
             'lr': recipe_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])}
 
-# %% ../nbs/09_experiment.ipynb 82
+# %% ../nbs/09_experiment.ipynb 88
 TEACHER_KEYS = ('dataset', 'data_source', 'student', 'seed', 'epochs', 'lr_milestones', 'train_limit', 'batch_size', 'lr',
                 'momentum', 'weight_decay', 'val_size', 'fast_data', 'amp')
 
@@ -399,7 +413,7 @@ def teacher_dir(cfg: dict) -> Path:
     digest = hashlib.sha1(json.dumps({k: t.get(k) for k in TEACHER_KEYS}, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return root / f"{t['dataset']}-{t['student']}-e{t['epochs']}-n{t['train_limit']}-s{t['seed']}-{digest}"
 
-# %% ../nbs/09_experiment.ipynb 83
+# %% ../nbs/09_experiment.ipynb 89
 @dataclass
 class Teacher:
     "A frozen teacher on the run's device, its test top-1, where it came from (relative to the project) and its checkpoint's sha256."
@@ -408,7 +422,7 @@ class Teacher:
     source: str
     sha256: str | None = None
 
-# %% ../nbs/09_experiment.ipynb 84
+# %% ../nbs/09_experiment.ipynb 90
 def _cached_teacher(tdir: Path, model) -> bool:
     "Load the cached teacher in `tdir` into `model` if it finished and its checkpoint loads; whether it did."
     if (read_json(tdir / SUMMARY) or {}).get('status') != 'done': return False
@@ -416,7 +430,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 88
+# %% ../nbs/09_experiment.ipynb 94
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     if cfg.get('teacher_run'):   # a finished run's deployed model
@@ -437,12 +451,12 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
         with folder_lock(tdir) if is_main() else nullcontext():  # under torchrun rank 0 decides; all train together
             if broadcast_object(_cached_teacher(tdir, teacher) if is_main() else None):
                 if not is_main(): load_checkpoint(teacher, source)
-                log(f"reusing teacher {source}")
+                log(f"reusing teacher {project_relative(source)}")
             else: _train_teacher(cfg, teacher, tdir, loaders, device, log)
     teacher = teacher.to(device).eval()
     return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(source), source_sha256(source))
 
-# %% ../nbs/09_experiment.ipynb 89
+# %% ../nbs/09_experiment.ipynb 95
 def _teacher_loaders(cfg, loaders, device):
     "The run's loaders, or, when the teacher trains on another subset or seed, loaders of its own (same test set)."
     if (cfg['teacher_train_limit'], cfg['teacher_seed']) == (cfg['train_limit'], cfg['seed']): return loaders
@@ -451,7 +465,7 @@ def _teacher_loaders(cfg, loaders, device):
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
                         download=False, num_workers=cfg['num_workers'])
 
-# %% ../nbs/09_experiment.ipynb 90
+# %% ../nbs/09_experiment.ipynb 96
 def run_figures(history: list, distiller, data_source: str, teacher: Teacher | None = None) -> dict:
     "What a finished run's `summary.json` records beyond its knobs: top-1, the teacher's, parameters and FLOPs, speed."
     dep = deployable(distiller)
@@ -460,20 +474,21 @@ def run_figures(history: list, distiller, data_source: str, teacher: Teacher | N
         final_test_acc5=history[-1]['test_acc5'], teacher_test_acc=teacher.test_acc if teacher else None,
         teacher_source=teacher.source if teacher else None, teacher_sha256=teacher.sha256 if teacher else None,
         student_params=count_params(distiller.student), projector_params=dep.projector_params,
-        projector_flops=dep.projector_flops, deploy_params=dep.params, deploy_flops=dep.flops, epochs=len(history),
+        projector_flops=dep.projector_flops, deploy_params=dep.params, deploy_flops=dep.flops,
+        deploy_weight_bits=weight_bits(dep.module) or 32, epochs=len(history),
         data_source=data_source, images_per_s=sum(r['images_per_s'] for r in history) / len(history),
         **{f'{k[:-len("_test_acc1")]}_best_test_acc': max(r[k] for r in history)   # each monitored model (peers, online teacher)
            for k in history[-1] if k.endswith('_test_acc1') and k != 'test_acc1'})
 
-# %% ../nbs/09_experiment.ipynb 91
+# %% ../nbs/09_experiment.ipynb 97
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."
-    log(f"training teacher {cfg['teacher']} in {tdir}")
+    log(f"training teacher {cfg['teacher']} in {project_relative(tdir)}")
     for stale in (tdir / 'last.pt', tdir / METRICS):   # a broken entry starts over
         if is_main(): stale.unlink(missing_ok=True)
     barrier()
     params = teacher_params(cfg)
-    run = begin_run(Run(tdir, resumed=False, lock=None), params, RUN_KEYS, environment(device, params['amp'])) if is_main() else None
+    run = begin_run(Run(tdir, resumed=False, lock=None), recorded_paths(params), RUN_KEYS, environment(device, params['amp'])) if is_main() else None
     torch.manual_seed(params['seed'])   # initial weights and data order from the teacher's own seed, whichever run trains it
     teacher.load_state_dict(get_model(cfg['teacher'], loaders.info.num_classes).state_dict())
     L = _teacher_loaders(cfg, loaders, device)
@@ -482,7 +497,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 96
+# %% ../nbs/09_experiment.ipynb 102
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -495,16 +510,22 @@ class Experiment:
     @property
     def main(self) -> bool: return self.rank == 0
 
-# %% ../nbs/09_experiment.ipynb 97
+# %% ../nbs/09_experiment.ipynb 103
+def _own_optimizer(cfg: dict) -> bool:
+    "Whether a loss of `cfg` trains a part of its own with an optimizer of its own (such steps replay as no CUDA graphs)."
+    return any('own_optimizer' in LOSSES[n].needs for n in [*cfg['loss'], *cfg['layer_losses']])
+
 def setup(log=print, **knobs) -> Experiment:
-    "Step 1: resolve `knobs`, set the CPU threads, pick the device and join torchrun's process group if there is one."
+    "Step 1: resolve `knobs`, set the CPU threads, pick the device and join torchrun's process group if there is one; record how the steps will run there (`step_mode`) and whether an epoch's short last batch is left out (`drop_last`, with CUDA graphs)."
     cfg = resolve_config(**knobs)
     cfg['threads'] = set_threads(cfg['threads'])
     device = pick_device(cfg['device'])
+    cfg['step_mode'] = step_mode(train_config(cfg), device, graphable=not _own_optimizer(cfg))
+    cfg['drop_last'] = cfg['step_mode'] == 'cuda_graphs'
     rank, size = init_distributed(device)
     return Experiment(cfg, device, rank, size, log if rank == 0 else (lambda *a, **k: None))
 
-# %% ../nbs/09_experiment.ipynb 98
+# %% ../nbs/09_experiment.ipynb 104
 def load_data(exp: Experiment):
     "Step 2: train, test (and validation) loaders of the run's data set on its device."
     c = exp.cfg
@@ -517,12 +538,12 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 102
+# %% ../nbs/09_experiment.ipynb 108
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
-# %% ../nbs/09_experiment.ipynb 103
+# %% ../nbs/09_experiment.ipynb 109
 def watch_failures(run: Run):
     "In IPython, record any exception raised by a later cell as this run's failure."
     try: ip = get_ipython()  # noqa: F821
@@ -532,19 +553,19 @@ def watch_failures(run: Run):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     ip.set_custom_exc((Exception,), handler)
 
-# %% ../nbs/09_experiment.ipynb 104
+# %% ../nbs/09_experiment.ipynb 110
 def start_run(exp: Experiment, notebook=None) -> Run | None:
     "Step 3: open or resume the run folder (rank 0 only) and write `config.json`; in a notebook, record failures and keep the executed notebook."
     c = exp.cfg
-    run = open_run(project_path(c['runs_dir']), c['run_name'] or _auto_name(c), c, RUN_KEYS,
-                   env={**environment(exp.device, c['amp']), 'world_size': exp.world_size}) if exp.main else None
+    run = open_run(project_path(c['runs_dir']), c['run_name'] or _auto_name(c), recorded_paths(c), RUN_KEYS,
+                   env={**environment(exp.device, c['amp']), 'world_size': exp.world_size}, identity=run_identity) if exp.main else None
     if run is not None:
         watch_failures(run)
         keep_notebook(run, notebook)
-    exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(str(run.path) if exp.main else None)))
+    exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(project_relative(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 107
+# %% ../nbs/09_experiment.ipynb 113
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -552,7 +573,7 @@ def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     exp.log(f"teacher {exp.cfg['teacher']}: {t.test_acc:.2f}% top-1 ({t.source})")
     return t
 
-# %% ../nbs/09_experiment.ipynb 108
+# %% ../nbs/09_experiment.ipynb 114
 def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     "Step 5: the student and its distiller, on the device."
     torch.manual_seed(exp.cfg['seed'])
@@ -561,20 +582,20 @@ def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     exp.log(f"loss terms: {list(d.weights)}; layers: {list(d.layers)}; projector: {exp.cfg['projector']} ({exp.cfg['direction']})")
     return d
 
-# %% ../nbs/09_experiment.ipynb 109
+# %% ../nbs/09_experiment.ipynb 115
 def train(exp: Experiment, run: Run | None, distiller, loaders) -> list[dict]:
     "Step 6: `fit` into the run folder, recording after every epoch that the run is alive."
     run_dir = broadcast_object(str(run.path) if exp.main else None)
     beat = (lambda epoch, row: run.heartbeat()) if run is not None else None
     return fit(distiller, loaders.train, loaders.test, train_config(exp.cfg), run_dir, log=exp.log, on_epoch_end=beat)
 
-# %% ../nbs/09_experiment.ipynb 110
+# %% ../nbs/09_experiment.ipynb 116
 def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: Teacher | None = None) -> dict | None:
-    "Step 7: write the finished run's `summary.json` (rank 0) and return it."
+    "Step 7: write the finished run's `summary.json` (rank 0), with the most memory the process held (`peak_memory_mb`), and return it."
     if run is None: return None
-    return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher))
+    return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher), peak_memory_mb=round(peak_memory_mb(exp.device), 1))
 
-# %% ../nbs/09_experiment.ipynb 115
+# %% ../nbs/09_experiment.ipynb 121
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -588,7 +609,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 118
+# %% ../nbs/09_experiment.ipynb 124
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -605,7 +626,7 @@ def run_experiment(log=print, **knobs) -> dict | None:
     finally:
         if run is not None: run.close()
 
-# %% ../nbs/09_experiment.ipynb 119
+# %% ../nbs/09_experiment.ipynb 125
 def _read_value(text: str):
     "A command-line value as papermill's `-p` reads it."
     if text in ('True', 'False', 'None'): return {'True': True, 'False': False, 'None': None}[text]
@@ -614,7 +635,7 @@ def _read_value(text: str):
         except ValueError: pass
     return text
 
-# %% ../nbs/09_experiment.ipynb 120
+# %% ../nbs/09_experiment.ipynb 126
 def parse_knobs(argv) -> dict:
     "Knobs from `-p NAME VALUE` triples; an unknown name raises a ValueError listing the valid ones."
     knobs, args = {}, list(argv)
@@ -627,7 +648,7 @@ def parse_knobs(argv) -> dict:
         knobs[name] = _read_value(value)
     return knobs
 
-# %% ../nbs/09_experiment.ipynb 121
+# %% ../nbs/09_experiment.ipynb 127
 def main(argv=None):
     "`python -m kd_nb.experiment -p KNOB VALUE ...` (also under torchrun)."
     argv = sys.argv[1:] if argv is None else argv
@@ -637,6 +658,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 125
+# %% ../nbs/09_experiment.ipynb 131
 #| eval: false
 if __name__ == '__main__': main()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_hardware.ipynb 3
 from __future__ import annotations
-import contextlib, os, platform, time, warnings
+import contextlib, os, platform, resource, time, warnings
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -12,8 +12,8 @@ import torch.nn as nn
 
 # %% auto 0
 __all__ = ['DEVICES', 'AMP_MODES', 'pick_device', 'device_name', 'available_cores', 'busy_threads', 'set_threads', 'check_mode',
-           'native_bf16', 'amp_dtype', 'precision_name', 'ieee_fp32', 'autocast', 'as_input', 'world', 'is_main',
-           'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'sync_buffers',
+           'native_bf16', 'amp_dtype', 'precision_name', 'ieee_fp32', 'autocast', 'as_input', 'peak_memory_mb', 'world',
+           'is_main', 'init_distributed', 'shard', 'all_reduce_sum', 'broadcast_object', 'barrier', 'sync_buffers',
            'average_gradients']
 
 # %% ../nbs/05_hardware.ipynb 5
@@ -122,17 +122,24 @@ def as_input(x, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 # %% ../nbs/05_hardware.ipynb 37
+def peak_memory_mb(device) -> float:
+    "The most memory this process has held on `device` so far, in MiB: its tensors on a CUDA device, its resident set on the CPU."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# %% ../nbs/05_hardware.ipynb 41
 def world() -> tuple[int, int]:
     "(rank, world size) of this process in the initialized process group; (0, 1) without one."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-# %% ../nbs/05_hardware.ipynb 38
+# %% ../nbs/05_hardware.ipynb 42
 def is_main() -> bool:
     "Whether this process is rank 0 of its process group, or of the torchrun job it is about to join."
     return (world()[0] if dist.is_available() and dist.is_initialized() else int(os.environ.get('RANK', 0))) == 0
 
-# %% ../nbs/05_hardware.ipynb 39
+# %% ../nbs/05_hardware.ipynb 43
 def init_distributed(device) -> tuple[int, int]:
     "Under torchrun (`WORLD_SIZE` > 1) join the process group once, NCCL for CUDA and Gloo otherwise; (rank, world size)."
     size = int(os.environ.get('WORLD_SIZE', 1))
@@ -146,36 +153,36 @@ def init_distributed(device) -> tuple[int, int]:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return world()
 
-# %% ../nbs/05_hardware.ipynb 40
+# %% ../nbs/05_hardware.ipynb 44
 def shard(t, rank: int, size: int):
     "This process's contiguous slice of a batch (the whole batch when alone)."
     return t if size == 1 else t.tensor_split(size)[rank]
 
-# %% ../nbs/05_hardware.ipynb 41
+# %% ../nbs/05_hardware.ipynb 45
 def all_reduce_sum(t):
     "`t` summed over all processes, in place (unchanged when alone)."
     if world()[1] > 1: dist.all_reduce(t)
     return t
 
-# %% ../nbs/05_hardware.ipynb 42
+# %% ../nbs/05_hardware.ipynb 46
 def broadcast_object(obj):
     "Rank 0's `obj` on every process."
     if world()[1] == 1: return obj
     box = [obj]; dist.broadcast_object_list(box, src=0)
     return box[0]
 
-# %% ../nbs/05_hardware.ipynb 43
+# %% ../nbs/05_hardware.ipynb 47
 def barrier():
     "Wait for every process (no-op when alone)."
     if world()[1] > 1: dist.barrier()
 
-# %% ../nbs/05_hardware.ipynb 44
+# %% ../nbs/05_hardware.ipynb 48
 def sync_buffers(module: nn.Module):
     "Copy rank 0's buffers (batch-norm statistics) to every process."
     if world()[1] > 1:
         for b in module.buffers(): dist.broadcast(b, src=0)
 
-# %% ../nbs/05_hardware.ipynb 45
+# %% ../nbs/05_hardware.ipynb 49
 def average_gradients(params):
     "Average the gradients of `params` over the processes (for parts outside DistributedDataParallel)."
     size = world()[1]

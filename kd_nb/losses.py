@@ -4,12 +4,13 @@
 
 # %% auto 0
 __all__ = ['EPS', 'LOSSES', 'MEASURED_WEIGHT', 'NEEDS', 'MATCH_RULES', 'KINDS', 'COSINE_MODES', 'MMD_MODES', 'Need',
-           'register_loss', 'check_pair', 'AlignmentLoss', 'check_options', 'check_loss', 'loss_options', 'list_losses',
-           'get_loss', 'build_loss', 'step_needs', 'pooled', 'flat', 'sq_dists', 'off_diagonal', 'L2Loss', 'L1Loss',
-           'SmoothL1Loss', 'CosineLoss', 'standardize_logits', 'KLDivLoss', 'MMDLoss', 'AttentionTransferLoss',
-           'SimilarityPreservingLoss', 'RelationalKDLoss', 'linear_cka', 'CKALoss', 'NSTLoss', 'AdversarialLoss',
-           'PKTLoss', 'CorrelationCongruenceLoss', 'VIDLoss', 'DKDLoss', 'FSPLoss', 'sinkhorn_ot', 'EMDLoss',
-           'nce_loss', 'gathered_rows', 'bank_scores', 'ContrastMemory', 'CRDLoss', 'grad_norm_ratios']
+           'register_loss', 'check_pair', 'AlignmentLoss', 'check_options', 'check_loss', 'loss_options',
+           'complete_options', 'list_losses', 'get_loss', 'build_loss', 'step_needs', 'pooled', 'flat', 'sq_dists',
+           'off_diagonal', 'L2Loss', 'L1Loss', 'SmoothL1Loss', 'CosineLoss', 'standardize_logits', 'KLDivLoss',
+           'MMDLoss', 'AttentionTransferLoss', 'SimilarityPreservingLoss', 'RelationalKDLoss', 'linear_cka', 'CKALoss',
+           'NSTLoss', 'AdversarialLoss', 'PKTLoss', 'CorrelationCongruenceLoss', 'VIDLoss', 'DKDLoss', 'FSPLoss',
+           'sinkhorn_ot', 'EMDLoss', 'nce_loss', 'gathered_rows', 'bank_scores', 'ContrastMemory', 'CRDLoss',
+           'grad_norm_ratios']
 
 # %% ../nbs/02_losses.ipynb 4
 import inspect
@@ -152,6 +153,10 @@ def loss_options(name):
     if name not in LOSSES: check_loss(name)
     return {k: v for k, v in _signature_options(LOSSES[name]).items() if k not in LOSSES[name].needs}
 
+def complete_options(options) -> dict:
+    "`options` ({loss: {option: value}}) with every option of each loss, its default where unset: a run recorded before an option existed reads as that option's default."
+    return {n: {**loss_options(n), **(o or {})} for n, o in (options or {}).items()}
+
 # %% ../nbs/02_losses.ipynb 21
 def list_losses(kind=None):
     "Sorted names of the registered losses, optionally only those of `kind` (one of `KINDS`)."
@@ -272,13 +277,13 @@ class KLDivLoss(AlignmentLoss):
         log_q, log_p = F.log_softmax(s / self.T, 1), F.log_softmax(t / self.T, 1)
         return F.kl_div(log_q, log_p, reduction='batchmean', log_target=True) * self.T ** 2
 
-# %% ../nbs/02_losses.ipynb 62
+# %% ../nbs/02_losses.ipynb 63
 MMD_MODES = ('pooled', 'flat')
 
 def _positive_numbers(v):
     return isinstance(v, (tuple, list)) and len(v) > 0 and all(_number(x) and x > 0 for x in v)
 
-# %% ../nbs/02_losses.ipynb 63
+# %% ../nbs/02_losses.ipynb 64
 @register_loss('mmd')
 class MMDLoss(AlignmentLoss):
     "Squared MMD between the batch of student and teacher vectors, multi-bandwidth Gaussian kernel (median heuristic)."
@@ -306,7 +311,7 @@ class MMDLoss(AlignmentLoss):
         pair = (kss + ktt - kst - kst.T) * ~torch.eye(b, dtype=torch.bool, device=z.device)
         return pair.sum() / (b * (b - 1))
 
-# %% ../nbs/02_losses.ipynb 68
+# %% ../nbs/02_losses.ipynb 69
 @register_loss('at')
 class AttentionTransferLoss(AlignmentLoss):
     "Attention transfer: mean squared difference of L2-normalized spatial maps mean_c |f|^p (channels may differ)."
@@ -321,7 +326,7 @@ class AttentionTransferLoss(AlignmentLoss):
     def attention(self, f): return F.normalize(f.abs().pow(self.p).mean(1).flatten(1), dim=1, eps=EPS)
     def compute(self, s, t): return (self.attention(s) - self.attention(t)).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb 72
+# %% ../nbs/02_losses.ipynb 73
 @register_loss('sp')
 class SimilarityPreservingLoss(AlignmentLoss):
     "Similarity preserving: squared Frobenius distance of row-normalized batch Gram matrices / B^2."
@@ -331,7 +336,7 @@ class SimilarityPreservingLoss(AlignmentLoss):
     def gram(self, f): f = flat(f); return F.normalize(f @ f.T, dim=1, eps=EPS)
     def compute(self, s, t): return (self.gram(s) - self.gram(t)).pow(2).sum() / s.shape[0] ** 2
 
-# %% ../nbs/02_losses.ipynb 78
+# %% ../nbs/02_losses.ipynb 79
 @register_loss('rkd')
 class RelationalKDLoss(AlignmentLoss):
     "Relational KD on pooled embeddings: w_dist * distance-wise + w_angle * angle-wise Huber losses."
@@ -360,7 +365,7 @@ class RelationalKDLoss(AlignmentLoss):
         return (self.w_dist * F.smooth_l1_loss(self.distances(s), self.distances(t)) +
                 self.w_angle * F.smooth_l1_loss(self.angles(s), self.angles(t)))
 
-# %% ../nbs/02_losses.ipynb 83
+# %% ../nbs/02_losses.ipynb 84
 def linear_cka(x, y):
     "Linear CKA between (B, Dx) and (B, Dy) batch matrices; rows are samples."
     x, y = x - x.mean(0), y - y.mean(0)
@@ -374,7 +379,7 @@ class CKALoss(AlignmentLoss):
     default_weight, weight_source = 20.0, MEASURED_WEIGHT
     def compute(self, s, t): return 1 - linear_cka(flat(s), flat(t))
 
-# %% ../nbs/02_losses.ipynb 89
+# %% ../nbs/02_losses.ipynb 90
 @register_loss('nst')
 class NSTLoss(AlignmentLoss):
     "Neural selectivity transfer: polynomial-kernel MMD between per-channel normalized spatial patterns."
@@ -392,7 +397,7 @@ class NSTLoss(AlignmentLoss):
         s, t = F.normalize(s.flatten(2), dim=2, eps=EPS), F.normalize(t.flatten(2), dim=2, eps=EPS)
         return (self.kernel(s, s) + self.kernel(t, t) - 2 * self.kernel(s, t)).mean()
 
-# %% ../nbs/02_losses.ipynb 93
+# %% ../nbs/02_losses.ipynb 94
 @register_loss('adversarial')
 class AdversarialLoss(AlignmentLoss):
     "Non-saturating GAN loss against an MLP discriminator on pooled features; `aux_loss` trains the discriminator."
@@ -426,7 +431,7 @@ class AdversarialLoss(AlignmentLoss):
             return (F.binary_cross_entropy_with_logits(lt, torch.ones_like(lt)) +
                     F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls)))
 
-# %% ../nbs/02_losses.ipynb 105
+# %% ../nbs/02_losses.ipynb 106
 @register_loss('pkt')
 class PKTLoss(AlignmentLoss):
     "Probabilistic knowledge transfer: KL between the batch's cosine-similarity distributions of teacher and student (pooled)."
@@ -443,10 +448,10 @@ class PKTLoss(AlignmentLoss):
         p, q = self.conditional(pooled(t)), self.conditional(pooled(s))
         return (p * torch.log((p + eps) / (q + eps))).mean()
 
-# %% ../nbs/02_losses.ipynb 110
+# %% ../nbs/02_losses.ipynb 111
 def _int(v): return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
-# %% ../nbs/02_losses.ipynb 111
+# %% ../nbs/02_losses.ipynb 112
 @register_loss('cc')
 class CorrelationCongruenceLoss(AlignmentLoss):
     "Correlation congruence as RepDistiller runs it: linear embeddings of pooled s and t, mean over consecutive samples of <|e_i^s - e_i^t|, |e_{i+1}^s - e_{i+1}^t|>."
@@ -464,7 +469,7 @@ class CorrelationCongruenceLoss(AlignmentLoss):
         delta = (self.embed_s(pooled(s)) - self.embed_t(pooled(t))).abs()
         return (delta[:-1] * delta[1:]).sum(1).mean()
 
-# %% ../nbs/02_losses.ipynb 115
+# %% ../nbs/02_losses.ipynb 116
 @register_loss('vid')
 class VIDLoss(AlignmentLoss):
     "Variational information distillation: Gaussian NLL of t under mean regressor(s) (1x1 convs) and a learned per-channel variance."
@@ -487,7 +492,7 @@ class VIDLoss(AlignmentLoss):
         var = self.variance().view(1, -1, 1, 1)
         return 0.5 * ((self.regressor(s) - t).pow(2) / var + var.log()).mean()
 
-# %% ../nbs/02_losses.ipynb 119
+# %% ../nbs/02_losses.ipynb 120
 @register_loss('dkd')
 class DKDLoss(AlignmentLoss):
     "Decoupled KD: warm-up factor x (alpha TCKD + beta NCKD), target-class and non-target-class KL at temperature T."
@@ -517,7 +522,7 @@ class DKDLoss(AlignmentLoss):
         ramp = torch.clamp(torch.as_tensor(progress, dtype=s.dtype, device=s.device) / self.warmup, max=1.0) if self.warmup else 1.0
         return ramp * (self.alpha * tckd + self.beta * nckd)
 
-# %% ../nbs/02_losses.ipynb 124
+# %% ../nbs/02_losses.ipynb 125
 @register_loss('fsp')
 class FSPLoss(AlignmentLoss):
     "Flow of solution procedure: mean squared difference of the student's and teacher's Gram matrices between two stages."
@@ -537,7 +542,7 @@ class FSPLoss(AlignmentLoss):
             raise ValueError(f"fsp: student stage widths {tuple(gs.shape[1:])} and teacher's {tuple(gt.shape[1:])} must be equal (Gram matrices of equal size)")
         return (gs - gt).pow(2).mean()
 
-# %% ../nbs/02_losses.ipynb 128
+# %% ../nbs/02_losses.ipynb 129
 def sinkhorn_ot(x, y, eps, iters):
     "Entropic OT value between uniform clouds `x` (n, d), `y` (m, d), cost |x-y|^2/d: log-domain Sinkhorn, eps annealed from the largest cost."
     c = sq_dists(x, y) / x.shape[1]
@@ -550,7 +555,7 @@ def sinkhorn_ot(x, y, eps, iters):
             g = -e * torch.logsumexp(la + (update_f(g, cd, e)[:, None] - cd) / e, 0)
     return update_f(g, c, eps).mean() + g.mean()  # the last f-update carries the gradient: the plan, at convergence
 
-# %% ../nbs/02_losses.ipynb 129
+# %% ../nbs/02_losses.ipynb 130
 @register_loss('emd')
 class EMDLoss(AlignmentLoss):
     "Sinkhorn divergence (debiased entropic EMD) between the batch's pooled student and teacher vectors, uniform clouds, cost |x-y|^2/C."
@@ -566,7 +571,7 @@ class EMDLoss(AlignmentLoss):
         ot = lambda a, b: sinkhorn_ot(a, b, e, self.iters)
         return ot(s, t) - (ot(s, s) + ot(t, t)) / 2
 
-# %% ../nbs/02_losses.ipynb 135
+# %% ../nbs/02_losses.ipynb 136
 def nce_loss(x, num_samples, eps=1e-7):
     "CRD's NCE loss (its Eq. 18) of scores `x` (B, 1 + K): column 0 the positive, the rest K negatives drawn uniformly from `num_samples`."
     m, pn = x.shape[1] - 1, 1.0 / num_samples
@@ -574,7 +579,7 @@ def nce_loss(x, num_samples, eps=1e-7):
     log_d0 = torch.log(m * pn / (x[:, 1:] + m * pn + eps))
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
 
-# %% ../nbs/02_losses.ipynb 136
+# %% ../nbs/02_losses.ipynb 137
 def gathered_rows(*ts):
     "Each of `ts` (batches of rows, equal lengths within a process) concatenated over the processes, in rank order; as given when alone."
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return ts
@@ -588,13 +593,13 @@ def gathered_rows(*ts):
         out.append(torch.cat([p[:int(k)] for p, k in zip(parts, sizes)]))
     return out
 
-# %% ../nbs/02_losses.ipynb 137
+# %% ../nbs/02_losses.ipynb 138
 def bank_scores(bank, e, idx):
     "<e_b, bank[idx[b, j]]> (B, J) for embeddings `e` (B, D): through the whole bank when the B*J draws outnumber its rows, else through the drawn rows."
     if idx.numel() >= len(bank): return (e @ bank.detach().clone().T).gather(1, idx)   # a copy: the bank may change before backward
     return torch.bmm(bank[idx].detach(), e[:, :, None]).squeeze(2)
 
-# %% ../nbs/02_losses.ipynb 138
+# %% ../nbs/02_losses.ipynb 139
 class ContrastMemory(nn.Module):
     "Memory banks of student and teacher embeddings indexed by sample, with CRD's scores and momentum update."
     def __init__(self, feat_dim, num_samples, nce_k, nce_t, nce_m):
@@ -618,7 +623,7 @@ class ContrastMemory(nn.Module):
         for mem, e in ((self.memory_s, es), (self.memory_t, et)):
             mem.index_copy_(0, indices, F.normalize(mem[indices] * self.m + e.detach() * (1 - self.m), dim=1))
 
-# %% ../nbs/02_losses.ipynb 139
+# %% ../nbs/02_losses.ipynb 140
 @register_loss('crd')
 class CRDLoss(AlignmentLoss):
     "Contrastive representation distillation: NCE of each sample's embedding against its other-network memory row vs K random rows."
@@ -641,7 +646,7 @@ class CRDLoss(AlignmentLoss):
         if self.training: self.memory.update(es, et, indices)
         return nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
 
-# %% ../nbs/02_losses.ipynb 159
+# %% ../nbs/02_losses.ipynb 160
 def grad_norm_ratios(s, t, through=None, names=None, reference='l2', seed=0) -> dict:
     "Per feature loss (default: all that need at most `channels` from the run), ‖∇ₛ reference(through(s), t)‖ / ‖∇ₛ loss(through(s), t)‖: the weight matching the reference's pull on `s`."
     through = through if through is not None else nn.Identity()

@@ -129,9 +129,10 @@ class RunFolder:
 class RunInUse(RuntimeError):
     "A live process is already running this run in this folder."
 
-def same_config(a: dict, b: dict, keys) -> bool:
-    "Whether `a` and `b` agree on `keys` (compared as JSON, so a tuple equals a list)."
+def same_config(a: dict, b: dict, keys, identity=None) -> bool:
+    "Whether `a` and `b` agree on `keys` (compared as JSON, so a tuple equals a list), each first read by `identity` when given."
     norm = lambda c: json.loads(json.dumps({k: c.get(k) for k in keys}, default=str))
+    if identity is not None: a, b = identity(a), identity(b)
     return norm(a) == norm(b)
 
 def _wait_for_config(folder: RunFolder, seconds=10.0) -> dict:
@@ -179,8 +180,8 @@ class Run(RunFolder):
     def __repr__(self): return f"Run({str(self.path)!r}, resumed={self.resumed})"
 
 # %% ../nbs/06_runs.ipynb 36
-def open_run(root, name: str, params: dict, keys, env=None) -> Run:
-    "Create or resume, and lock, the folder of the run `name` with knobs `params` under `root`; write its `config.json`."
+def open_run(root, name: str, params: dict, keys, env=None, identity=None) -> Run:
+    "Create or resume, and lock, the folder of the run `name` with knobs `params` under `root`; write its `config.json`. Runs compare on `keys` after `identity` (see `same_config`)."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     for i in range(1, 10_000):
         folder = RunFolder(root / (name if i == 1 else f'{name}-{i}'))
@@ -191,13 +192,13 @@ def open_run(root, name: str, params: dict, keys, env=None) -> Run:
         lock = _try_lock(folder.path)
         if lock is None:
             old = _wait_for_config(folder)
-            if old and same_config(old, params, keys) and folder.summary.get('status') != 'done':
+            if old and same_config(old, params, keys, identity) and folder.summary.get('status') != 'done':
                 h = folder.holder or {}
                 raise RunInUse(f"run_name: {folder.name!r} is being run by process {h.get('pid')} on {h.get('host')} "
                                f"since {h.get('since')} ({folder.path}); wait for it to finish or choose another run_name")
             continue
         old = folder.params
-        if old and (folder.summary.get('status') == 'done' or not same_config(old, params, keys)):
+        if old and (folder.summary.get('status') == 'done' or not same_config(old, params, keys, identity)):
             lock.close()
             continue
         run = Run(folder.path, resumed=bool(old), lock=lock)

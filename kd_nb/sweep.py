@@ -12,17 +12,19 @@ from queue import Queue
 import torch
 from .hardware import available_cores
 from .runs import STATES, NOTEBOOK, BEST, RunFolder, read_json, write_json, same_config
-from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, registered, resolve_config, project_root, project_path, project_relative, TeacherRunPending
+from .experiment import DEFAULT_KNOBS, REGISTERED, RUN_KEYS, run_identity, registered, resolve_config, project_root, project_path, project_relative, TeacherRunPending
 from .distill import METHOD_DEFAULTS, teacher_from, needs_teacher
 
 # %% auto 0
-__all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'BACKENDS', 'CLUSTERS', 'SET_ASIDE',
-           'SweepError', 'Sweep', 'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values',
-           'expand', 'teacher_runs', 'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive',
-           'run_state', 'PlannedRun', 'plan', 'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec',
-           'papermill_command', 'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads',
-           'worker_env', 'run_local', 'outcome_line', 'one_line_at_a_time', 'slurm_parameters', 'slurm_dependency',
-           'run_slurm', 'SweepResult', 'counts', 'set_aside', 'teachers_to_train', 'to_launch', 'run_sweep']
+__all__ = ['SWEEP_KEYS', 'SWEEP_KNOBS', 'SLURM_OPTIONS', 'PREFIX_KNOBS', 'RUN_NOTEBOOK', 'RUNS_PER_GPU', 'RUN_MEMORY_MB',
+           'CUDA_CONTEXT_MB', 'THREADS_PER_GPU_RUN', 'BACKENDS', 'CLUSTERS', 'SET_ASIDE', 'SweepError', 'Sweep',
+           'parse_sweep', 'load_sweep', 'as_sweep', 'slug', 'make_run_name', 'axis_values', 'expand', 'teacher_runs',
+           'validate', 'sweep_dir', 'record_path', 'LaunchUnknown', 'launch_alive', 'run_state', 'PlannedRun', 'plan',
+           'select', 'sweep_status', 'launch_waves', 'run_notebook_path', 'run_spec', 'papermill_command',
+           'update_record', 'never_started', 'execute_run', 'visible_devices', 'worker_threads', 'worker_env',
+           'run_local', 'outcome_line', 'one_line_at_a_time', 'runs_per_gpu', 'run_memory_mb', 'default_workers',
+           'slurm_parameters', 'slurm_dependency', 'run_slurm', 'SweepResult', 'counts', 'set_aside',
+           'teachers_to_train', 'teachers_running', 'to_launch', 'run_sweep']
 
 # %% ../nbs/10_sweep.ipynb 5
 class SweepError(ValueError):
@@ -295,6 +297,10 @@ class PlannedRun:
     def status(self) -> str: return self.state['status']
 
 # %% ../nbs/10_sweep.ipynb 62
+def _known_keys(res: dict) -> list:
+    "The identity keys a resolved run knows: all of `RUN_KEYS`, less the teacher's and the scheme's while it waits for its teacher run."
+    return [k for k in RUN_KEYS if not (res.get('waits_for') and (k.startswith('teacher') or k == 'scheme'))]
+
 def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
     "Validate `sweep` and read the state of each of its runs under `runs_root/<sweep name>/`; `check`: refuse folders holding other knobs."
     sweep = as_sweep(sweep)
@@ -304,8 +310,10 @@ def plan(sweep, runs_root='runs', check=True) -> list[PlannedRun]:
     for cfg, res in zip(configs, validate(sweep, configs, runs_root)):
         folder = RunFolder(root / cfg['run_name'])
         old = folder.params
-        if check and old and not same_config(old, res, RUN_KEYS):
-            diff = {k: (old.get(k), res.get(k)) for k in RUN_KEYS if _config_key(old.get(k)) != _config_key(res.get(k))}
+        keys = _known_keys(res)
+        if check and old and not same_config(old, res, keys, run_identity):
+            o, r = run_identity(old), run_identity(res)
+            diff = {k: (o.get(k), r.get(k)) for k in keys if _config_key(o.get(k)) != _config_key(r.get(k))}
             raise SweepError(f"{sweep.source}: run {cfg['run_name']!r}: {folder.path} holds a run with other knobs "
                              f"(old, new: {diff}); move that folder away or give the sweep another name")
         planned.append(PlannedRun(cfg['run_name'], cfg, res, folder, run_state(folder.path, read_json(record_path(root, cfg['run_name'])))))
@@ -354,14 +362,14 @@ def run_spec(sweep, cfg: dict, runs_root='runs') -> dict:
     out = root / name / NOTEBOOK
     teachers = cfg.get('teachers_dir') or project_relative(project_path(runs_root) / 'teachers')
     # folders inside the project are recorded relative to it, as committed run folders keep them (the run's cwd is the project)
-    params = {**cfg, 'runs_dir': project_relative(root), 'teachers_dir': teachers, 'PAPERMILL_OUTPUT_PATH': str(out)}
+    params = {**cfg, 'runs_dir': project_relative(root), 'teachers_dir': teachers, 'PAPERMILL_OUTPUT_PATH': project_relative(out)}
     return dict(name=name, sweep=sweep.name, notebook=str(run_notebook_path()), out=str(out), cwd=str(project_root()),
                 params=params, log=str(root / '_sweep' / f'{name}.log'), record=str(record_path(root, name)), env={})
 
 # %% ../nbs/10_sweep.ipynb 75
 def papermill_command(spec: dict) -> list[str]:
-    "The papermill command line of a run spec."
-    return [sys.executable, '-m', 'papermill', spec['notebook'], spec['out'], '--cwd', spec['cwd'], '--no-progress-bar',
+    "The papermill command line of a run spec, its notebooks named from the project root (its working directory), as the executed notebook records them."
+    return [sys.executable, '-m', 'papermill', project_relative(spec['notebook']), project_relative(spec['out']), '--cwd', spec['cwd'], '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
 # %% ../nbs/10_sweep.ipynb 79
@@ -411,9 +419,14 @@ def worker_threads(workers: int) -> int:
 # %% ../nbs/10_sweep.ipynb 89
 def worker_env(slot: int, workers: int, devices) -> dict:
     "Environment of local worker `slot` out of `workers`."
-    if devices: return {'CUDA_VISIBLE_DEVICES': str(devices[slot % len(devices)])}
+    gpu = {'CUDA_VISIBLE_DEVICES': str(devices[slot % len(devices)])} if devices else {}
+    if not _shared(workers, devices): return gpu
     threads = str(worker_threads(workers))
-    return {k: os.environ.get(k, threads) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')} if workers > 1 else {}
+    return {**gpu, **{k: os.environ.get(k, threads) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}}
+
+def _shared(workers: int, devices) -> bool:
+    "Whether local workers share a device: several on the CPU, or more than one on a GPU."
+    return workers > max(1, len(devices or []))
 
 # %% ../nbs/10_sweep.ipynb 90
 def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[dict]:
@@ -428,7 +441,7 @@ def run_local(specs: list, workers: int = 1, devices=None, log=print) -> list[di
             on_start = lambda pid: update_record(spec['record'], backend='local', host=socket.gethostname(), pid=pid,
                                                  launched=time.strftime('%Y-%m-%d %H:%M:%S'), finished=None, returncode=None, error=None)
             env = worker_env(slot, workers, devices)
-            params = spec['params'] if devices or spec['params'].get('threads') else {**spec['params'], 'threads': worker_threads(workers)}
+            params = spec['params'] if not _shared(workers, devices) or spec['params'].get('threads') else {**spec['params'], 'threads': worker_threads(workers)}
             log(f"start {spec['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if 'CUDA_VISIBLE_DEVICES' in env else ''))
             res = execute_run({**spec, 'params': params, 'env': {**spec.get('env', {}), **env}}, on_start)
             update_record(spec['record'], finished=time.strftime('%Y-%m-%d %H:%M:%S'), returncode=res['returncode'], error=res['error'])
@@ -453,6 +466,31 @@ def one_line_at_a_time(log):
     return logged
 
 # %% ../nbs/10_sweep.ipynb 102
+RUNS_PER_GPU = 8         # the most runs sharing one GPU by default
+RUN_MEMORY_MB = 2048     # one run's GPU memory before any run of the sweep has recorded its peak (context included)
+CUDA_CONTEXT_MB = 512    # a process's CUDA context and allocator slack, beyond the tensors `peak_memory_mb` counts
+THREADS_PER_GPU_RUN = 2
+
+def runs_per_gpu(gpu_memory_mb: float, run_memory_mb: float = RUN_MEMORY_MB, cores: int = 1,
+                 threads_per_run: int = THREADS_PER_GPU_RUN, cap: int = RUNS_PER_GPU) -> int:
+    "Runs that share one GPU: min(`cap`, GPU memory / one run's memory, `cores` / threads per run), at least 1."
+    return max(1, min(cap, int(gpu_memory_mb // run_memory_mb), cores // threads_per_run))
+
+# %% ../nbs/10_sweep.ipynb 103
+def run_memory_mb(planned: list) -> float:
+    "What one run of `planned` needs on a GPU: the largest `peak_memory_mb` of its finished GPU runs plus `CUDA_CONTEXT_MB`, else `RUN_MEMORY_MB`."
+    peaks = [p.folder.summary.get('peak_memory_mb') for p in planned
+             if p.status == 'done' and str(p.folder.config.get('device', '')).startswith('cuda')]
+    peaks = [m for m in peaks if m]
+    return max(peaks) + CUDA_CONTEXT_MB if peaks else RUN_MEMORY_MB
+
+def default_workers(devices, run_mb: float = RUN_MEMORY_MB, cores: int | None = None) -> int:
+    "Local workers when none are asked for: 1 on the CPU; on the GPUs `devices`, `runs_per_gpu` of the smallest visible one each (`cores`: default `available_cores()`)."
+    if not devices: return 1
+    gpu_mb = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / 2**20
+    return len(devices) * runs_per_gpu(gpu_mb, run_mb, (cores or available_cores()) // len(devices))
+
+# %% ../nbs/10_sweep.ipynb 108
 def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     "submitit `AutoExecutor` parameters from slurm options (see the table above)."
     params = {'name': name}
@@ -466,12 +504,12 @@ def slurm_parameters(options: dict, cluster='slurm', name='kd-sweep') -> dict:
     if cluster != 'slurm': params.setdefault('timeout_min', 24 * 60)   # the local executor's default is 2 minutes
     return params
 
-# %% ../nbs/10_sweep.ipynb 105
+# %% ../nbs/10_sweep.ipynb 111
 def slurm_dependency(params: dict, job_id) -> dict:
     "`params` with SLURM's `--dependency=afterok:<job_id>` added to its `slurm_additional_parameters`: start once that job succeeded."
     return {**params, 'slurm_additional_parameters': {**params.get('slurm_additional_parameters', {}), 'dependency': f'afterok:{job_id}'}}
 
-# %% ../nbs/10_sweep.ipynb 106
+# %% ../nbs/10_sweep.ipynb 112
 def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wait=None, name='kd-sweep', log=print, after=None):
     "Submit `specs` (teacher runs before their students) through submitit, a run that waits for another (`after`: run -> teacher run) with a job dependency; wait for them (default: only for the local and debug clusters)."
     import submitit
@@ -503,7 +541,7 @@ def run_slurm(specs: list, folder, cluster='slurm', options=None, array=True, wa
         log(outcome_line(res)); outcomes.append(res)
     return jobs, outcomes
 
-# %% ../nbs/10_sweep.ipynb 112
+# %% ../nbs/10_sweep.ipynb 118
 @dataclass
 class SweepResult:
     "What `run_sweep` planned, launched and got back."
@@ -517,7 +555,7 @@ class SweepResult:
     @property
     def failed(self) -> list: return [o['run'] for o in self.outcomes if o['status'] != 'done']
 
-# %% ../nbs/10_sweep.ipynb 113
+# %% ../nbs/10_sweep.ipynb 119
 BACKENDS, CLUSTERS = ('local', 'slurm'), ('slurm', 'local', 'debug')
 
 def counts(states) -> str:
@@ -526,7 +564,7 @@ def counts(states) -> str:
     for s in states: n[s] = n.get(s, 0) + 1
     return ', '.join(f'{v} {k}' for k, v in n.items() if v)
 
-# %% ../nbs/10_sweep.ipynb 116
+# %% ../nbs/10_sweep.ipynb 122
 SET_ASIDE = '_set_aside'
 
 def set_aside(folder) -> Path:
@@ -538,7 +576,7 @@ def set_aside(folder) -> Path:
     shutil.move(folder, dest)
     return dest
 
-# %% ../nbs/10_sweep.ipynb 117
+# %% ../nbs/10_sweep.ipynb 123
 def teachers_to_train(planned: list, todo: list, launchable) -> list:
     "The runs of `planned` that a run of `todo` (or of those, up the chain) takes its teacher from and that must train first: `launchable` ones, and finished ones whose `best.pt` is gone."
     after, by_name, found, frontier = teacher_runs([p.config for p in planned]), {p.name: p for p in planned}, [], list(todo)
@@ -549,9 +587,21 @@ def teachers_to_train(planned: list, todo: list, launchable) -> list:
         found += frontier
     return found
 
-# %% ../nbs/10_sweep.ipynb 119
+# %% ../nbs/10_sweep.ipynb 126
+def teachers_running(planned: list, todo: list) -> list:
+    "For each run of `planned` held by a live process (`running`) that a run of `todo` takes its teacher from: what it is, who holds it, and which runs wait for it."
+    after, by_name, out = teacher_runs([p.config for p in planned]), {p.name: p for p in planned}, []
+    for name in sorted({after[p.name] for p in todo if p.name in after}):
+        t = by_name[name]
+        if t.status != 'running': continue
+        h, students = t.folder.holder or {}, ', '.join(p.name for p in todo if after.get(p.name) == name)
+        out.append(f"{name}, which {students} take{'s' if ',' not in students else ''} the teacher from, is being run by process "
+                   f"{h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}")
+    return out
+
+# %% ../nbs/10_sweep.ipynb 128
 def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_run=False, log=print, **selection) -> tuple:
-    "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after the teacher runs they need trained (`teachers_to_train`; a finished one set aside with `retrain_teachers`)."
+    "(all runs, the selected ones, those to launch): the `pending` and `interrupted` (and `failed`, with `retry_failed`), after the teacher runs they need trained (`teachers_to_train`; a finished one set aside with `retrain_teachers`); stops where one is running elsewhere (`teachers_running`)."
     everything = plan(sweep, runs_root)
     launchable = lambda p: p.status in ('pending', 'interrupted') or (retry_failed and p.status == 'failed')
     selected = select(everything, **selection)
@@ -564,20 +614,22 @@ def to_launch(sweep, runs_root, retry_failed=False, retrain_teachers=False, dry_
     if retrain and not dry_run:
         for p in retrain: log(f"{p.name}: finished without its {BEST}; set aside in {project_relative(set_aside(p.folder.path))}, to train again")
         everything = plan(sweep, runs_root); selected = select(everything, **selection)
+    busy = teachers_running(everything, [p for p in selected if launchable(p)])
+    if busy: raise SweepError('teacher_run: ' + '; '.join(busy) + '; launch the runs it teaches once it has finished')
     first = {p.name for p in teachers}
     for p in teachers:
         if p.status != 'done': log(f"{p.name}: not selected, but a selected run takes its teacher from it; launching it first")
     planned = [p for p in everything if p.name in first] + [p for p in selected if p.name not in first]
     return everything, planned, [p for p in planned if p.name in first or launchable(p)]
 
-# %% ../nbs/10_sweep.ipynb 120
-def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None, retry_failed=False, dry_run=False,
+# %% ../nbs/10_sweep.ipynb 129
+def run_sweep(sweep, runs_root='runs', backend='local', workers=None, devices=None, retry_failed=False, dry_run=False,
               cluster='slurm', slurm=None, array=True, wait=None, overrides=None, only=None, seeds=None, limit=None,
               retrain_teachers=False, log=print) -> SweepResult:
-    "Validate `sweep`, then run what is left of it with the `local` or `slurm` backend."
+    "Validate `sweep`, then run what is left of it with the `local` or `slurm` backend (locally `workers` at a time; None: `default_workers`)."
     if backend not in BACKENDS: raise SweepError(f"backend: unknown {backend!r}; valid: {', '.join(BACKENDS)}")
     if cluster not in CLUSTERS: raise SweepError(f"cluster: unknown {cluster!r}; valid: {', '.join(CLUSTERS)}")
-    if int(workers) < 1: raise SweepError(f"workers: must be >= 1, got {workers}")
+    if workers is not None and int(workers) < 1: raise SweepError(f"workers: must be >= 1, got {workers}")
     if backend == 'slurm' and cluster == 'slurm' and not dry_run and not shutil.which('sbatch'):
         raise SweepError("cluster: no SLURM here (sbatch not found); use cluster 'local' or 'debug' to try the slurm path")
     sweep = as_sweep(sweep, overrides)
@@ -595,6 +647,10 @@ def run_sweep(sweep, runs_root='runs', backend='local', workers=1, devices=None,
     after = teacher_runs([p.config for p in everything])
     waves = [[run_spec(sweep, p.config, runs_root) for p in todo if p.name in w] for w in launch_waves([p.name for p in todo], after)]
     result.launched = [s['name'] for w in waves for s in w]
+    if backend == 'local' and workers is None:
+        devices = visible_devices() if devices is None else list(devices)
+        workers = default_workers(devices, run_memory_mb(everything))
+        log(f"workers: {workers} ({'runs per GPU by GPU memory, cores and the cap of ' + str(RUNS_PER_GPU) if devices else 'on the CPU'}; --workers N to choose)")
     options = {**sweep.slurm, **(slurm or {})}
     if backend == 'slurm' and cluster == 'slurm':   # one submission: the scheduler orders the waves by job dependencies
         result.jobs, result.outcomes = run_slurm(sum(waves, []), root / '_slurm', cluster, options, array, wait, f'kd-{sweep.name}', log, after)

@@ -5,7 +5,7 @@
 # %% ../nbs/07_trainer.ipynb 3
 from __future__ import annotations
 import random, time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,10 +19,11 @@ from .runs import LAST, BEST, EpochLog
 
 # %% auto 0
 __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 'LINEAR_LR_PRESETS', 'COMPILE_MODES',
-           'TORCH_COMPILE_MODES', 'check_preset', 'recipe_lr', 'check_milestones', 'schedule_steps', 'TrainConfig',
-           'seed_everything', 'resolve_deterministic', 'make_optimizer', 'make_aux_optimizer', 'use_compile',
-           'CompileFallback', 'feature_pull', 'TrainStep', 'train_step', 'Prepared', 'prepare', 'topk_correct',
-           'evaluate', 'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
+           'TORCH_COMPILE_MODES', 'GRAPH_MODES', 'STEP_MODES', 'check_preset', 'recipe_lr', 'check_milestones',
+           'schedule_steps', 'rescale_milestones', 'TrainConfig', 'seed_everything', 'resolve_deterministic',
+           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'feature_pull', 'TrainStep',
+           'train_step', 'graphable', 'step_mode', 'compile_options', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
+           'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -67,11 +68,16 @@ def schedule_steps(milestones, epochs: int, steps_per_epoch: int) -> list[int]:
     return [max(1, round(m * epochs * steps_per_epoch)) if isinstance(m, float) else m * steps_per_epoch
             for m in check_milestones(milestones)]
 
-# %% ../nbs/07_trainer.ipynb 17
+# %% ../nbs/07_trainer.ipynb 18
+def rescale_milestones(milestones, epochs: int, to_epochs: int) -> tuple:
+    "`milestones` of a schedule of `epochs` epochs, for one of `to_epochs` with the same shape: epochs scaled (at least 1), fractions kept."
+    return check_milestones([m if isinstance(m, float) else max(1, round(m * to_epochs / epochs)) for m in check_milestones(milestones)])
+
+# %% ../nbs/07_trainer.ipynb 21
 COMPILE_MODES = ('auto', 'off', 'on')
 TORCH_COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
-# %% ../nbs/07_trainer.ipynb 18
+# %% ../nbs/07_trainer.ipynb 22
 @dataclass
 class TrainConfig:
     "Every knob of the training loop; the defaults are the `paper` recipe on the fast path."
@@ -111,7 +117,7 @@ class TrainConfig:
         "Every field with its default: the recipe."
         return {f.name: f.default for f in fields(cls)}
 
-# %% ../nbs/07_trainer.ipynb 22
+# %% ../nbs/07_trainer.ipynb 26
 def seed_everything(seed: int, deterministic: bool = True):
     "Seed every random number generator a run uses and, if asked, prefer deterministic kernels."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -122,7 +128,7 @@ def resolve_deterministic(deterministic, device) -> bool:
     "`deterministic` with 'auto' read as: deterministic except on CUDA."
     return torch.device(device).type != 'cuda' if deterministic == 'auto' else bool(deterministic)
 
-# %% ../nbs/07_trainer.ipynb 27
+# %% ../nbs/07_trainer.ipynb 31
 def _fast_optimizer(cls, params, device, fused: bool, **kw):
     if not fused: return cls(params, foreach=False, **kw)
     if torch.device(device).type == 'cuda':
@@ -130,25 +136,25 @@ def _fast_optimizer(cls, params, device, fused: bool, **kw):
         except (RuntimeError, ValueError, TypeError): pass  # this torch or device has no fused kernel
     return cls(params, foreach=True, **kw)
 
-# %% ../nbs/07_trainer.ipynb 28
+# %% ../nbs/07_trainer.ipynb 32
 def make_optimizer(params, cfg: TrainConfig, device):
     "SGD of the recipe over `params`: fused on CUDA, foreach elsewhere; a per-parameter loop without `fused_optimizer`."
     return _fast_optimizer(torch.optim.SGD, list(params), device, cfg.fused_optimizer, lr=cfg.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/07_trainer.ipynb 29
+# %% ../nbs/07_trainer.ipynb 33
 def make_aux_optimizer(params, cfg: TrainConfig, device):
     "Adam over auxiliary parameters (None when there are none)."
     params = list(params)
     return _fast_optimizer(torch.optim.Adam, params, device, cfg.fused_optimizer, lr=cfg.aux_lr) if params else None
 
-# %% ../nbs/07_trainer.ipynb 34
+# %% ../nbs/07_trainer.ipynb 38
 def use_compile(mode, device) -> bool:
     "Whether `compile` mode asks for torch.compile on `device` ('auto': CUDA only)."
     mode = check_mode(mode, 'compile', COMPILE_MODES, when_true='on')
     return hasattr(torch, 'compile') and (mode == 'on' or (mode == 'auto' and torch.device(device).type == 'cuda'))
 
-# %% ../nbs/07_trainer.ipynb 35
+# %% ../nbs/07_trainer.ipynb 39
 class CompileFallback:
     "`fn` through `torch.compile`, falling back to `fn` itself when compilation is unavailable or fails."
     def __init__(self, fn, log=print, **options):
@@ -166,7 +172,7 @@ class CompileFallback:
             except Exception as e: self._fall_back(e)
         return self.fn(*args, **kwargs)
 
-# %% ../nbs/07_trainer.ipynb 41
+# %% ../nbs/07_trainer.ipynb 45
 def feature_pull(out) -> dict:
     "For each feature term of the `StepOutput` `out`: sqrt(B)·‖∂term/∂s‖_F, the RMS over the batch of each sample's gradient norm on the student map `s` the term reads."
     pulls = {}
@@ -176,7 +182,7 @@ def feature_pull(out) -> dict:
         if g is not None: pulls[key] = g.detach().float().norm() * s.shape[0] ** 0.5
     return pulls
 
-# %% ../nbs/07_trainer.ipynb 46
+# %% ../nbs/07_trainer.ipynb 50
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -188,7 +194,7 @@ class TrainStep(nn.Module):
         out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
-# %% ../nbs/07_trainer.ipynb 47
+# %% ../nbs/07_trainer.ipynb 51
 def train_step(step, x, y, opt, aux_opt=None, amp=None, pull=False, **inputs):
     "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`, with `feature_pull` in `out.pulls` if `pull`."
     with autocast(x.device, amp): total, out = step(x, y, **inputs)
@@ -205,7 +211,26 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None, pull=False, **inputs):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 54
+# %% ../nbs/07_trainer.ipynb 58
+GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that capture CUDA graphs
+STEP_MODES = ('eager', 'compiled', 'cuda_graphs')
+
+def graphable(distiller) -> bool:
+    "Whether the steps of `distiller` can replay as CUDA graphs: no loss trains a part of its own with an optimizer of its own."
+    return not aux_parameters(distiller)
+
+# %% ../nbs/07_trainer.ipynb 59
+def step_mode(cfg: TrainConfig, device, graphable: bool = True) -> str:
+    "How the steps run on `device`: 'eager', 'compiled' (torch.compile) or 'cuda_graphs' (compiled in a `GRAPH_MODES` mode on CUDA, for a `graphable` method)."
+    if not use_compile(cfg.compile, device): return 'eager'
+    return 'cuda_graphs' if cfg.compile_mode in GRAPH_MODES and torch.device(device).type == 'cuda' and graphable else 'compiled'
+
+def compile_options(cfg: TrainConfig, graphable: bool = True) -> dict:
+    "torch.compile's options: `cfg.compile_mode`, or the same without CUDA graphs for a method that is not `graphable`."
+    if graphable or cfg.compile_mode not in GRAPH_MODES: return {'mode': cfg.compile_mode}
+    return {'mode': 'max-autotune-no-cudagraphs' if cfg.compile_mode == 'max-autotune' else 'default'}
+
+# %% ../nbs/07_trainer.ipynb 63
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -215,14 +240,32 @@ class Prepared:
     sched: torch.optim.lr_scheduler.LRScheduler
     eager: TrainStep          # the step module itself
     step: object              # what a training step calls: `eager`, wrapped by DDP and/or compilation
+    mode: str = 'eager'       # `step_mode`: 'eager', 'compiled' or 'cuda_graphs'
+    compile_options: dict = field(default_factory=dict)   # what torch.compile was given
+    log: object = print
+    forwards: dict = field(default_factory=dict)          # id(model) -> its compiled forward, for evaluation
 
     @property
     def compiled(self) -> bool: return isinstance(self.step, CompileFallback) and self.step.compiled is not None
+    @property
+    def graphs(self) -> bool: return self.mode == 'cuda_graphs' and self.compiled
 
-# %% ../nbs/07_trainer.ipynb 55
-def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1) -> Prepared:
-    "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`."
+    def forward(self, model):
+        "What evaluation calls for `model`: `model` itself when the steps run eagerly, else its compiled forward (compiled once per model)."
+        if not self.compiled: return model
+        if id(model) not in self.forwards: self.forwards[id(model)] = CompileFallback(model, self.log, **self.compile_options)
+        return self.forwards[id(model)]
+
+    def mark_step(self):
+        "Before each replay of CUDA graphs: a new iteration begins, so the outputs of the last one may be overwritten."
+        if self.graphs: torch.compiler.cudagraph_mark_step_begin()
+
+
+# %% ../nbs/07_trainer.ipynb 64
+def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1, mode: str | None = None) -> Prepared:
+    "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`, as `step_mode` (`mode`, when given) says."
     device = torch.device(device)
+    mode = check_mode(mode, 'mode', STEP_MODES) if mode is not None else step_mode(cfg, device, graphable(distiller))
     seed_everything(cfg.seed, resolve_deterministic(cfg.deterministic, device))
     amp = amp_dtype(cfg.amp, device)
     if device.type == 'cuda': ieee_fp32()
@@ -235,50 +278,69 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     if world()[1] > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == 'cuda' else None,
                                                    find_unused_parameters=True)
-    if use_compile(cfg.compile, device): step = CompileFallback(step, log, mode=cfg.compile_mode)
-    return Prepared(amp, opt, aux_opt, sched, eager, step)
+    options = compile_options(cfg, graphable(distiller))
+    if mode != 'eager':
+        if options['mode'] != cfg.compile_mode: log(f"compile_mode {cfg.compile_mode!r}: {distiller.method or 'this method'} trains a part with "
+                                                    f"an optimizer of its own, outside the step; compiled as {options['mode']!r}, without CUDA graphs")
+        step = CompileFallback(step, log, **options)
+    return Prepared(amp, opt, aux_opt, sched, eager, step, mode, options, log)
 
-# %% ../nbs/07_trainer.ipynb 61
+
+# %% ../nbs/07_trainer.ipynb 72
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
-# %% ../nbs/07_trainer.ipynb 62
+# %% ../nbs/07_trainer.ipynb 73
+def _padded(x, size: int):
+    "`x` with zero samples appended up to `size` (a static shape for CUDA graphs)."
+    return x if len(x) >= size else torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
+
 @torch.inference_mode()
-def evaluate(model, loader, prefix='test', channels_last=False, amp=None) -> dict:
-    "Top-1/top-5 accuracy (%) and mean cross-entropy of `model` over `loader` (inputs in NHWC with `channels_last`, autocast to `amp`)."
-    was_training = model.training
+def evaluate(model, loader, prefix='test', channels_last=False, amp=None, forward=None, pad=False) -> dict:
+    "Top-1/top-5 accuracy (%) and mean cross-entropy of `model` over `loader` (inputs in NHWC with `channels_last`, autocast to `amp`), computed by `forward` (default: `model`); with `pad`, a short last batch is padded to the first one's size."
+    was_training, forward = model.training, forward or model
     model.eval()
     rank, size = world()
-    sums, n = None, 0
+    sums, n, full = None, 0, None
     for x, y in loader:
         n += len(y)  # every process sees the whole batch: the global count needs no communication
-        x, y = as_input(shard(x, rank, size), channels_last), shard(y, rank, size)
-        with autocast(x.device, amp): logits = model(x)
-        logits = logits.float()
+        x, y = shard(x, rank, size), shard(y, rank, size)
+        full, k = full or len(x), len(x)
+        x = as_input(_padded(x, full) if pad else x, channels_last)
+        if pad: torch.compiler.cudagraph_mark_step_begin()
+        with autocast(x.device, amp): logits = forward(x)
+        logits = logits[:k].float()
         s = torch.cat([topk_correct(logits, y).double(), F.cross_entropy(logits, y, reduction='sum').double()[None]])
         sums = s if sums is None else sums + s
     model.train(was_training)
     c1, c5, loss = all_reduce_sum(sums).tolist()
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
-# %% ../nbs/07_trainer.ipynb 64
-def evaluate_all(distiller, loader, channels_last=False, amp=None) -> dict:
-    "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it."
-    row = {}
-    for name, model in (distiller.monitored() if hasattr(distiller, 'monitored') else {}).items():
-        row.update(evaluate(model, loader, f'{name}_test', channels_last, amp))
-    if hasattr(distiller, 'select'): distiller.select(row)
-    return {**row, **evaluate(distiller, loader, 'test', channels_last, amp)}
 
-# %% ../nbs/07_trainer.ipynb 70
+# %% ../nbs/07_trainer.ipynb 75
+def _deployed_forward(distiller):
+    "The module whose forward is the deployed path's: the chosen peer of mutual learning (chosen on the host), else the distiller."
+    return distiller.student if hasattr(distiller, 'select') else distiller
+
+def evaluate_all(distiller, loader, channels_last=False, amp=None, p: Prepared | None = None) -> dict:
+    "`evaluate` of every model `distiller.monitored()` names (prefixed by its name), then of the deployed path (`test_*`), after `distiller.select` chose it; through the compiled forwards of `p` where its steps are compiled."
+    row, fwd, pad = {}, (p.forward if p is not None else (lambda m: m)), p is not None and p.graphs
+    for name, model in (distiller.monitored() if hasattr(distiller, 'monitored') else {}).items():
+        row.update(evaluate(model, loader, f'{name}_test', channels_last, amp, fwd(model), pad))
+    if hasattr(distiller, 'select'): distiller.select(row)
+    forward = fwd(_deployed_forward(distiller)) if p is not None and p.compiled else None
+    return {**row, **evaluate(distiller, loader, 'test', channels_last, amp, forward, pad)}
+
+
+# %% ../nbs/07_trainer.ipynb 81
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
     online = getattr(distiller, 'online', False)
     return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
 
-# %% ../nbs/07_trainer.ipynb 71
+# %% ../nbs/07_trainer.ipynb 82
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -286,7 +348,7 @@ def load_trainable_state(distiller: Distiller, state: dict):
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-# %% ../nbs/07_trainer.ipynb 72
+# %% ../nbs/07_trainer.ipynb 83
 def atomic_save(obj, path: Path):
     "`torch.save` to a temporary name, then rename."
     path = Path(path)
@@ -294,7 +356,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 77
+# %% ../nbs/07_trainer.ipynb 88
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
@@ -302,11 +364,13 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     needs = step_inputs(distiller)
     progress = torch.tensor((epoch + 1) / cfg.epochs, device=next(distiller.parameters()).device) if 'progress' in needs else None
     batches = loader.indexed() if 'indices' in needs else ((x, y, None) for x, y in loader)
+    pull = not p.compiled   # decided for the whole epoch: a compiled step that falls back mid-epoch keeps the epoch's terms
     for x, y, idx in tqdm(batches, total=len(loader), desc=desc, leave=False, disable=not (cfg.progress and rank == 0), mininterval=2):
         n += len(y)
         x, y = as_input(shard(x, rank, size), cfg.channels_last), shard(y, rank, size)
         idx = None if idx is None else shard(idx, rank, size)
-        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, pull=not p.compiled, indices=idx, progress=progress)
+        p.mark_step()
+        out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, pull=pull, indices=idx, progress=progress)
         p.sched.step()
         keys = keys or ['loss', *out.terms, *(f'pull_{k}' for k in out.pulls)]
         b = len(y)
@@ -316,7 +380,7 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     *totals, correct = all_reduce_sum(sums).tolist()
     return {**{f'train_{k}': v / n for k, v in zip(keys, totals)}, 'train_acc1': 100 * correct / n, 'train_samples': n}
 
-# %% ../nbs/07_trainer.ipynb 78
+# %% ../nbs/07_trainer.ipynb 89
 def _check_schedule(sched, saved: dict, path):
     "Raise unless the checkpoint at `path` decays the learning rate at the optimizer steps this run's schedule does."
     want, got = sorted(sched.milestones.elements()), sorted(saved['milestones'].elements())
@@ -324,7 +388,7 @@ def _check_schedule(sched, saved: dict, path):
         raise ValueError(f"{path}: its schedule decays the learning rate at steps {got}, this run's at {want}; it was "
                          f"written by another schedule (other knobs or another kd-nb version): move the run folder away to train it anew")
 
-# %% ../nbs/07_trainer.ipynb 79
+# %% ../nbs/07_trainer.ipynb 90
 def _resume(p: Prepared, distiller, run_dir, log):
     "History, best accuracy and first epoch: from `run_dir/last.pt` when there is one, else a fresh start."
     if run_dir is None or not (run_dir / LAST).exists(): return [], -1.0, 0
@@ -338,7 +402,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 82
+# %% ../nbs/07_trainer.ipynb 93
 def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best: float):
     "After an epoch: `best.pt` when it beats `best` (the deployed model too, which a `teacher_run` reads), and `last.pt` to resume from."
     epoch = row['epoch']
@@ -352,7 +416,15 @@ def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best:
                  'rng': torch.get_rng_state(),
                  'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
 
-# %% ../nbs/07_trainer.ipynb 83
+# %% ../nbs/07_trainer.ipynb 94
+def _one_batch_size(loader, log):
+    "Leave out each epoch's short last batch of `loader`: one batch size, one set of CUDA graphs."
+    short = loader.num_samples % loader.batch_size
+    if short and not loader.drop_last:
+        loader.drop_last = True
+        log(f"CUDA graphs: each epoch leaves out its last {short} images (a short batch would need graphs of its own)")
+
+# %% ../nbs/07_trainer.ipynb 95
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
@@ -361,7 +433,9 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
     main, log = rank == 0, log if rank == 0 else (lambda *a, **k: None)
     if size > 1 and getattr(train_loader, 'batch_size', size) % size:
         raise ValueError(f"batch_size: {train_loader.batch_size} cannot be split evenly over {size} processes")
-    p = prepare(distiller, cfg, device, log, steps_per_epoch=len(train_loader))
+    mode = step_mode(cfg, device, graphable(distiller))
+    if mode == 'cuda_graphs': _one_batch_size(train_loader, log)
+    p = prepare(distiller, cfg, device, log, steps_per_epoch=len(train_loader), mode=mode)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and main: run_dir.mkdir(parents=True, exist_ok=True)
     history, best, start = _resume(p, distiller, run_dir, log)
@@ -375,7 +449,7 @@ def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_d
             row = {'epoch': epoch + 1, 'lr': lr, **_train_epoch(p, distiller, train_loader, cfg, f"epoch {epoch + 1}", epoch)}
             train_time = time.perf_counter() - t0
             sync_buffers(distiller)
-            row.update(evaluate_all(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp))
+            row.update(evaluate_all(distiller, test_loader, channels_last=cfg.channels_last, amp=p.amp, p=p))
             row.update(epoch_time_s=time.perf_counter() - t0, images_per_s=row['train_samples'] / train_time)
             log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_acc1']:.2f}% test {row['test_acc1']:.2f}% ({row['epoch_time_s']:.1f}s)")

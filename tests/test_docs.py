@@ -23,8 +23,9 @@ STUDY = ROOT / 'results' / 'cifar10-jpeg-cpu'
 
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
 def test_readme_results_are_the_committed_runs():
-    "The README's table of the study on real pixels is what kd_nb.results writes from the committed run folders."
-    from kd_nb.results import load_runs, runs_tables
+    "The README's table of the study on real pixels is what kd_nb.tables writes from the committed run folders."
+    from kd_nb.run_table import load_runs
+    from kd_nb.tables import runs_tables
     runs = load_runs(STUDY / 'cifar10_cpu')
     assert len(runs) == 32 and set(runs.status) == {'done'} and set(runs.data_source) == {'imported: cifar10-jpeg.tar.gz (lossy)'}
     table = runs_tables(STUDY / 'cifar10_cpu', ('scratch', 'kd'))

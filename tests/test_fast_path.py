@@ -177,12 +177,14 @@ def test_compile_failure_falls_back_to_eager(same_batches, monkeypatch):
     assert [r[k] for r in fallback for k in keys] == [r[k] for r in eager for k in keys]
 
 
-COMPILED = [('method', m) for m in METHOD_DEFAULTS] + [('loss', n) for n in list_losses()]
+COMPILED = [('method', m) for m in METHOD_DEFAULTS] + [('loss', n) for n in list_losses()] + [('scheme', 'online')]
 
 
 def compile_case(kind, name):
     "A distiller of every method with its own losses, or SimKD (KD for a logit loss) with one registered loss."
     torch.manual_seed(0)
+    if kind == 'scheme':   # a teacher trained online with the student, in its warm-up
+        return make_distiller('simkd', get_model('resnet8'), get_model('resnet14'), teacher_mode='online', online_warmup=2)
     if kind == 'method':
         teacher = {'given': 'resnet14', 'student': 'resnet8'}.get(teacher_from(name))
         return make_distiller(name, get_model('resnet8'), teacher and get_model(teacher))
@@ -194,7 +196,7 @@ def compile_case(kind, name):
 @pytest.mark.slow
 @pytest.mark.parametrize('kind,name', COMPILED, ids=[f'{k}-{n}' for k, n in COMPILED])
 def test_torch_compile_captures_every_step_whole(kind, name, synthetic_cifar100, monkeypatch):
-    "torch.compile traces the training step of every method and every loss as graphs without a break, and trains as eager does."
+    "torch.compile traces the training step and the evaluation of every method, learning scheme and loss as graphs without a break, and trains and evaluates as eager does."
     import torch._dynamo
     from torch._dynamo.utils import counters
     L = make_loaders('cifar100', synthetic_cifar100, batch_size=32, eval_batch_size=160, download=False, seed=0, train_limit=64)
@@ -203,17 +205,41 @@ def test_torch_compile_captures_every_step_whole(kind, name, synthetic_cifar100,
     eager = fit(eager_model, L.train, L.test, TrainConfig(compile='off', **cfg), log=lambda s: None)
     graphs, logs, compile = [], [], torch.compile
     def recording(gm, example_inputs):   # a backend that keeps the traced graph and runs it as traced
-        graphs.append(gm); return gm.forward
+        graphs.append((gm, not torch.is_grad_enabled())); return gm.forward   # traced without gradient: the evaluation
     monkeypatch.setattr(torch, 'compile', lambda fn, **options: compile(fn, backend=recording))
     torch._dynamo.reset(); counters.clear()
     compiled_model = compile_case(kind, name)
     compiled = fit(compiled_model, L.train, L.test, TrainConfig(compile='on', **cfg), log=logs.append)
-    assert graphs and not counters['graph_break'] and not [m for m in logs if 'torch.compile' in m]
+    assert not counters['graph_break'] and not [m for m in logs if 'torch.compile' in m]
+    assert any(not evaluation for _, evaluation in graphs) and any(evaluation for _, evaluation in graphs)   # the step and the evaluation
     keys = ('train_loss', 'train_acc1', 'test_acc1', 'test_loss')
     assert [r[k] for r in compiled for k in keys] == pytest.approx([r[k] for r in eager for k in keys], rel=1e-5, abs=1e-6)
     for k, v in trainable_state(eager_model).items():
         assert torch.allclose(trainable_state(compiled_model)[k].float(), v.float(), rtol=1e-4, atol=1e-5), k
 
+
+
+@pytest.mark.slow
+def test_cuda_graph_steps_see_one_shape(synthetic_cifar100, monkeypatch):
+    "In the CUDA-graph step mode (forced here on the CPU) training drops the short batch and evaluation pads it: every traced step and evaluation sees one batch size, and the run trains as an eager run that drops that batch."
+    import torch._dynamo
+    import kd_nb.trainer as trainer
+    L = make_loaders('cifar100', synthetic_cifar100, batch_size=96, eval_batch_size=64, download=False, seed=0)  # 320 = 3 * 96 + 32; 160 = 2 * 64 + 32
+    cfg = dict(epochs=2, lr_milestones=(1,), progress=False, amp='off')
+    batches, logs, compile = set(), [], torch.compile
+    def recording(gm, example_inputs):
+        batches.update(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor) and t.shape[1:] == (3, 32, 32))   # the images
+        return gm.forward
+    monkeypatch.setattr(torch, 'compile', lambda fn, **options: compile(fn, backend=recording))
+    monkeypatch.setattr(trainer, 'step_mode', lambda cfg, device, graphable=True: 'cuda_graphs' if graphable else 'compiled')
+    torch._dynamo.reset()
+    graphed = fit(models(), L.train, L.test, TrainConfig(compile='on', compile_mode='reduce-overhead', **cfg), log=logs.append)
+    assert batches == {96, 64} and L.train.drop_last and any('leaves out its last 32 images' in m for m in logs)
+    assert [r['train_samples'] for r in graphed] == [288, 288]
+    monkeypatch.undo()
+    eager = fit(models(), L.train, L.test, TrainConfig(compile='off', **cfg), log=lambda s: None)   # the same loader: it drops the batch too
+    keys = ('train_loss', 'train_acc1', 'test_acc1', 'test_loss', 'lr')
+    assert [r[k] for r in graphed for k in keys] == pytest.approx([r[k] for r in eager for k in keys], rel=1e-5, abs=1e-6)
 
 def test_bf16_autocast_keeps_fp32_master_weights(same_batches):
     L, _ = same_batches
@@ -261,3 +287,24 @@ def test_benchmark_script_writes_all_figures(tmp_path):
     rows = out.with_suffix('.csv').read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith('path,device')
     assert 'train images/s' in r.stdout and 'fast/ref' in r.stdout
+
+
+@pytest.mark.slow
+def test_device_check_runs_every_part_on_the_cpu(tmp_path):
+    "benchmarks/device_check.py end to end in its smoke mode (a few steps on the CPU): the GPU call runs the same code."
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'device_check.py'), '--out', str(tmp_path), '--smoke',
+                        '--accuracy', '--concurrency', '1,2'], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    rep = json.loads((tmp_path / 'device_check.json').read_text())
+    assert rep['smoke'] and rep['device'] == 'cpu' and rep['graph_rng']['new_draws_every_replay']
+    assert set(rep['speed']) == {'eager', 'compiled', 'cuda_graphs'}
+    for mode, s in rep['speed'].items():
+        assert s['train_ratio'] > 0 and s['fast_recipe_minutes'] > 0 and (tmp_path / s['file']).is_file()
+    assert [rep['speed'][m]['fast_settings']['step_mode'] for m in ('eager', 'compiled', 'cuda_graphs')] == ['eager', 'compiled', 'compiled']  # no graphs on a CPU
+    runs = rep['accuracy']['runs']
+    assert [x['seed'] for x in runs] == [0, 1] and all(x['status'] == 'done' and x['peak_memory_mb'] > 0 for x in runs)
+    assert all(x['cpu_best_test_acc'] is not None and x['best_test_acc'] is not None for x in runs)   # beside the committed CPU runs
+    rows = rep['concurrency']['rows']
+    assert [x['runs'] for x in rows] == [1, 2] and all(x['done'] == x['runs'] and x['aggregate_images_per_s'] > 0 for x in rows)
+    assert all(m > 0 for x in rows for m in x['peak_memory_mb'])
+    assert r.stdout.lstrip().startswith('plan') and 'full recipe' in r.stdout and 'projected' in r.stdout

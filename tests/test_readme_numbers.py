@@ -105,7 +105,8 @@ def test_device_check_quotes_both_runs():
 @pytest.mark.skipif(not (STUDY / 'fast_path_quick').is_dir(), reason='the fast-path runs are not in this checkout')
 def test_fast_path_accuracy_table_is_its_runs():
     "Top-1, the per-seed difference and the images/s of the fast-path comparison are what its runs recorded."
-    from kd_nb.results import load_runs, speed_table
+    from kd_nb.run_table import load_runs
+    from kd_nb.tables import speed_table
     t = speed_table(load_runs(STUDY / 'fast_path_quick'))
     rows = table_rows('| resnet20 → resnet8, 12 epochs of 5,000 images')
     assert len(rows) == len(t) == 3
@@ -119,7 +120,7 @@ def test_fast_path_accuracy_table_is_its_runs():
 @pytest.mark.skipif(not (ROOT / 'results' / 'synthetic' / 'synthetic_quick').is_dir(), reason='the synthetic quick runs are not in this checkout')
 def test_synthetic_quick_accuracies():
     "The teacher and SimKD accuracies the README gives for the `quick` preset on synthetic CIFAR-100 are the committed runs'."
-    from kd_nb.results import load_runs
+    from kd_nb.run_table import load_runs
     runs = load_runs(ROOT / 'results' / 'synthetic' / 'synthetic_quick')
     simkd = runs[runs.method == 'simkd'].iloc[0]
     text = section('The synthetic data is sized', '\n\n')
@@ -128,7 +129,7 @@ def test_synthetic_quick_accuracies():
 
 def assert_quotes_hold(text: str, runs):
     "Every mean (`x.x%`), paired difference with its interval (`+d.d [lo, hi]`) and distance quoted in `text` is one `runs` give."
-    from kd_nb.results import study_stats
+    from kd_nb.stats import study_stats
     labels = sorted(set(study_stats(runs, baselines=()).label))
     stats = study_stats(runs, baselines=labels)
     means = {f'{m:.{digits}f}' for m in stats['mean'] for digits in (1, 2)}
@@ -149,7 +150,8 @@ def assert_quotes_hold(text: str, runs):
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
 def test_reading_quotes_the_committed_runs():
     "Every accuracy, difference and interval quoted in the reading of the 50,000-image study is computed from its runs."
-    from kd_nb.results import load_runs, load_metrics, study_stats
+    from kd_nb.run_table import load_runs, load_metrics
+    from kd_nb.stats import study_stats
     runs = load_runs(STUDY / 'cifar10_cpu')
     curves = load_metrics(STUDY / 'cifar10_cpu')
     simkd_s0 = [f'{a:.0f}' for a in curves[curves.run == 'simkd-resnet14x2-resnet8-s0'].sort_values('epoch').test_acc1]
@@ -178,7 +180,7 @@ def test_converged_teacher_is_the_committed_one():
 def test_study_time_is_the_runs_time():
     "The teacher's minutes, the students' range of minutes and the hours of the two-at-a-time study are those the runs recorded."
     import pandas as pd
-    from kd_nb.results import load_runs
+    from kd_nb.run_table import load_runs
     runs = load_runs(STUDY / 'cifar10_cpu')
     teacher = STUDY / 'teachers' / Path(runs.teacher_source.dropna().iloc[0]).parent.name
     teacher_min = pd.read_csv(teacher / 'metrics.csv').epoch_time_s.sum() / 60
@@ -198,7 +200,8 @@ CONVERGED = ROOT / 'results' / 'cifar10-jpeg-converged'
 @pytest.mark.skipif(not (CONVERGED / 'converged').is_dir(), reason='the converged study is not in this checkout')
 def test_converged_reading_quotes_the_committed_runs():
     "Every accuracy, difference and interval quoted in the reading of the study at B is computed from its runs at B."
-    from kd_nb.results import load_runs, study_stats
+    from kd_nb.run_table import load_runs
+    from kd_nb.stats import study_stats
     runs = load_runs(CONVERGED)
     at_b = runs[runs.epochs == 8]
     text = section('What the study at B says (', '```bash')

@@ -7,8 +7,9 @@ import pandas as pd
 import papermill as pm
 import pytest
 from kd_nb.experiment import resolve_config, RUN_KEYS
-from kd_nb.results import (load_runs, load_metrics, aggregate, paper_table, study_stats, study_table, axis_rows, latex_table,
-                           research_axes, verdict, runs_tables)
+from kd_nb.run_table import load_runs, load_metrics
+from kd_nb.stats import aggregate, study_stats, axis_rows, research_axes, verdict
+from kd_nb.tables import paper_table, study_table, latex_table, runs_tables
 from kd_nb.cli import sweep_main as main
 from conftest import ROOT
 from test_sweep import run_quick_sweep
@@ -258,7 +259,7 @@ def test_quarto_project_publishes_components_and_report(tmp_path):
     assert q['project']['type'] == 'website' and q['execute'] == {'enabled': True, 'freeze': 'auto'}
     render = q['project']['render']
     components = sorted(f'nbs/{p.name}' for p in (ROOT / 'nbs').glob('[0-9][0-9]_*.ipynb'))
-    assert render == ['nbs/index.ipynb', *components, 'nbs/summary.ipynb'] and len(components) == 13
+    assert render == ['nbs/index.ipynb', *components, 'nbs/summary.ipynb'] and len(components) >= 17
     assert all((ROOT / p).is_file() for p in render) and 'nbs/run_experiment.ipynb' not in render
     listed = re.findall(r'nbs/\w+\.ipynb', yaml.safe_dump(q['website']['sidebar']))
     assert set(listed) == set(render)

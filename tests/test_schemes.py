@@ -5,7 +5,8 @@ import pytest
 import torch
 import yaml
 from kd_nb.experiment import SCHEME_KNOBS, resolve_config, run_experiment
-from kd_nb.results import axis_of, study_stats, load_runs, research_axes
+from kd_nb.run_table import axis_of, load_runs
+from kd_nb.stats import study_stats, research_axes
 from kd_nb.sweep import expand, launch_waves, load_sweep, run_slurm, run_sweep, teacher_runs, validate
 from conftest import ROOT
 

@@ -66,6 +66,8 @@ def test_quick_sweep_completes_with_two_workers(quick_sweep):
         config = json.loads((d / 'config.json').read_text())
         assert config['params']['teachers_dir'] == str(quick_sweep.runs / 'teachers')
         assert config['threads'] == max(1, available_cores() // 2)           # the cores split between the 2 workers
+        assert (config['params']['step_mode'], config['params']['drop_last']) == ('eager', False)   # a CPU run: every image, no graphs
+        assert s[name]['peak_memory_mb'] > 0                                  # the process's peak resident set
     teachers = sorted(p.name for p in (quick_sweep.runs / 'teachers').iterdir())   # one teacher per seed, shared
     assert len(teachers) == 2 and all(re.fullmatch(rf'cifar100-resnet14-e1-n0-s{s}-[0-9a-f]{{8}}', t) for s, t in enumerate(teachers)), teachers
     assert not (quick_sweep.dir / 'teachers').exists()
