@@ -162,7 +162,7 @@ def data_main(argv=None) -> int:
     return 0
 
 # %% ../nbs/18_cli.ipynb 24
-from .deploy import DeployError, CALIBRATION_IMAGES, MIN_CALLS, export_run, int8_run, bench_run
+from .deploy import DeployError, CALIBRATION_IMAGES, MIN_CALLS, export_run, int8_run, bench_run, study_runs
 
 def deploy_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-deploy`."
@@ -180,6 +180,10 @@ def deploy_parser() -> argparse.ArgumentParser:
     bench.add_argument('--out', help='the folder export wrote to (default: RUN/deploy)')
     bench.add_argument('--calls', type=int, default=MIN_CALLS, help=f'timed batch-1 calls (default and minimum: {MIN_CALLS})')
     bench.add_argument('--json', help='result file (default: RUN/deploy/bench-cpu-<host>-<time>.json)')
+    study = sub.add_parser('study', help='export (fp32 and int8) and time every finished run of a folder, keeping the files there')
+    study.add_argument('runs_dir', help='a folder of runs, e.g. runs/<sweep>')
+    study.add_argument('--calibration-images', type=int, default=CALIBRATION_IMAGES, help=f'as for export (default: {CALIBRATION_IMAGES})')
+    study.add_argument('--calls', type=int, default=MIN_CALLS, help=f'as for bench (default and minimum: {MIN_CALLS})')
     return p
 
 # %% ../nbs/18_cli.ipynb 25
@@ -192,6 +196,9 @@ def deploy_main(argv=None) -> int:
     "The `kd-deploy` command."
     args = deploy_parser().parse_args(argv)
     try:
+        if args.command == 'study':
+            steps = study_runs(args.runs_dir, args.calibration_images, args.calls)
+            return 1 if any(s['action'] == 'failed' for s in steps) else 0
         if args.command == 'export':
             r = export_run(args.run, args.out, args.force)
             if args.int8: r = int8_run(args.run, args.out, args.force, args.calibration_images)

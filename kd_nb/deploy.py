@@ -13,15 +13,17 @@ from .data import dataset_info
 from .models import get_model
 from .distill import needs_teacher
 from .hardware import device_name
-from .runs import RunFolder, BEST, read_json, write_json
+from .runs import RunFolder, BEST, find_runs, read_json, write_json
 from .experiment import Experiment, load_data, run_teacher, project_path, project_relative, git_commit
 from .quantize import weight_bits, freeze_quantizers, dequantized
 
 # %% auto 0
 __all__ = ['DEPLOY_DIR', 'MODEL', 'INT8_MODEL', 'REPORT', 'TOLERANCE', 'OPSET', 'INPUT', 'OUTPUT', 'CALIBRATION_IMAGES',
-           'MIN_CALLS', 'DeployError', 'run_model', 'run_loaders', 'recorded_top1', 'export_onnx', 'onnx_session',
-           'onnx_top1', 'check_top1', 'deploy_dir', 'export_run', 'quantize_onnx', 'int8_run', 'time_onnx',
-           'teacher_module', 'bench_models', 'bench_run']
+           'MIN_CALLS', 'QUIET', 'PRECISIONS', 'BENCH_FILES', 'TIMED', 'RECORD_COLUMNS', 'DeployError', 'run_model',
+           'run_loaders', 'recorded_top1', 'export_onnx', 'onnx_session', 'onnx_top1', 'check_top1', 'deploy_dir',
+           'export_run', 'check_calibration_images', 'quantize_onnx', 'int8_run', 'check_calls', 'time_onnx',
+           'teacher_module', 'bench_models', 'other_work', 'bench_run', 'runtime_ops', 'latest_bench', 'deployed_files',
+           'deploy_records', 'example_deploy', 'finished_runs', 'study_runs']
 
 # %% ../nbs/17_deploy.ipynb 5
 DEPLOY_DIR, MODEL, INT8_MODEL, REPORT = 'deploy', 'model.onnx', 'model.int8.onnx', 'export.json'
@@ -148,6 +150,11 @@ def export_run(folder, out=None, force: bool = False) -> dict:
 # %% ../nbs/17_deploy.ipynb 25
 CALIBRATION_IMAGES = 1000
 
+def check_calibration_images(n) -> int:
+    "`n`, the number of calibration images, if it is a whole number >= 1; else a `DeployError` naming it."
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise DeployError(f"calibration_images: must be an int >= 1, got {n!r}")
+    return n
+
 class _Calibration:
     "The first `n` images of `loader` for `quantize_static`, one batch at a time."
     def __init__(self, loader, n: int):
@@ -177,8 +184,7 @@ def quantize_onnx(src, dst, calibration) -> Path:
 def int8_run(folder, out=None, force: bool = False, calibration_images: int = CALIBRATION_IMAGES) -> dict:
     "`model.int8.onnx`: the run's deployed model (in float; a model trained quantized with its weight levels) quantized by ONNX Runtime, its top-1 and drop recorded; the report."
     folder = Path(folder)
-    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
-        raise DeployError(f"calibration_images: must be an int >= 1, got {calibration_images!r}")
+    check_calibration_images(calibration_images)
     module, params = run_model(folder)
     path = _free_path(deploy_dir(folder, out) / INT8_MODEL, force)
     loaders, recorded, bits = run_loaders(params), recorded_top1(folder), weight_bits(module)
@@ -191,9 +197,15 @@ def int8_run(folder, out=None, force: bool = False, calibration_images: int = CA
 # %% ../nbs/17_deploy.ipynb 30
 MIN_CALLS = 200
 
+def check_calls(calls) -> int:
+    "`calls`, the timed batch-1 calls, if there are enough for a median and a 95th percentile; else a `DeployError` naming it."
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < MIN_CALLS:
+        raise DeployError(f"calls: at least {MIN_CALLS} for a median and a 95th percentile, got {calls!r}")
+    return calls
+
 def time_onnx(path, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64, batches: int = 10, input_size: int = 32) -> dict:
     "Batch-1 latency (ms, median and p95 over `calls` calls, 1 thread) and batch-`batch` throughput (images/s, all threads) of `path`."
-    if calls < MIN_CALLS: raise DeployError(f"calls: at least {MIN_CALLS} for a median and a 95th percentile, got {calls}")
+    check_calls(calls)
     one, many = (np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32) for b in (1, batch))
     sess, times = onnx_session(path, threads=1), []
     for i in range(warmup + calls):
@@ -229,17 +241,35 @@ def bench_models(folder, out=None, calls: int = MIN_CALLS) -> tuple[dict, str | 
         if report.get(key) and name in models: models[name]['top1'] = report[key]['top1']
     return models, None if teacher is None else (params.get('teacher_run') or params['teacher'])
 
-# %% ../nbs/17_deploy.ipynb 33
+# %% ../nbs/17_deploy.ipynb 34
+QUIET = 0.1   # share of the cores other work may use while timing before a table marks the timings
+
+def _machine_busy_s() -> float | None:
+    "CPU seconds the whole machine has spent busy since boot, all cores (Linux's /proc/stat, less idle and I/O wait); None elsewhere."
+    try: ticks = [int(v) for v in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:9]]
+    except (OSError, ValueError): return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf('SC_CLK_TCK')
+
+def other_work(timed) -> tuple:
+    "`timed()`'s result, and the cores' worth of CPU other processes used while it ran (None where it cannot be measured)."
+    busy, own, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    result = timed()
+    if busy is None: return result, None
+    other = (_machine_busy_s() - busy) - (time.process_time() - own)
+    return result, max(other, 0.0) / (time.perf_counter() - t0)
+
+# %% ../nbs/17_deploy.ipynb 37
 def bench_run(folder, out=None, calls: int = MIN_CALLS, json_path=None) -> dict:
     "Time the run's exported files and its teacher on this CPU; write and return the results (`json_path`, else one file per machine in the deploy folder)."
     import onnx, onnxruntime as ort
     folder, load_before = Path(folder), os.getloadavg()
-    models, teacher = bench_models(folder, out, calls)
+    (models, teacher), other = other_work(lambda: bench_models(folder, out, calls))
     ratio = lambda k, name: models['teacher'][k] / models[name][k] if 'teacher' in models else None
     result = dict(benchmark='deploy', run=project_relative(folder), device='cpu', device_name=device_name('cpu'),
                   onnxruntime=ort.__version__, onnx=onnx.__version__, torch=torch.__version__, kd_nb=kd_nb.__version__,
                   git_commit=git_commit(), host=socket.gethostname(), cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
-                  load_average=dict(before=load_before, after=os.getloadavg()),   # other work on the machine while timing
+                  load_average=dict(before=load_before, after=os.getloadavg()),   # other work on the machine around the timing
+                  other_cpu_cores=other,                                          # and during it, in cores (see other_work)
                   config=dict(calls=calls, warmup=20, latency_threads=1, throughput_batch=64, throughput_threads='all', teacher=teacher),
                   models=models,
                   teacher_over_student={n: dict(latency=ratio('latency_ms_median', n), bytes=ratio('bytes', n)) for n in models if n != 'teacher'})
@@ -247,3 +277,134 @@ def bench_run(folder, out=None, calls: int = MIN_CALLS, json_path=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, path)
     return {**result, 'path': str(path)}
+
+# %% ../nbs/17_deploy.ipynb 45
+def runtime_ops(path) -> set:
+    "The operators ONNX Runtime runs for the ONNX file `path` on the CPU after its graph optimizations (`QLinearConv`: int8 kernels; `Conv`: float)."
+    import onnx, onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath, opts.log_severity_level = str(Path(tmp) / 'optimized.onnx'), 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # the portable optimizations, QDQ fusion among them
+        ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+        return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+# %% ../nbs/17_deploy.ipynb 46
+PRECISIONS = ('fp32', 'int8 (PTQ)', 'QAT 8-bit', 'QAT 4-bit')
+BENCH_FILES = 'bench-cpu-*.json'
+TIMED = {MODEL: 'student', INT8_MODEL: 'student_int8'}   # each file's name among a bench's models
+RECORD_COLUMNS = ('precision', 'file', 'bytes', 'top1', 'test_images', 'calibration_images', 'onnxruntime', 'bench', 'device_name',
+                  'cpu_count', 'latency_ms_median', 'latency_ms_p95', 'throughput_images_per_s', 'timed_teacher', 'teacher_latency_ms_median',
+                  'other_cpu_cores')
+
+def latest_bench(folder, out=None) -> tuple:
+    "The newest bench of the run in `folder` (by its timestamp) and its file name; (None, None) without one."
+    benches = [(read_json(p), p.name) for p in sorted(deploy_dir(folder, out).glob(BENCH_FILES))]
+    return max(benches, key=lambda b: (b[0].get('timestamp') or '', b[1])) if benches else (None, None)
+
+def deployed_files(report: dict) -> list:
+    "(precision, entry of `export.json`) of each file a run deploys (see the table above)."
+    if report.get('qat'): return [(f"QAT {report['qat']['weight_bits']}-bit", report.get('int8'))]
+    return [('fp32', report.get('fp32')), ('int8 (PTQ)', report.get('int8'))]
+
+# %% ../nbs/17_deploy.ipynb 47
+def _timings(bench: dict | None, name, timed: dict | None) -> dict:
+    "A file's timings in the bench `name`, the teacher's there, and the other work on the CPU meanwhile (cores; a bench that could not measure it: its 1-minute load average before)."
+    if not timed: return dict(bench=None)
+    teacher, other = bench['models'].get('teacher') or {}, bench.get('other_cpu_cores')
+    return dict(bench=name, device_name=bench['device_name'], cpu_count=bench['cpu_count'], latency_ms_median=timed['latency_ms_median'],
+                latency_ms_p95=timed['latency_ms_p95'], throughput_images_per_s=timed['throughput_images_per_s'],
+                timed_teacher=bench['config'].get('teacher'), teacher_latency_ms_median=teacher.get('latency_ms_median'),
+                other_cpu_cores=bench['load_average']['before'][0] if other is None else other)
+
+def deploy_records(folder, out=None) -> list[dict]:
+    "One record per file the run in `folder` deploys: precision, file, size, ONNX Runtime top-1 (`export.json`) and timings (newest bench)."
+    report = read_json(deploy_dir(folder, out) / REPORT) or {}
+    bench, name = latest_bench(folder, out)
+    records = []
+    for precision, entry in deployed_files(report):
+        if not entry: continue
+        timed = ((bench or {}).get('models') or {}).get(TIMED[entry['file']])
+        if timed and timed['bytes'] != entry['bytes']:
+            raise DeployError(f"{folder}: {name} timed a {entry['file']} of {timed['bytes']} bytes, but {REPORT} records one of {entry['bytes']}; "
+                              "time the files again (kd-deploy bench)")
+        records.append(dict(precision=precision, file=entry['file'], bytes=entry['bytes'], top1=entry['top1'], test_images=entry['test_images'],
+                            calibration_images=entry.get('calibration_images'), onnxruntime=report.get('onnxruntime'), **_timings(bench, name, timed)))
+    return records
+
+# %% ../nbs/17_deploy.ipynb 50
+def example_deploy(folder, top1: float, int8_top1: float, bits: int | None = None, ms=(1.0, 0.4), kb=(300.0, 90.0),
+                   teacher_ms: float | None = 3.0, other: float = 0.0, when: str = '2026-01-01T00:00:00') -> Path:
+    "The deploy folder of the run in `folder` as `kd-deploy study` leaves it, with these top-1s, batch-1 medians `ms` and sizes `kb` (fp32 or QAT file, then int8)."
+    d = Path(folder) / DEPLOY_DIR; d.mkdir(parents=True, exist_ok=True)
+    entry = lambda file, top1, kb: dict(file=file, bytes=int(kb * 1000), top1=top1, test_images=1000)
+    first = entry(MODEL, top1, kb[0])
+    write_json(dict(run=str(folder), recorded_top1=top1, onnxruntime='1.0', opset=OPSET, fp32=None if bits else first,
+                    qat=dict(first, weight_bits=bits, activation_bits=8) if bits else None,
+                    int8=dict(entry(INT8_MODEL, int8_top1, kb[1]), calibration_images=1000, drop=top1 - int8_top1, trained_bits=bits)), d / REPORT)
+    timed = lambda m, b: dict(bytes=int(b * 1000), latency_ms_median=m, latency_ms_p95=1.5 * m, throughput_images_per_s=64000 / m)
+    models = {'student': timed(ms[0], kb[0]), 'student_int8': timed(ms[1], kb[1]), **({'teacher': timed(teacher_ms, 1000)} if teacher_ms else {})}
+    write_json(dict(benchmark='deploy', run=str(folder), device='cpu', device_name='Example CPU', onnxruntime='1.0', host='example',
+                    cpu_count=2, timestamp=when, load_average=dict(before=[other] * 3, after=[other] * 3), other_cpu_cores=other,
+                    config=dict(calls=MIN_CALLS, teacher=RunFolder(folder).params.get('teacher') if teacher_ms else None), models=models), d / f'bench-cpu-example-{when[:10]}.json')
+    return d
+
+# %% ../nbs/17_deploy.ipynb 55
+def finished_runs(runs_dir) -> tuple[list, list]:
+    "The run folders under `runs_dir` that finished and kept their `best.pt`, and (folder, why) for each of the others."
+    root = project_path(runs_dir)
+    if not root.is_dir(): raise DeployError(f"{runs_dir}: no such folder of runs")
+    found = find_runs(root)
+    if not found: raise DeployError(f"{runs_dir}: no run folders under it")
+    ready, left = [], []
+    for f in found:
+        status = f.summary.get('status')
+        why = f"not finished (status {status or 'unknown'})" if status != 'done' else None if (f.path / BEST).is_file() else f"no {BEST}"
+        if why: left.append((f.path, why))
+        else: ready.append(f.path)
+    return ready, left
+
+# %% ../nbs/17_deploy.ipynb 56
+def _export_step(folder: Path, int8: bool, calibration_images: int) -> tuple[str, str]:
+    "Write the run's `model.int8.onnx` (`int8`) or `model.onnx` unless it is there and recorded; (action, what happened)."
+    path = deploy_dir(folder) / (INT8_MODEL if int8 else MODEL)
+    if path.exists():
+        report = read_json(deploy_dir(folder) / REPORT) or {}
+        e = report.get('int8') if int8 else report.get('fp32') or report.get('qat')
+        if not e or e['file'] != path.name:
+            raise DeployError(f"{path}: there, but {REPORT} records no top-1 for it; export it again: kd-deploy export {folder} --force" + (' --int8' if int8 else ''))
+        return 'kept', f"kept {path.name} (already there): top-1 {e['top1']:.2f}%"
+    r = int8_run(folder, calibration_images=calibration_images) if int8 else export_run(folder)
+    e = r['int8'] if int8 else r['fp32'] or r['qat']
+    return 'done', f"wrote {path.name}: top-1 {e['top1']:.2f}% on {e['test_images']} test images (run: {r['recorded_top1']:.2f}%), {e['bytes'] / 1000:,.1f} KB"
+
+def _bench_step(folder: Path, calls: int) -> tuple[str, str]:
+    "Time the run's files unless its newest bench times every one of them as it is; (action, what happened)."
+    bench, name = latest_bench(folder)
+    there = {TIMED[p.name]: p.stat().st_size for p in deploy_dir(folder).glob('*.onnx') if p.name in TIMED}
+    if bench and all((bench['models'].get(m) or {}).get('bytes') == size for m, size in there.items()):
+        return 'kept', f"kept {name} (it times every file there)"
+    r = bench_run(folder, calls=calls)
+    other, cores = r['other_cpu_cores'], r['cpu_count']
+    busy = '' if other is None or other <= QUIET * cores else '; busy: the tables mark these timings'
+    return 'done', f"wrote {Path(r['path']).name}" + ('' if other is None else f"; other work used {other:.2f} of {cores} cores while timing{busy}")
+
+# %% ../nbs/17_deploy.ipynb 57
+def study_runs(runs_dir, calibration_images: int = CALIBRATION_IMAGES, calls: int = MIN_CALLS, log=print) -> list[dict]:
+    "Export, quantize, then time every finished run under `runs_dir`, keeping the files already there; a record per run and step (run, step, action, detail)."
+    check_calibration_images(calibration_images); check_calls(calls)   # before any run, not at its bench
+    ready, left = finished_runs(runs_dir)
+    root, records, failed = project_path(runs_dir), [], set()
+    def note(folder, step, action, detail):
+        records.append(dict(run=folder.relative_to(root).as_posix(), step=step, action=action, detail=detail))
+        log(f"{records[-1]['run']}: {step}: {detail}")
+    def attempt(folder, step, do):
+        if folder in failed: return
+        try: note(folder, step, *do())
+        except (DeployError, ValueError, FileNotFoundError) as e: failed.add(folder); note(folder, step, 'failed', str(e))
+    for folder, why in left: note(folder, 'all', 'skipped', why)
+    for folder in ready:
+        attempt(folder, 'export', lambda: _export_step(folder, False, calibration_images))
+        attempt(folder, 'int8', lambda: _export_step(folder, True, calibration_images))
+    for folder in ready: attempt(folder, 'bench', lambda: _bench_step(folder, calls))
+    return records

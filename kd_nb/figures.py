@@ -6,14 +6,14 @@
 from __future__ import annotations
 import math, textwrap, zlib
 from .experiment import project_path
-from .run_table import axis_title
+from .run_table import axis_title, _missing
 from .stats import (mean_std, verdict, difference_text, _placed, research_axes, axis_rows, budget_rows, far_below,
                          FAR_BELOW)
 
 # %% auto 0
-__all__ = ['OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'MARKERS', 'LINE_STYLES',
-           'method_colour', 'drawn_interval', 'far_note', 'dots_figure', 'forest_figure', 'cost_figure',
-           'setting_metrics', 'curves_figure', 'budget_figure', 'save_figure']
+__all__ = ['OKABE_ITO', 'METHOD_COLOURS', 'TEACHER_COLOUR', 'TOP1', 'REFERENCES', 'COSTS', 'PRECISION_MARKERS', 'LATENCY',
+           'MARKERS', 'LINE_STYLES', 'method_colour', 'drawn_interval', 'far_note', 'dots_figure', 'forest_figure',
+           'cost_figure', 'deploy_figure', 'setting_metrics', 'curves_figure', 'budget_figure', 'save_figure']
 
 # %% ../nbs/14_figures.ipynb 7
 OKABE_ITO = ('#000000', '#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2', '#D55E00', '#CC79A7')
@@ -153,19 +153,27 @@ def _fit_apart(values, gap, lo, hi):
         top -= gap
     return out
 
+def _label_column(ax, xs, ys, texts):
+    "Name each point (x, y) in one column beside the panel, in the order of the ys, each joined to its point by a line."
+    y0, y1 = ax.get_ylim()
+    for x, y, pos, text in zip(xs, ys, _fit_apart(list(ys), 0.05 * (y1 - y0), y0, y1), texts):
+        ax.annotate(text, xy=(x, y), xytext=(1.02, pos), textcoords=('axes fraction', 'data'), fontsize=8, va='center',
+                    arrowprops=dict(arrowstyle='-', color='0.75', lw=0.5))
+    ax.set_ylim(y0, y1)
+
+def _mean_points(ax, rows, xs, markers):
+    "Each row's mean top-1 at its x, with its 95% interval (drawn within 0-100%) where it has several seeds, in its method's colour."
+    for r, x, marker, lo, hi in zip(rows.to_dict('records'), xs, markers, *drawn_interval(rows.lo, rows.hi)):
+        err = [[r['mean'] - lo], [hi - r['mean']]] if r['n'] > 1 else None
+        ax.errorbar([x], [r['mean']], yerr=err, fmt=marker, color=method_colour(r['method']), ms=6, capsize=3)
+
 def _cost_panel(ax, rows, col, name):
     from matplotlib.ticker import EngFormatter, NullFormatter
-    for r, lo, hi in zip(rows.to_dict('records'), *drawn_interval(rows.lo, rows.hi)):
-        err = [[r['mean'] - lo], [hi - r['mean']]] if r['n'] > 1 else None
-        ax.errorbar([r[col]], [r['mean']], yerr=err, fmt='o', color=method_colour(r['method']), ms=6, capsize=3)
+    _mean_points(ax, rows, rows[col], ['o'] * len(rows))
     if rows[col].max() > 20 * rows[col].min(): ax.set_xscale('log')
     ax.xaxis.set_major_formatter(EngFormatter()); ax.xaxis.set_minor_formatter(NullFormatter())
-    y0, y1 = ax.get_ylim()
-    ys = _fit_apart(list(rows['mean']), 0.05 * (y1 - y0), y0, y1)
-    for x, mean, y, label, n in zip(rows[col], rows['mean'], ys, rows.label, rows.n):   # one column of labels beside the panel
-        ax.annotate(f'{label} (n={n})', xy=(x, mean), xytext=(1.02, y), textcoords=('axes fraction', 'data'), fontsize=8,
-                    va='center', arrowprops=dict(arrowstyle='-', color='0.75', lw=0.5))
-    ax.set_ylim(y0, y1); ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
+    _label_column(ax, rows[col], rows['mean'], [f'{label} (n={n})' for label, n in zip(rows.label, rows.n)])
+    ax.set(xlabel=name, ylabel=TOP1); ax.grid(alpha=0.3)
 
 # %% ../nbs/14_figures.ipynb 35
 def cost_figure(stats):
@@ -183,22 +191,51 @@ def cost_figure(stats):
     return fig
 
 # %% ../nbs/14_figures.ipynb 39
+PRECISION_MARKERS = {'fp32': 'o', 'int8 (PTQ)': 's', 'QAT 8-bit': '^', 'QAT 4-bit': 'v'}
+LATENCY = 'batch-1 latency in ONNX Runtime, median, one thread (ms)'
+
+def _deploy_panel(ax, rows):
+    "A marker per row at its median latency and mean top-1 with its interval; the teacher a grey star; a legend of the precisions."
+    from matplotlib.lines import Line2D
+    _mean_points(ax, rows, rows.latency_ms_median, [PRECISION_MARKERS.get(p, 'o') for p in rows.precision])
+    t = rows.iloc[0]
+    teacher = not _missing(t['teacher_latency_ms_median']) and not _missing(t['teacher_acc'])
+    if teacher: ax.scatter([t['teacher_latency_ms_median']], [t['teacher_acc']], marker='*', s=180, color=TEACHER_COLOUR, zorder=3)
+    xs = [*rows.latency_ms_median, *([t['teacher_latency_ms_median']] if teacher else [])]
+    if max(xs) > 20 * min(xs): ax.set_xscale('log')
+    ax.set(xlabel=LATENCY, ylabel='top-1 in ONNX Runtime (%)'); ax.grid(alpha=0.3)
+    _label_column(ax, xs, [*rows['mean'], *([t['teacher_acc']] if teacher else [])],
+                  [f'{l}, {p} (n={n})' for l, p, n in zip(rows.label, rows.precision, rows.n)] + ([f"teacher ({t['teacher']}, as trained)"] if teacher else []))
+    handles = [Line2D([], [], ls='', marker=m, color='0.4', label=p) for p, m in PRECISION_MARKERS.items() if p in set(rows.precision)]
+    ax.legend(handles=handles, loc='best', fontsize=8, title='precision', title_fontsize=8)
+
+def deploy_figure(stats):
+    "Top-1 in ONNX Runtime (mean, 95% interval) against batch-1 median latency, one panel per setting of `deploy_stats`: a marker per method setting and precision, the teacher a star; None without timings."
+    rows = stats[stats.latency_ms_median.notna()]
+    if rows.empty: return None
+    settings = sorted(rows.setting.unique())
+    fig, axes = _setting_axes(settings, [4.8] * len(settings))
+    for ax, s in zip(axes[:, 0], settings): _deploy_panel(ax, rows[rows.setting == s])
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/14_figures.ipynb 45
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '<', '>')
 LINE_STYLES = ('-', '--', ':', '-.')
 
-# %% ../nbs/14_figures.ipynb 40
+# %% ../nbs/14_figures.ipynb 46
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
     return metrics.merge(_placed(runs, metric)[['run', 'setting', 'label', 'method']], on='run')
 
-# %% ../nbs/14_figures.ipynb 42
+# %% ../nbs/14_figures.ipynb 48
 def _end_labels(ax, ends):
     "Name each line at its last point, labels spread apart inside the panel."
     y0, y1 = ax.get_ylim()
     for (x, _, label, colour), y in zip(ends, _fit_apart([e[1] for e in ends], 0.055 * (y1 - y0), y0, y1)):
         ax.text(x, y, f'  {label}', color=colour, fontsize=8, va='center')
 
-# %% ../nbs/14_figures.ipynb 43
+# %% ../nbs/14_figures.ipynb 49
 def _curve_panel(ax, curves, labels, references):
     from matplotlib.ticker import MaxNLocator
     ends = []
@@ -216,7 +253,7 @@ def _curve_panel(ax, curves, labels, references):
     ax.set(xlabel='epoch', ylabel='test top-1 (%)'); ax.grid(alpha=0.3)
     _end_labels(ax, ends)
 
-# %% ../nbs/14_figures.ipynb 44
+# %% ../nbs/14_figures.ipynb 50
 def curves_figure(curves, stats, setting: str, references=REFERENCES):
     "Learning curves of one `setting`: one panel per research axis (`research_axes`), the references in each; None without axes."
     import matplotlib.pyplot as plt
@@ -233,7 +270,7 @@ def curves_figure(curves, stats, setting: str, references=REFERENCES):
     fig.suptitle(_wrap(setting, 120), x=0.01, ha='left', fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/14_figures.ipynb 48
+# %% ../nbs/14_figures.ipynb 54
 def budget_figure(stats):
     "Best top-1 against images seen (log x), one panel per family: a line per label with its 95% band, the teacher as a line; None with one budget."
     from matplotlib.ticker import EngFormatter, NullLocator
@@ -261,7 +298,7 @@ def budget_figure(stats):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_figures.ipynb 54
+# %% ../nbs/14_figures.ipynb 60
 def save_figure(fig, folder, name: str) -> list:
     "Write `fig` to `folder/name.pdf` and `folder/name.png` (a relative `folder` from the project root)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ from .projectors import PROJECTORS, projector_knobs
 from .distill import METHOD_DEFAULTS, default_loss_weights, teacher_from
 from .experiment import RUN_KEYS, run_identity, SCHEME_KNOBS, FAST_PATH_KNOBS, resolve_config, project_path
 from .sweep import run_state, record_path
+from .deploy import deploy_records, example_deploy, RECORD_COLUMNS
 
 # %% auto 0
 __all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'SETTING', 'EXECUTION_KNOBS', 'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES',
-           'AXIS_REFERENCES', 'config_key', 'read_run', 'teacher_run_label', 'method_recipe', 'varied_knobs',
-           'distinct_labels', 'load_runs', 'load_metrics', 'example_run', 'example_runs', 'dedupe', 'execution',
-           'setting_label', 'scratch_in_pairs', 'axis_of', 'axis_title']
+           'AXIS_REFERENCES', 'METHOD_NAMES', 'LOSS_NAMES', 'config_key', 'read_run', 'teacher_run_label',
+           'method_recipe', 'varied_knobs', 'distinct_labels', 'load_runs', 'load_metrics', 'example_run',
+           'example_runs', 'dedupe', 'execution', 'setting_label', 'scratch_in_pairs', 'axis_of', 'axis_title',
+           'deploy_label', 'load_deploy', 'example_deployed_runs']
 
 # %% ../nbs/11_run_table.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -137,9 +139,9 @@ def _shown(v) -> str:
 SETTING = ['dataset', 'data_source', 'recipe']
 EXECUTION_KNOBS = ('seed', 'fast_data', *FAST_PATH_KNOBS)   # how a recipe ran, not what it is: settings and speed tables tell those apart
 
-def distinct_labels(df):
-    "`df` with one configuration per label of a dataset, recipe and pair: labels that hold several get the knobs they differ on."
-    keys = [c for c in (*SETTING, 'pair', 'label') if c in df]
+def distinct_labels(df, by=()):
+    "`df` with one configuration per label of a dataset, recipe and pair (and value of each column of `by`): labels that hold several get the knobs they differ on."
+    keys = [c for c in (*SETTING, 'pair', 'label', *by) if c in df]
     for _, g in df[df.config.notna()].groupby(keys, dropna=False, sort=False):
         by_seed = g.groupby('seed')
         if not by_seed.config.nunique().gt(1).any(): continue   # a chain's seeds each have a teacher run of their own: one configuration each
@@ -273,3 +275,33 @@ def axis_of(varied, method=None) -> str:
 def axis_title(axis: str) -> str:
     "The question an axis answers, as a heading."
     return AXIS_TITLES.get(axis, f"Which {axis.replace('_', ' ')}")
+
+# %% ../nbs/11_run_table.ipynb 65
+METHOD_NAMES = {'scratch': 'scratch', 'kd': 'KD', 'fitnet': 'FitNet', 'simkd': 'SimKD'}
+LOSS_NAMES = {'l2': 'L2', 'l1': 'L1', 'smooth_l1': 'smooth L1', 'kl': 'KL', 'cosine': 'cosine'}
+
+def deploy_label(row) -> str:
+    "A run's method, its losses each with its weight, and the other knobs it varies but `quant_bits`: 'SimKD, smooth L1 w50'."
+    text = lambda k: '' if _missing(row.get(k)) else str(_flat(row.get(k)))
+    weights = [f'{w:g}' if (w := _num(x)) is not None else x for x in text('loss_weight').split(',')]
+    loss = ' + '.join(f"{LOSS_NAMES.get(n, n.replace('_', ' '))} w{w}" for n, w in zip([n for n in text('loss').split(',') if n], weights))
+    rest = [f'{k}={row.get(k)}' for k in row.get('varied') or () if k not in ('loss', 'loss_weight', 'quant_bits')]
+    return ' '.join([', '.join(filter(None, [METHOD_NAMES.get(row['method'], row['method']), loss])), *rest])
+
+# %% ../nbs/11_run_table.ipynb 68
+def load_deploy(runs_dir='runs'):
+    "One row per file deployed by a run under `runs_dir` (`deploy_records`), with the run's `run`."
+    import pandas as pd
+    root = project_path(runs_dir)
+    rows = [{'run': f.path.relative_to(root).as_posix(), **r} for f in find_runs(root) for r in deploy_records(f.path)]
+    return pd.DataFrame(rows, columns=['run', *RECORD_COLUMNS])
+
+# %% ../nbs/11_run_table.ipynb 72
+def example_deployed_runs(root) -> Path:
+    "A deployed study under `root` (`example_deploy`): SimKD in fp32, with int8 after training, and trained at 8 bits, seeds 0 and 1; scratch on seed 0, timed on a busy CPU."
+    root = Path(root)
+    for seed, (fp, ptq, q8) in enumerate([(80.0, 79.0, 79.5), (82.0, 80.5, 81.0)]):
+        example_deploy(example_run(root, f'simkd-s{seed}', acc=fp, seed=seed, teacher='resnet20'), fp, ptq, ms=(1.0, 0.4 + 0.2 * seed))
+        example_deploy(example_run(root, f'simkd-q8-s{seed}', acc=q8, seed=seed, teacher='resnet20', quant_bits=8), q8 + 0.1, q8, bits=8, teacher_ms=5.0)
+    example_deploy(example_run(root, 'scratch-s0', acc=70.0, method='scratch', teacher='resnet20'), 70.0, 69.0, teacher_ms=None, other=1.5)
+    return root

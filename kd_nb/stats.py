@@ -6,13 +6,14 @@
 from __future__ import annotations
 import math
 from .distill import METHOD_DEFAULTS, teacher_from
-from .run_table import AXIS_ORDER, AXIS_REFERENCES, dedupe, scratch_in_pairs, setting_label, axis_of, _missing, _num
+from .run_table import AXIS_ORDER, AXIS_REFERENCES, dedupe, scratch_in_pairs, setting_label, axis_of, _missing, _num, deploy_label, distinct_labels
+from .deploy import PRECISIONS, RECORD_COLUMNS
 
 # %% auto 0
-__all__ = ['NAN', 'INTERVAL_METHOD', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS', 'FAR_BELOW', 'mean_std', 'aggregate',
-           't_quantile', 'seed_interval', 'paired_interval', 'verdict', 'difference_text', 'images_seen', 'study_stats',
-           'research_axes', 'axis_rows', 'far_below', 'budget_family', 'budget_rows', 'budget_steps', 'choose_budget',
-           'at_chosen_budget']
+__all__ = ['NAN', 'INTERVAL_METHOD', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS', 'FAR_BELOW', 'DEPLOY_MEANS',
+           'DEPLOY_STAT_COLUMNS', 'mean_std', 'aggregate', 't_quantile', 'seed_interval', 'paired_interval', 'verdict',
+           'difference_text', 'images_seen', 'study_stats', 'research_axes', 'axis_rows', 'far_below', 'budget_family',
+           'budget_rows', 'curve_budgets', 'budget_steps', 'choose_budget', 'at_chosen_budget', 'deploy_stats']
 
 # %% ../nbs/12_stats.ipynb 6
 def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
@@ -197,17 +198,27 @@ def budget_rows(stats):
     return s[s.groupby(['family', 'label']).images_seen.transform('nunique') > 1]
 
 # %% ../nbs/12_stats.ipynb 61
+def curve_budgets(means, baseline: str) -> list:
+    "The budgets of a curve's `means` (budgets x labels) that rank: each has run every label of the budget before it."
+    ran, kept = means.notna(), []
+    for b in means.index:
+        if ran.loc[b, baseline] and (not kept or (ran.loc[b] >= ran.loc[kept[-1]]).all()): kept.append(b)
+    return kept
+
 def budget_steps(rows, baseline: str = 'scratch'):
-    "Per budget of one family's `budget_rows`: the labels best first, the gains over `baseline`, and how both change at the next budget."
+    "Per budget of one family's `budget_rows`: the labels best first, and how the order and the gains over `baseline` of the labels it shares with the next budget change there."
     import pandas as pd
     means = rows.pivot_table(index='images_seen', columns='label', values='mean')
     if baseline not in means: raise ValueError(f"baseline: {baseline!r} did not run at every budget; ran: {', '.join(means.columns)}")
-    means = means.dropna(axis=0)   # a budget that not every label has reached yet ranks nothing
-    gains = means.drop(columns=baseline).sub(means[baseline], axis=0)
-    order = [tuple(means.loc[b].sort_values(ascending=False).index) for b in means.index]
-    shift = (gains.shift(-1) - gains).abs().max(axis=1)
-    return pd.DataFrame({'images_seen': means.index, 'order': order, 'same_order_next': [o == n for o, n in zip(order, order[1:] + [None])],
-                         'max_gain_shift_next': shift.values})
+    budgets = curve_budgets(means, baseline)
+    ranked = lambda b, labels: tuple(means.loc[b, labels].sort_values(ascending=False).index)
+    steps = []
+    for b, n in zip(budgets, budgets[1:] + [None]):
+        here = list(means.columns[means.loc[b].notna()])
+        gains = lambda x: means.loc[x, here].drop(baseline) - means.loc[x, baseline]
+        steps.append({'images_seen': b, 'order': ranked(b, here), 'same_order_next': n is not None and ranked(b, here) == ranked(n, here),
+                      'max_gain_shift_next': (gains(n) - gains(b)).abs().max() if n is not None and len(here) > 1 else float('nan')})
+    return pd.DataFrame(steps)
 
 # %% ../nbs/12_stats.ipynb 62
 def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> dict:
@@ -228,3 +239,40 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
         except ValueError: continue   # no baseline on the curve: no budget chosen, every budget kept
         keep &= (family != f) | (stats.images_seen == chosen)
     return stats[keep]
+
+# %% ../nbs/12_stats.ipynb 71
+DEPLOY_MEANS = ('bytes', 'latency_ms_median', 'latency_ms_p95', 'throughput_images_per_s')
+DEPLOY_STAT_COLUMNS = ('setting', 'pair', 'method', 'label', 'precision', 'seeds', 'values', 'n', 'mean', 'std', 'lo', 'hi', 'vs fp32',
+                       *DEPLOY_MEANS, 'teacher', 'teacher_acc', 'teacher_latency_ms_median', 'other_cpu_cores', 'cpu_count', 'devices',
+                       'onnxruntime', 'calibration_images', 'test_images')
+
+def _deploy_row(r, fp32, level) -> dict:
+    "The statistics of the files `r` of one method setting and precision, against its fp32 top-1 by seed `fp32`."
+    values, first = _by_seed(r, 'top1'), r.iloc[0]
+    known = lambda k: sorted({v for v in r[k] if not _missing(v)})
+    return {'label': first['label'], 'precision': first['precision'], 'method': first['method'], 'pair': first['pair'],
+            'seeds': [int(s) for s in values.index], 'values': values.tolist(), **seed_interval(values, level),
+            'vs fp32': seed_interval([]) if first['precision'] == 'fp32' else paired_interval(values, fp32, level),
+            **{k: r[k].astype(float).mean() for k in DEPLOY_MEANS}, 'other_cpu_cores': r.other_cpu_cores.astype(float).max(),
+            'cpu_count': r.cpu_count.astype(float).max(), **{k: known(k) for k in ('onnxruntime', 'calibration_images', 'test_images')},
+            'devices': known('device_name')}
+
+# %% ../nbs/12_stats.ipynb 72
+def deploy_stats(runs, deployed, level: float = 0.95):
+    "One row per setting, method setting (`deploy_label`) and precision of the files `deployed` (`load_deploy`) by the finished `runs`."
+    import pandas as pd
+    d = _placed(runs)
+    d = d.assign(label=[deploy_label(r) for r in d.to_dict('records')]).drop(columns=[c for c in RECORD_COLUMNS if c in d])
+    d = d.merge(deployed, on='run')   # the run's knobs, then its files (their precision and device: the deployment's)
+    if d.empty: return pd.DataFrame(columns=DEPLOY_STAT_COLUMNS)
+    d = distinct_labels(d, by=('precision',))
+    teachers, rows = study_stats(runs).groupby('setting').teacher_acc.first(), []
+    for setting, s in d.groupby('setting', sort=True):
+        names = sorted(set(s.timed_teacher.dropna()))
+        shared = dict(setting=setting, teacher=', '.join(names) or None, teacher_acc=teachers.get(setting, NAN),
+                      teacher_latency_ms_median=s.drop_duplicates('run').teacher_latency_ms_median.astype(float).mean())   # a bench each
+        for _, g in s.groupby('label', sort=True):
+            fp32 = _by_seed(g[g.precision == 'fp32'], 'top1')
+            by_precision = sorted(g.groupby('precision'), key=lambda p: PRECISIONS.index(p[0]))
+            rows += [{**shared, **_deploy_row(r, fp32, level)} for _, r in by_precision]
+    return pd.DataFrame(rows, columns=DEPLOY_STAT_COLUMNS)

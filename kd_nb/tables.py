@@ -7,15 +7,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from .experiment import project_root, project_path
-from .run_table import SETTING, load_runs, dedupe, execution, _precision, _on, _missing
+from .run_table import SETTING, load_runs, load_deploy, dedupe, execution, _precision, _on, _missing
 from .stats import (mean_std, _seed_difference, aggregate, paired_interval, verdict, difference_text, study_stats,
-                         budget_rows, choose_budget)
+                         budget_rows, choose_budget, deploy_stats)
+from .deploy import QUIET
 
 # %% auto 0
-__all__ = ['PAPER_COLUMNS', 'RECIPE_TRAINING', 'LATEX_SPECIAL', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'paper_table', 'paired_table',
-           'markdown_table', 'caption', 'speed_table', 'top1_text', 'study_table', 'study_caption', 'latex_escape',
-           'latex_table', 'html_table', 'reading', 'slug', 'save_table', 'runs_tables', 'budget_verdict',
-           'budget_tables', 'fill_tables']
+__all__ = ['PAPER_COLUMNS', 'RECIPE_TRAINING', 'LATEX_SPECIAL', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'DEPLOY_BLOCK', 'paper_table',
+           'paired_table', 'markdown_table', 'caption', 'speed_table', 'top1_text', 'study_table', 'study_caption',
+           'latex_escape', 'latex_table', 'html_table', 'reading', 'deploy_table', 'deploy_caption', 'slug',
+           'save_table', 'runs_tables', 'budget_verdict', 'budget_tables', 'deploy_tables', 'fill_tables']
 
 # %% ../nbs/13_tables.ipynb 7
 PAPER_COLUMNS = ('student (scratch)', 'KD', 'FitNet', 'SimKD', 'best variant', 'teacher')
@@ -157,7 +158,7 @@ def study_caption(stats, baselines=('simkd',)) -> str:
 # %% ../nbs/13_tables.ipynb 38
 LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',
                  '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}', '±': r'$\pm$', '→': r'$\rightarrow$',
-                 'Δ': r'$\Delta$', '×': r'$\times$', '−': '-', '—': '---', '·': r'$\cdot$', '√': r'$\surd$'}
+                 'Δ': r'$\Delta$', '×': r'$\times$', '−': '-', '—': '---', '·': r'$\cdot$', '√': r'$\surd$', '†': r'$\dagger$', '÷': r'$\div$'}
 
 # %% ../nbs/13_tables.ipynb 39
 def latex_escape(text) -> str:
@@ -208,11 +209,59 @@ def reading(rows, baseline: str = 'simkd') -> str:
     return text + ('; ahead of ' + ' and of '.join(leads) if leads else '') + '.'
 
 # %% ../nbs/13_tables.ipynb 53
+def _busy(r) -> bool: return not _missing(r['other_cpu_cores']) and r['other_cpu_cores'] > QUIET * r['cpu_count']
+
+def _mean_interval(r, digits: int = 2) -> str:
+    "A mean with its 95% interval, `m [lo, hi]`; `m (single seed)`."
+    if r['n'] == 1: return f"{r['mean']:.{digits}f} (single seed)"
+    return f"{r['mean']:.{digits}f} [{r['lo']:.{digits}f}, {r['hi']:.{digits}f}]"
+
+def _timing(r, text) -> str: return '—' if _missing(r['latency_ms_median']) else text + (' †' if _busy(r) else '')
+
+def deploy_table(rows):
+    "The rows of one setting of `deploy_stats`: per method setting and precision, n, top-1 with its interval, the difference against fp32, size, latency, throughput, the teacher's latency over the row's."
+    import pandas as pd
+    if rows.setting.nunique() > 1: raise ValueError(f"rows: expected the rows of one setting, got {sorted(rows.setting.unique())}")
+    recs = rows.to_dict('records')
+    ratio = lambda r: '—' if _missing(r['teacher_latency_ms_median']) or _missing(r['latency_ms_median']) else f"{r['teacher_latency_ms_median'] / r['latency_ms_median']:.1f}×"
+    return pd.DataFrame({'setting': rows.label.values, 'precision': rows.precision.values, 'n': rows.n.values,
+                         'top-1 (%) [95% CI]': [_mean_interval(r) for r in recs],
+                         'Δ vs fp32 [95% CI]': ['baseline' if r['precision'] == 'fp32' else difference_text(r['vs fp32']) for r in recs],
+                         'size (KB)': [f"{r['bytes'] / 1000:,.1f}" for r in recs],
+                         'batch-1 latency (ms), median / p95': [_timing(r, f"{r['latency_ms_median']:.3f} / {r['latency_ms_p95']:.3f}") for r in recs],
+                         'batch-64 images/s': [_timing(r, f"{r['throughput_images_per_s']:,.0f}") for r in recs],
+                         'teacher ÷ latency': [ratio(r) for r in recs]})
+
+# %% ../nbs/13_tables.ipynb 54
+def _listed(rows, key) -> str:
+    "The values of `key` over `rows` (each a list), counts written whole with thousands separated: '10,000'."
+    whole = lambda v: f'{int(v):,}' if isinstance(v, (int, float)) and float(v).is_integer() else str(v)
+    return ', '.join(whole(v) for v in sorted({v for vs in rows[key] for v in vs})) or 'unknown'
+
+def deploy_caption(rows) -> str:
+    "What the rows of one setting of `deploy_stats` share, said once: setting, runtime and CPU, calibration and test images, teacher, what the cells are, and how quiet the CPU was."
+    r, busy = rows.iloc[0], [_busy(x) for x in rows.to_dict('records')]
+    teacher = (f"the teacher's ({r['teacher']}) median, {r['teacher_latency_ms_median']:.3f} ms" if not _missing(r['teacher_latency_ms_median'])
+               else 'the teacher (not timed)') + (f"; its top-1 as trained: {r['teacher_acc']:.2f}%" if not _missing(r['teacher_acc']) else '')
+    text = (f"{r['setting']}; ONNX Runtime {_listed(rows, 'onnxruntime')} on {_listed(rows, 'devices')}. Top-1 (%) of each deployed file in "
+            f"ONNX Runtime on the {_listed(rows, 'test_images')} test images, mean over n seeds [95% t interval, n−1 dof]; Δ vs fp32: paired "
+            "per-seed difference against the same setting's fp32 file in points [95% paired t interval]; int8 (PTQ): the fp32 file quantized "
+            f"after training by ONNX Runtime's static quantization ({_listed(rows, 'calibration_images')} calibration images); QAT b-bit: trained "
+            "with b-bit weights and 8-bit activations, deployed as int8 by the same quantizer from the levels it learned; size in KB of 1,000 "
+            "bytes; latency at batch 1 on one thread, median / 95th percentile of at least 200 calls; images/s at batch 64 on all threads; "
+            f"timings are means over the seeds' files; teacher ÷ latency: {teacher}, over the row's median.")
+    if len(set(d for ds in rows.devices for d in ds)) > 1: text += " The timings come from different CPUs: compare only rows timed on one."
+    if rows.other_cpu_cores.notna().any():
+        text += f" Other work on the CPU while timing: at most {rows.other_cpu_cores.max():.2f} of {rows.cpu_count.max():g} cores"
+        text += f"; † more than {QUIET:.0%} of the cores: time those rows again on a quiet CPU." if any(busy) else '.'
+    return text
+
+# %% ../nbs/13_tables.ipynb 60
 def slug(text) -> str:
     "`text` as a file name: lower case, runs of other characters as one '-'."
     return re.sub(r'[^a-z0-9]+', '-', str(text).lower()).strip('-')
 
-# %% ../nbs/13_tables.ipynb 55
+# %% ../nbs/13_tables.ipynb 62
 def save_table(table, caption: str, folder, name: str) -> list:
     "Write `table` with its `caption` to `folder/name.md` (Markdown) and `folder/name.tex` (LaTeX, label `tab:name`)."
     folder = project_path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -221,11 +270,11 @@ def save_table(table, caption: str, folder, name: str) -> list:
     tex.write_text(latex_table(table, caption, f'tab:{name}'), encoding='utf-8')
     return [md, tex]
 
-# %% ../nbs/13_tables.ipynb 59
+# %% ../nbs/13_tables.ipynb 66
 TABLE_BLOCK = re.compile(r'(?P<head><!-- table: (?P<runs>\S+) vs (?P<baselines>\S+)(?: at (?P<images>\d+) images)? -->\n)'
                          r'(?P<body>.*?)(?P<end><!-- /table -->)', re.S)
 
-# %% ../nbs/13_tables.ipynb 60
+# %% ../nbs/13_tables.ipynb 67
 def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) -> str:
     "The `study_table` of every setting of the runs in `runs_dir` (those trained on `images_seen` images, if given) against `baselines`, as Markdown with captions."
     stats = study_stats(load_runs(runs_dir), baselines=baselines)
@@ -238,17 +287,18 @@ def runs_tables(runs_dir, baselines=('simkd',), images_seen: int | None = None) 
     return '\n\n'.join(f'{markdown_table(study_table(rows, baselines))}\n\n*{study_caption(rows, baselines)}*'
                        for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/13_tables.ipynb 63
+# %% ../nbs/13_tables.ipynb 70
 BUDGET_BLOCK = re.compile(r'(<!-- budget: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /budget -->)', re.S)
+DEPLOY_BLOCK = re.compile(r'(<!-- deploy: (?P<runs>\S+) -->\n)(?P<body>.*?)(<!-- /deploy -->)', re.S)
 
-# %% ../nbs/13_tables.ipynb 64
+# %% ../nbs/13_tables.ipynb 71
 def budget_verdict(pick: dict, baseline: str = 'scratch') -> str:
     "The budget a `choose_budget` result picks, and why, in words."
     if pick['converged']: return (f"**{pick['budget']:,.0f} images seen**, the smallest budget whose ranking holds at the next one with "
                                   f"every gain over {baseline} moving by less than {pick['tolerance']:g} point")
     return f"**{pick['budget']:,.0f} images seen**, the largest one run by every label: no budget met the rule, **not converged**"
 
-# %% ../nbs/13_tables.ipynb 65
+# %% ../nbs/13_tables.ipynb 72
 def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
     "Per family of the runs in `runs_dir` trained at several budgets: best top-1 by label and images seen, and the budget `choose_budget` picks, as Markdown."
     out = []
@@ -264,10 +314,20 @@ def budget_tables(runs_dir, baseline: str = 'scratch') -> str:
                    f"over seeds (n); rows by the mean at the largest budget each label reached. Budget: {verdict}.*")
     return '\n\n'.join(out)
 
-# %% ../nbs/13_tables.ipynb 67
+# %% ../nbs/13_tables.ipynb 73
+def deploy_tables(runs_dir) -> str:
+    "The `deploy_table` of every setting deployed under `runs_dir`, as Markdown with captions."
+    folder = project_path(runs_dir)
+    if not folder.is_dir(): raise ValueError(f"deploy: no folder {str(runs_dir)!r}")
+    stats = deploy_stats(load_runs(folder), load_deploy(folder))
+    if stats.empty: raise ValueError(f"deploy: no deployed runs in {str(runs_dir)!r}; deploy them with: kd-deploy study {runs_dir}")
+    return '\n\n'.join(f'{markdown_table(deploy_table(rows))}\n\n*{deploy_caption(rows)}*' for _, rows in stats.groupby('setting', sort=True))
+
+# %% ../nbs/13_tables.ipynb 76
 def fill_tables(text: str, root=None) -> str:
-    "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` and `<!-- budget: RUNS -->` ... `<!-- /budget -->` block written again from the runs in `root/RUNS`."
+    "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` , `<!-- budget: RUNS -->` ... `<!-- /budget -->` and `<!-- deploy: RUNS -->` ... `<!-- /deploy -->` block written again from the runs in `root/RUNS`."
     root = Path(root) if root else project_root()
     table = lambda m: runs_tables(root / m['runs'], tuple(m['baselines'].split(',')), int(m['images']) if m['images'] else None)
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
-    return BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
+    text = BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
+    return DEPLOY_BLOCK.sub(lambda m: m.group(1) + deploy_tables(root / m['runs']) + '\n' + m.group(4), text)

@@ -65,3 +65,15 @@ def test_results_modules_import_one_way():
         assert all(order[m] < rank for m in imported), (module, imported)
         assert len(text.splitlines()) <= 400, module
     assert not (ROOT / 'kd_nb' / 'results.py').exists()
+
+
+def test_deployed_models_of_seed_0_are_committed_under_1_mb_and_the_other_seeds_ignored():
+    "A deployed study commits every run's export.json and benches, and the ONNX files of seed 0 alone, each under 1 MB."
+    import subprocess
+    run = 'results/study/deploy/simkd-resnet20-resnet8-s{}/deploy/{}'
+    paths = [run.format(s, f) for s in (0, 1, 10) for f in ('model.onnx', 'model.int8.onnx', 'export.json', 'bench-cpu-host-20260101-000000.json')]
+    r = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], input='\n'.join(paths), cwd=ROOT, capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(p for p in paths if p.endswith('.onnx') and '-s0/' not in p)
+    committed = subprocess.run(['git', 'ls-files', '--', 'results/*.onnx'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert all('-s0/deploy/' in p for p in committed), committed
+    assert not {p: s for p in committed if (s := (ROOT / p).stat().st_size) >= 1_000_000}

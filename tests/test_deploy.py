@@ -3,11 +3,12 @@ import json
 from pathlib import Path
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 from conftest import quick_params
 from kd_nb.cli import deploy_main
-from kd_nb.deploy import BEST, MODEL, INT8_MODEL, REPORT, run_loaders, run_model, onnx_session
+from kd_nb.deploy import BEST, MODEL, INT8_MODEL, REPORT, BENCH_FILES, run_loaders, run_model, onnx_session, runtime_ops
 from kd_nb.distill import deployed_module
 from kd_nb.experiment import RUN_KEYS, build_distiller, resolve_config, run_experiment
 from kd_nb.models import get_model
@@ -15,12 +16,14 @@ from kd_nb.runs import open_run
 from kd_nb.trainer import evaluate
 
 
-def untrained_run(data_dir, runs_dir, name='r') -> Path:
-    "A finished-looking scratch run of an untrained resnet8, its top-1 measured by the trainer's `evaluate`: no training time."
-    cfg = resolve_config(**quick_params(data_dir, runs_dir, method='scratch', run_name=name))
+def untrained_run(data_dir, runs_dir, name='r', **knobs) -> Path:
+    "A finished-looking scratch run of an untrained resnet8 (its quantizers, if any, shown one training batch), its top-1 measured by the trainer's `evaluate`: no training time."
+    cfg = resolve_config(**quick_params(data_dir, runs_dir, method='scratch', run_name=name, **knobs))
     run = open_run(runs_dir, name, cfg, RUN_KEYS)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg['seed'])
     d = build_distiller(cfg, get_model(cfg['student'], 100))
+    if cfg['quant_bits']:
+        with torch.enable_grad(): d.train(); deployed_module(d)(next(iter(run_loaders(cfg).train))[0]); d.eval()
     torch.save({'deployed': deployed_module(d).state_dict()}, run.path / BEST)
     run.finish(best_test_acc=evaluate(d, run_loaders(cfg).test)['test_acc1'])
     run.close()
@@ -101,3 +104,70 @@ def test_export_int8_and_bench_of_simkd_and_a_run_trained_quantized(synthetic_ci
     assert r['int8']['trained_bits'] == 8 and r['int8']['drop'] == pytest.approx(q['best_test_acc'] - r['int8']['top1'])
     assert 'QuantizeLinear' in ops(runs / 'simkd-q8' / 'deploy' / INT8_MODEL)
     print(json.dumps(r, indent=1))
+
+
+def files_of(folder) -> dict:
+    "Every file under `folder` with its size and modification time."
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(synthetic_cifar100, tmp_path, capsys):
+    from kd_nb.run_table import load_runs, load_deploy
+    from kd_nb.stats import deploy_stats, seed_interval, paired_interval
+    from kd_nb.tables import deploy_table, deploy_caption, fill_tables, markdown_table
+    from kd_nb.figures import deploy_figure
+    runs = tmp_path / 'study'
+    for seed in (0, 1):
+        untrained_run(synthetic_cifar100, runs, f'scratch-s{seed}', seed=seed)
+        untrained_run(synthetic_cifar100, runs, f'scratch-q8-s{seed}', seed=seed, quant_bits=8)
+    (runs / 'cut').mkdir(); (runs / 'cut' / 'summary.json').write_text(json.dumps({'run_id': 'cut', 'status': 'running'}))
+    assert deploy_main(['study', str(runs), '--calls', '50']) == 2                      # checked before any run
+    assert 'kd-deploy: error: calls: at least 200 for a median and a 95th percentile, got 50' in capsys.readouterr().err
+    assert not any(runs.rglob('*.onnx'))
+    assert deploy_main(['study', str(runs), '--calibration-images', '100']) == 0
+    out = capsys.readouterr().out
+    assert 'cut: all: not finished (status running)' in out and out.count(': bench: wrote bench-cpu-') == 4
+    names = ['scratch-q8-s0', 'scratch-q8-s1', 'scratch-s0', 'scratch-s1']
+    for name in names:
+        d = runs / name / 'deploy'
+        assert (d / MODEL).is_file() and (d / INT8_MODEL).is_file() and len(list(d.glob(BENCH_FILES))) == 1
+    assert 'QLinearConv' in runtime_ops(runs / 'scratch-q8-s0' / 'deploy' / INT8_MODEL)  # the QAT row's file runs int8 kernels
+    assert 'QLinearConv' not in runtime_ops(runs / 'scratch-q8-s0' / 'deploy' / MODEL)
+
+    before = files_of(runs)
+    assert deploy_main(['study', str(runs)]) == 0                                          # everything is there: kept, nothing written
+    out = capsys.readouterr().out
+    assert out.count(': kept ') == 12 and 'wrote' not in out and files_of(runs) == before
+
+    stats = deploy_stats(load_runs(runs), load_deploy(runs))
+    assert stats[['label', 'precision', 'n']].values.tolist() == [['scratch', 'fp32', 2], ['scratch', 'int8 (PTQ)', 2], ['scratch', 'QAT 8-bit', 2]]
+    report = {n: json.loads((runs / n / 'deploy' / REPORT).read_text()) for n in names}
+    bench = {n: json.loads(next((runs / n / 'deploy').glob(BENCH_FILES)).read_text()) for n in names}
+    files = {'fp32': (['scratch-s0', 'scratch-s1'], 'fp32', 'student'), 'int8 (PTQ)': (['scratch-s0', 'scratch-s1'], 'int8', 'student_int8'),
+             'QAT 8-bit': (['scratch-q8-s0', 'scratch-q8-s1'], 'int8', 'student_int8')}
+    table = deploy_table(stats)
+    for (precision, (runs_of, key, model)), row, cells in zip(files.items(), stats.to_dict('records'), table.to_dict('records')):
+        top1 = [report[n][key]['top1'] for n in runs_of]
+        assert row['values'] == top1 and {k: row[k] for k in ('n', 'mean', 'lo', 'hi')} == {k: seed_interval(top1)[k] for k in ('n', 'mean', 'lo', 'hi')}
+        mean = lambda field: sum(bench[n]['models'][model][field] for n in runs_of) / 2
+        assert cells['size (KB)'] == f"{sum(report[n][key]['bytes'] for n in runs_of) / 2 / 1000:,.1f}"
+        assert cells['batch-1 latency (ms), median / p95'].split(' †')[0] == f"{mean('latency_ms_median'):.3f} / {mean('latency_ms_p95'):.3f}"
+        assert cells['top-1 (%) [95% CI]'] == f"{row['mean']:.2f} [{row['lo']:.2f}, {row['hi']:.2f}]"
+    fp32 = pd.Series(stats['values'][0], index=[0, 1])
+    assert stats['vs fp32'][1] == paired_interval(pd.Series(stats['values'][1], index=[0, 1]), fp32)
+    assert stats['vs fp32'][2] == paired_interval(pd.Series(stats['values'][2], index=[0, 1]), fp32)
+    assert table['teacher ÷ latency'].tolist() == ['—'] * 3                              # runs trained alone: no teacher timed
+    assert deploy_caption(stats).count(bench['scratch-s0']['device_name']) == 1
+
+    ax = deploy_figure(stats).axes[0]
+    assert len(ax.containers) == 3 and [c.lines[0].get_marker() for c in ax.containers] == ['o', 's', '^']
+    page = fill_tables('<!-- deploy: study -->\n<!-- /deploy -->\n', tmp_path)
+    assert markdown_table(table) in page and page.endswith('*\n<!-- /deploy -->\n')
+
+    r = json.loads((runs / 'scratch-s1' / 'deploy' / REPORT).read_text())                # a file export.json does not record
+    (runs / 'scratch-s1' / 'deploy' / REPORT).write_text(json.dumps({**r, 'int8': None}))
+    assert deploy_main(['study', str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert f"scratch-s1: int8: {runs / 'scratch-s1' / 'deploy' / INT8_MODEL}: there, but export.json records no top-1 for it" in out
+    assert out.count(': bench: kept ') == 3                                                 # the other runs went on

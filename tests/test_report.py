@@ -182,6 +182,18 @@ def test_report_answers_at_the_budget_its_curve_chooses(known_runs, tmp_path):
     assert '2 epochs' not in text.split('Accuracy against training budget')[0].split('The budget.')[1]
 
 
+def test_report_shows_the_deployment_figure_and_table(tmp_path):
+    "A folder with deployed runs gets the deployment section: the accuracy-against-latency figure and the table of its files."
+    from kd_nb.run_table import example_deployed_runs, load_deploy
+    from kd_nb.stats import deploy_stats
+    from kd_nb.tables import deploy_table, deploy_caption, html_table
+    runs = example_deployed_runs(tmp_path / 'runs')
+    text = text_of(execute_summary(runs, tmp_path / 'report.ipynb'))
+    rows = deploy_stats(load_runs(runs), load_deploy(runs))
+    assert 'Figure `deploy`: top-1 in ONNX Runtime' in text
+    assert html_table(deploy_table(rows), deploy_caption(rows)) in text and "runs deployed by `kd-deploy study`" not in text
+
+
 def test_readme_tables_come_from_runs(known_runs):
     text = runs_tables(known_runs, ('scratch',))
     assert text.count('| setting | n |') == 2 and '| kd | 3 | 57.00 ± 1.73 | +5.00 [+2.52, +7.48] |' in text
@@ -215,7 +227,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     text = text_of(nb)
     assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'Which alignment loss' in text and 'Which layers' in text
     assert '<td>simkd layers=3,4 layer_weights=increasing</td>' in text and '<td>fitnet</td>' in text
-    assert text.count(NONE_YET) == 2                                     # one budget, no speed settings
+    assert text.count(NONE_YET) == 3                                     # one budget, no speed settings, nothing deployed
     assert 'No incomplete or failed runs' in text
     html = out.read_text()
     assert '<table' in html and 'Δ vs scratch [95% CI]' in html and 'resnet14 → resnet8' in html
@@ -228,7 +240,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
-    assert text.count(NONE_YET) == 7 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
+    assert text.count(NONE_YET) == 8 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
@@ -248,7 +260,7 @@ def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     nb = execute_summary(runs, tmp_path / 'out.ipynb')
     text = text_of(nb)
     assert '4 runs, 2 finished' in text
-    assert text.count(NONE_YET) == 6                                     # only scratch runs finished: nothing to compare
+    assert text.count(NONE_YET) == 7                                     # only scratch runs finished: nothing to compare or deployed
     assert 'RuntimeError: CUDA out of memory' in text and 'ValueError: data_dir: no CIFAR-100 here' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
