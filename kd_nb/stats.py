@@ -261,7 +261,9 @@ def _deploy_row(r, fp32, level) -> dict:
 def deploy_stats(runs, deployed, level: float = 0.95):
     "One row per setting, method setting (`deploy_label`) and precision of the files `deployed` (`load_deploy`) by the finished `runs`."
     import pandas as pd
-    d = _placed(runs)
+    d = runs[runs.run.isin(set(deployed.run))]   # a deployed retrain of a configuration is kept over an earlier, undeployed run
+    if d.empty: return pd.DataFrame(columns=DEPLOY_STAT_COLUMNS)
+    d = _placed(d)
     d = d.assign(label=[deploy_label(r) for r in d.to_dict('records')]).drop(columns=[c for c in RECORD_COLUMNS if c in d])
     d = d.merge(deployed, on='run')   # the run's knobs, then its files (their precision and device: the deployment's)
     if d.empty: return pd.DataFrame(columns=DEPLOY_STAT_COLUMNS)
