@@ -16,11 +16,11 @@ from .sweep import run_state, record_path
 from .deploy import deploy_records, example_deploy, RECORD_COLUMNS
 
 # %% auto 0
-__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'SETTING', 'EXECUTION_KNOBS', 'AXIS_FAMILY', 'AXIS_ORDER', 'AXIS_TITLES',
-           'AXIS_REFERENCES', 'METHOD_NAMES', 'LOSS_NAMES', 'config_key', 'read_run', 'teacher_run_label',
-           'method_recipe', 'varied_knobs', 'distinct_labels', 'load_runs', 'load_metrics', 'example_run',
-           'example_runs', 'dedupe', 'execution', 'setting_label', 'scratch_in_pairs', 'axis_of', 'axis_title',
-           'deploy_label', 'load_deploy', 'example_deployed_runs']
+__all__ = ['RUN_COLUMNS', 'ENV_KEYS', 'NO_SWEEP', 'QUANT_KNOBS', 'SETTING', 'EXECUTION_KNOBS', 'AXIS_FAMILY', 'AXIS_ORDER',
+           'AXIS_TITLES', 'AXIS_REFERENCES', 'METHOD_NAMES', 'LOSS_NAMES', 'config_key', 'read_run',
+           'teacher_run_label', 'method_recipe', 'varied_knobs', 'distinct_labels', 'load_runs', 'load_metrics',
+           'example_run', 'example_runs', 'dedupe', 'execution', 'setting_label', 'scratch_in_pairs', 'axis_of',
+           'axis_title', 'deploy_label', 'load_deploy', 'example_deployed_runs']
 
 # %% ../nbs/11_run_table.ipynb 5
 RUN_COLUMNS = ('run', 'sweep', 'run_id', 'status', 'dataset', 'data_source', 'recipe', 'method', 'teacher', 'student',
@@ -112,11 +112,16 @@ def _num(v):
 def _missing(v) -> bool: return v is None or (isinstance(v, float) and math.isnan(v))
 
 # %% ../nbs/11_run_table.ipynb 19
+QUANT_KNOBS = ('quant_bits',)   # the student's training precision: an axis of its own, under any method, scratch too
+
 def varied_knobs(row: dict) -> tuple:
     "The distillation knobs on which `row` differs from its method's recipe, in a fixed order."
     method = row.get('method')
-    if method not in METHOD_DEFAULTS or method == 'scratch': return ()
-    scheme = tuple(k for k in SCHEME_KNOBS if not _missing(row.get(k)) and str(_flat(row.get(k))) != str(method_recipe(method).get(k)))
+    if method not in METHOD_DEFAULTS: return ()
+    quant = tuple(k for k in QUANT_KNOBS if not _missing(row.get(k)) and str(_flat(row.get(k))).lower() != 'none')   # under every method
+    if method == 'scratch': return quant
+    scheme = tuple(k for k in SCHEME_KNOBS if k not in QUANT_KNOBS and not _missing(row.get(k))
+                   and str(_flat(row.get(k))) != str(method_recipe(method).get(k))) + quant
     if method not in ('kd', 'fitnet', 'simkd'): return scheme   # a learning scheme of its own: only its knobs vary
     ref = {**method_recipe(method), 'ce_weight': method_recipe(method, row.get('direction') or 'up')['ce_weight']}
     losses = [n for n in str(_flat(row.get('loss')) or '').split(',') if n]
@@ -258,12 +263,14 @@ def scratch_in_pairs(df):
 
 # %% ../nbs/11_run_table.ipynb 58
 AXIS_FAMILY = {'loss_weight': 'loss', 'loss_options': 'loss', 'layer_weights': 'layers', 'layer_losses': 'layers',
-               'factor': 'projector', **dict.fromkeys(SCHEME_KNOBS, 'scheme')}
-AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction', 'scheme')
+               'factor': 'projector', **dict.fromkeys(SCHEME_KNOBS, 'scheme'),
+               **dict.fromkeys(QUANT_KNOBS, 'quantization')}
+AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction', 'scheme', 'quantization')
 AXIS_TITLES = {'method': 'Which method', 'loss': 'Which alignment loss', 'layers': 'Which layers to align, and their weights',
                'projector': 'Which projector', 'direction': 'Which projection direction',
-               'scheme': 'Which learning scheme: no trained teacher, the student as teacher, peers, a teacher trained online or a chain'}
-AXIS_REFERENCES = {'scheme': ('scratch', 'kd', 'simkd')}   # recipes shown with an axis besides those of the methods it varies
+               'scheme': 'Which learning scheme: no trained teacher, the student as teacher, peers, a teacher trained online or a chain',
+              'quantization': 'Which training precision: weights fake-quantized to 8 or 4 bits while the student trains (Polino et al. 2018)'}
+AXIS_REFERENCES = {'scheme': ('scratch', 'kd', 'simkd'), 'quantization': ('scratch', 'kd', 'simkd')}   # recipes shown with an axis besides those of the methods it varies
 
 # %% ../nbs/11_run_table.ipynb 59
 def axis_of(varied, method=None) -> str:
