@@ -11,9 +11,10 @@ from .deploy import PRECISIONS, RECORD_COLUMNS
 
 # %% auto 0
 __all__ = ['NAN', 'INTERVAL_METHOD', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS', 'FAR_BELOW', 'DEPLOY_MEANS',
-           'DEPLOY_STAT_COLUMNS', 'mean_std', 'aggregate', 't_quantile', 'seed_interval', 'paired_interval', 'verdict',
-           'difference_text', 'images_seen', 'study_stats', 'research_axes', 'axis_rows', 'far_below', 'budget_family',
-           'budget_rows', 'curve_budgets', 'budget_steps', 'choose_budget', 'at_chosen_budget', 'deploy_stats']
+           'DEPLOY_STAT_COLUMNS', 'EXPECTATIONS', 'mean_std', 'aggregate', 't_quantile', 'seed_interval',
+           'paired_interval', 'verdict', 'difference_text', 'images_seen', 'study_stats', 'research_axes', 'axis_rows',
+           'far_below', 'budget_family', 'budget_rows', 'curve_budgets', 'budget_steps', 'choose_budget',
+           'at_chosen_budget', 'deploy_stats', 'stats_row', 'comparison']
 
 # %% ../nbs/12_stats.ipynb 6
 def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
@@ -278,3 +279,28 @@ def deploy_stats(runs, deployed, level: float = 0.95):
             by_precision = sorted(g.groupby('precision'), key=lambda p: PRECISIONS.index(p[0]))
             rows += [{**shared, **_deploy_row(r, fp32, level)} for _, r in by_precision]
     return pd.DataFrame(rows, columns=DEPLOY_STAT_COLUMNS)
+
+# %% ../nbs/12_stats.ipynb 77
+def stats_row(stats, label: str, pair: str | None = None, images: float | None = None):
+    "The one row of `stats` (`study_stats`) with `label`, in `pair` and at `images` seen where given."
+    rows = stats[stats.label == label]
+    if pair is not None: rows = rows[rows.pair == pair]
+    if images is not None: rows = rows[rows.images_seen == float(images)]
+    where = (f" in pair {pair!r}" if pair else '') + (f" at {images:g} images" if images else '')
+    if len(rows) == 1: return rows.iloc[0]
+    if not len(rows): raise ValueError(f"label {label!r}: no setting{where} has it; labels there: "
+                                       f"{', '.join(sorted(set(stats.label))) or 'none'}")
+    raise ValueError(f"label {label!r}: {len(rows)} settings{where} have it ({'; '.join(rows.setting)}); give pair and images")
+
+# %% ../nbs/12_stats.ipynb 78
+EXPECTATIONS = ('above', 'below', 'within')
+
+def comparison(stats, better: str, than: str, expect: str = 'above', pair=None, images=None, level: float = 0.95) -> dict:
+    "`paired_interval` of `better` - `than` (labels of one setting of `stats`), and whether it `holds` as `expect`ed (None: n < 2)."
+    if expect not in EXPECTATIONS: raise ValueError(f"expect: {expect!r}; valid: {', '.join(EXPECTATIONS)}")
+    import pandas as pd
+    a, b = (stats_row(stats, l, pair, images) for l in (better, than))
+    if a.setting != b.setting: raise ValueError(f"{better!r} and {than!r} ran in different settings: {a.setting!r} and {b.setting!r}")
+    d = paired_interval(pd.Series(a['values'], index=a['seeds']), pd.Series(b['values'], index=b['seeds']), level)
+    holds = None if d['n'] < 2 else {'above': d['lo'] > 0, 'below': d['hi'] < 0, 'within': d['lo'] <= 0 <= d['hi']}[expect]
+    return {**d, 'holds': holds, 'pair': a['pair'], 'images_seen': a['images_seen'], 'dataset': a['dataset']}

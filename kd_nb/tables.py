@@ -9,14 +9,15 @@ from pathlib import Path
 from .experiment import project_root, project_path
 from .run_table import SETTING, load_runs, load_deploy, dedupe, execution, _precision, _on, _missing
 from .stats import (mean_std, _seed_difference, aggregate, paired_interval, verdict, difference_text, study_stats,
-                         budget_rows, choose_budget, deploy_stats)
+                         budget_rows, choose_budget, deploy_stats, comparison)
 from .deploy import QUIET
 
 # %% auto 0
-__all__ = ['PAPER_COLUMNS', 'RECIPE_TRAINING', 'LATEX_SPECIAL', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'DEPLOY_BLOCK', 'paper_table',
-           'paired_table', 'markdown_table', 'caption', 'speed_table', 'top1_text', 'study_table', 'study_caption',
-           'latex_escape', 'latex_table', 'html_table', 'reading', 'deploy_table', 'deploy_caption', 'slug',
-           'save_table', 'runs_tables', 'budget_verdict', 'budget_tables', 'deploy_tables', 'fill_tables']
+__all__ = ['PAPER_COLUMNS', 'RECIPE_TRAINING', 'LATEX_SPECIAL', 'TABLE_BLOCK', 'BUDGET_BLOCK', 'DEPLOY_BLOCK', 'FINDINGS_BLOCK',
+           'FINDING_KEYS', 'paper_table', 'paired_table', 'markdown_table', 'caption', 'speed_table', 'top1_text',
+           'study_table', 'study_caption', 'latex_escape', 'latex_table', 'html_table', 'reading', 'deploy_table',
+           'deploy_caption', 'slug', 'save_table', 'runs_tables', 'budget_verdict', 'budget_tables', 'deploy_tables',
+           'load_findings', 'findings_text', 'fill_tables']
 
 # %% ../nbs/13_tables.ipynb 7
 PAPER_COLUMNS = ('student (scratch)', 'KD', 'FitNet', 'SimKD', 'best variant', 'teacher')
@@ -323,11 +324,49 @@ def deploy_tables(runs_dir) -> str:
     if stats.empty: raise ValueError(f"deploy: no deployed runs in {str(runs_dir)!r}; deploy them with: kd-deploy study {runs_dir}")
     return '\n\n'.join(f'{markdown_table(deploy_table(rows))}\n\n*{deploy_caption(rows)}*' for _, rows in stats.groupby('setting', sort=True))
 
-# %% ../nbs/13_tables.ipynb 76
+# %% ../nbs/13_tables.ipynb 77
+FINDINGS_BLOCK = re.compile(r'(<!-- findings: (?P<file>\S+) -->\n)(?P<body>.*?)(<!-- /findings -->)', re.S)
+FINDING_KEYS = {'claim': str, 'better': str, 'than': str, 'evidence': list, 'overturn': str}
+
+def load_findings(path) -> list:
+    "The findings of the YAML file `path`, each checked for its keys (`expect` defaults to 'above')."
+    import yaml
+    path = project_path(path)
+    if not path.is_file(): raise ValueError(f"findings: no file {str(path)!r}")
+    found = (yaml.safe_load(path.read_text()) or {}).get('findings') or []
+    for i, f in enumerate(found):
+        bad = [k for k, t in FINDING_KEYS.items() if not isinstance(f.get(k), t)]
+        if bad: raise ValueError(f"{path.name}: finding {i + 1}: {', '.join(bad)} missing or of the wrong type; each finding has "
+                                 + ', '.join(f'{k} ({t.__name__})' for k, t in FINDING_KEYS.items()) + ', and optionally expect')
+        for e in f['evidence']:
+            if 'runs' not in e: raise ValueError(f"{path.name}: finding {i + 1}: evidence {e!r} names no runs folder")
+    return [{'expect': 'above', **f} for f in found]
+
+# %% ../nbs/13_tables.ipynb 78
+def _evidence_text(c: dict) -> str:
+    "One comparison: its labels, pair and budget, the paired difference and whether it bears the claim out."
+    where = f"{c['better']} against {c['than']}, {c['pair']}, {c['images_seen'] / 1000:g}k images"
+    if c['n'] < 2: return f"{where}: {c['mean']:+.2f} on one seed, no interval yet" if c['n'] else f"{where}: no seed in common"
+    return f"{where}: {difference_text(c, mark_noise=False)}, {c['n']} seeds, {'holds' if c['holds'] else '**does not hold there**'}"
+
+def findings_text(path, root=None) -> str:
+    "The findings of `path` as a numbered Markdown list, each comparison measured from its runs (under `root`)."
+    root, cache, items = Path(root) if root else project_root(), {}, []
+    for i, f in enumerate(load_findings(root / path if not Path(path).is_absolute() else path)):
+        stats = lambda runs: cache.setdefault(runs, study_stats(load_runs(root / runs)))
+        own = lambda e: {k: e.get(k, f[k]) for k in ('better', 'than', 'expect')}   # an item may compare other labels, or expect otherwise
+        cs = [{**comparison(stats(e['runs']), **own(e), pair=e.get('pair'), images=e.get('images')), **own(e)} for e in f['evidence']]
+        scope = [f'on {n} only' for n, k in (('one pair', 'pair'), ('one budget', 'images_seen')) if len({c[k] for c in cs}) == 1]
+        items.append(f"{i + 1}. **{f['claim']}** " + '; '.join(map(_evidence_text, cs)) + '.'
+                     + (f" *Evidence {' and '.join(scope)}.*" if scope else '') + f" Would overturn it: {f['overturn']}")
+    return '\n'.join(items)
+
+# %% ../nbs/13_tables.ipynb 81
 def fill_tables(text: str, root=None) -> str:
-    "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` , `<!-- budget: RUNS -->` ... `<!-- /budget -->` and `<!-- deploy: RUNS -->` ... `<!-- /deploy -->` block written again from the runs in `root/RUNS`."
+    "`text` with every `<!-- table: RUNS vs B1,B2 [at N images]-->` ... `<!-- /table -->` , `<!-- budget: RUNS -->` ... `<!-- /budget -->` , `<!-- deploy: RUNS -->` ... `<!-- /deploy -->` and `<!-- findings: FILE -->` ... `<!-- /findings -->` block written again from the runs."
     root = Path(root) if root else project_root()
     table = lambda m: runs_tables(root / m['runs'], tuple(m['baselines'].split(',')), int(m['images']) if m['images'] else None)
     text = TABLE_BLOCK.sub(lambda m: m['head'] + table(m) + '\n' + m['end'], text)
     text = BUDGET_BLOCK.sub(lambda m: m.group(1) + budget_tables(root / m['runs']) + '\n' + m.group(4), text)
-    return DEPLOY_BLOCK.sub(lambda m: m.group(1) + deploy_tables(root / m['runs']) + '\n' + m.group(4), text)
+    text = DEPLOY_BLOCK.sub(lambda m: m.group(1) + deploy_tables(root / m['runs']) + '\n' + m.group(4), text)
+    return FINDINGS_BLOCK.sub(lambda m: m.group(1) + findings_text(m['file'], root) + '\n' + m.group(4), text)
