@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import CifarNet, Features, feature_shapes, count_params, count_flops, get_model
-from .losses import LOSSES, AlignmentLoss, check_loss, build_loss, step_needs
-from .projectors import PROJECTORS, check_projector, make_projector
+from .losses import LOSSES, AlignmentLoss, check_loss, build_loss, step_needs, list_losses, takes_own_widths
+from .projectors import NO_PROJECTOR, PROJECTORS, check_projector, make_projector
 
 # %% auto 0
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
@@ -82,22 +82,32 @@ def _pool_to(x, hw):
 def _smaller(a, b): return a if a[0] * a[1] <= b[0] * b[1] else b
 
 # %% ../nbs/04_distill.ipynb 22
+def _aligned_widths(c_s, c_t, projector, direction) -> tuple:
+    "The widths (student, teacher) at which the two sides reach the loss: the one width of `direction`, or with projector 'none' each its own."
+    if projector != NO_PROJECTOR: return ({'up': c_t, 'down': c_s, 'middle': (c_s + c_t) // 2}[direction],) * 2
+    if direction != 'up':
+        raise ValueError(f"direction: {direction!r} projects the teacher's map, and projector {NO_PROJECTOR!r} projects neither side; "
+                         f"valid: up (the teacher's map as it is) with {NO_PROJECTOR!r}, or a projector that maps the widths with {direction!r}")
+    return c_s, c_t
+
+# %% ../nbs/04_distill.ipynb 23
 class Alignment(nn.Module):
-    "Student stage `stage` (shape `s_shape`) and the teacher's (`t_shape`) projected to one width and size."
+    "Student stage `stage` (shape `s_shape`) and the teacher's (`t_shape`) on one grid, projected to one width (with projector 'none': each at its own)."
     def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up', target=True):
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction: unknown {direction!r}; valid: {', '.join(DIRECTIONS)}")
         check_projector(projector, factor)
         (c_s, *hw_s), (c_t, *hw_t) = s_shape, t_shape
-        hw_s, hw_t, cls = tuple(hw_s), tuple(hw_t), PROJECTORS[projector]
+        hw_s, hw_t, cls = tuple(hw_s), tuple(hw_t), PROJECTORS.get(projector)
         self.stage, self.direction, self.s_shape, self.target = stage, direction, tuple(s_shape), bool(target)
-        self.width = {'up': c_t, 'down': c_s, 'middle': (c_s + c_t) // 2}[direction]
+        self.widths = _aligned_widths(c_s, c_t, projector, direction)
+        self.width = self.widths[0] if self.widths[0] == self.widths[1] else None   # None: each side at its own width
         if direction == 'up' and getattr(cls, 'resizes', False) and cls.supports(hw_s, hw_t):
             self.in_hw, self.hw = hw_s, hw_t   # the student at its own size, regressed to the teacher's
         else:
             self.in_hw = self.hw = tuple(_smaller(hw_s, hw_t))
-        self.student_proj = (nn.Identity() if direction == 'down' else
+        self.student_proj = (nn.Identity() if direction == 'down' or projector == NO_PROJECTOR else
                              make_projector(projector, c_s, self.width, factor, self.in_hw, self.hw))
         trainable_target = self.target and direction != 'up'
         self.teacher_proj = make_projector(projector, c_t, self.width, factor, self.hw, self.hw) if trainable_target else None
@@ -111,14 +121,14 @@ class Alignment(nn.Module):
         return t if self.teacher_proj is None else self.teacher_proj(t)
 
     def match(self, s, t):
-        "Equal-shape `(student, target)` for the loss, normalized when the target is trainable."
+        "`(student, target)` on one grid (and of one width unless projector 'none') for the loss, normalized when the target is trainable."
         hw = _smaller(tuple(s.shape[-2:]), tuple(t.shape[-2:]))
         s, t = _pool_to(s, hw), _pool_to(t, hw)
         return (s, t) if self.norm is None else (self.norm(s), self.norm(t))
 
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
-# %% ../nbs/04_distill.ipynb 31
+# %% ../nbs/04_distill.ipynb 34
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term, the aligned feature pairs and the student side each feature term reads."
@@ -131,7 +141,7 @@ class StepOutput:
     @property
     def total(self): return sum(self.terms.values())
 
-# %% ../nbs/04_distill.ipynb 32
+# %% ../nbs/04_distill.ipynb 35
 def _loss_pairs(losses, method=None) -> list:
     "`(name, weight)` pairs from loss names or pairs; a missing weight (a bare name, or None) from `default_loss_weights`."
     if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names or (name, weight) pairs, got the string {losses!r}")
@@ -145,26 +155,28 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
-# %% ../nbs/04_distill.ipynb 33
+# %% ../nbs/04_distill.ipynb 36
 STEP_INPUTS = ('labels', 'teacher', 'indices', 'progress')   # the step needs `distill_step` passes to a loss
 
 def num_classes(model) -> int:
     "Classes of a network (its head's outputs) or of a teacher that declares `num_classes`."
     return getattr(model, 'num_classes', None) or model.head.out_features
 
-# %% ../nbs/04_distill.ipynb 34
-def _supplied(teacher, width=None, num_samples=None) -> dict:
-    "What a distiller supplies to its losses: their build needs' values, and the step inputs it passes per batch (None here)."
+# %% ../nbs/04_distill.ipynb 37
+def _supplied(teacher, widths=None, num_samples=None) -> dict:
+    "What a distiller supplies to its losses: their build needs' values (`widths`: an alignment's (student, teacher) widths), and the step inputs it passes per batch (None here)."
     run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
     if num_samples is not None: run['num_samples'] = num_samples
-    return run if width is None else {'channels': width, **run}
+    if widths is None: return run
+    one = {'channels': widths[0]} if widths[0] == widths[1] else {}   # a loss of one width gets it only where both sides have it
+    return {**one, 'student_channels': widths[0], 'teacher_channels': widths[1], **run}
 
-# %% ../nbs/04_distill.ipynb 35
+# %% ../nbs/04_distill.ipynb 38
 def stage_pairs(layers) -> list:
     "The (earlier, later) stages a `kind='stages'` loss reads at each of `layers`: the previous listed stage, or k - 1 for the first (None at stage 1)."
     return [(a, k) if a >= 1 else None for a, k in zip([layers[0] - 1, *layers[:-1]], layers)] if layers else []
 
-# %% ../nbs/04_distill.ipynb 36
+# %% ../nbs/04_distill.ipynb 39
 TEACHER_MODES = ('frozen', 'online')
 
 def _teacher_mode(teacher, mode: str) -> bool:
@@ -174,7 +186,7 @@ def _teacher_mode(teacher, mode: str) -> bool:
     if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
     return mode == 'online'
 
-# %% ../nbs/04_distill.ipynb 38
+# %% ../nbs/04_distill.ipynb 41
 def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple:
     "The aligned stages and the loss named for each (None: every feature loss of the run), checked against the losses `named`."
     layers = tuple(int(k) for k in layers)
@@ -194,7 +206,7 @@ def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple
         raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {layers}")
     return layers, per_layer
 
-# %% ../nbs/04_distill.ipynb 39
+# %% ../nbs/04_distill.ipynb 42
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
@@ -235,7 +247,19 @@ class Distiller(nn.Module):
     def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
     def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
-# %% ../nbs/04_distill.ipynb 40
+# %% ../nbs/04_distill.ipynb 43
+def _check_widths(al: Alignment, names, feeds_head: bool):
+    "Refuse, where the two sides of `al` keep different widths (projector 'none'), a loss of `names` that compares maps of one width, and a reused head."
+    (c_s, c_t), one = al.widths, [n for n in names if not takes_own_widths(n)]
+    if c_s == c_t: return
+    mapping = ', '.join(n for n in PROJECTORS if n != 'identity')
+    if one: raise ValueError(f"projector: {NO_PROJECTOR!r} leaves stage {al.stage} {c_s} channels wide in the student and {c_t} in the teacher, "
+                             f"and {', '.join(one)} compares maps of one width; valid: a projector that maps the widths ({mapping}), or losses "
+                             f"that take each side at its own width ({', '.join(n for n in list_losses('feature') if takes_own_widths(n))})")
+    if feeds_head: raise ValueError(f"projector: {NO_PROJECTOR!r} leaves the student's stage {al.stage} {c_s} channels wide, and the reused "
+                                    f"teacher head reads {c_t}; valid: a projector that maps the widths ({mapping}), or no reused head (method kd)")
+
+# %% ../nbs/04_distill.ipynb 44
 @patch
 def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samples, shapes, projector, factor, direction, reuse_head):
     "An `Alignment` and its feature losses per aligned stage that has a loss term (or the reused head to feed)."
@@ -245,13 +269,14 @@ def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samp
         names = [n for n in names if LOSSES[n].kind != 'stages']
         if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
         al = Alignment(k, shapes[0][k - 1], shapes[1][k - 1], projector, factor, direction, target=bool(names))
+        _check_widths(al, names, reuse_head and k == self.layers[-1])
         self.alignments.append(al)
         self.alignment_weights.append(lam)
-        self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, al.width, num_samples)) for n in names}))
+        self.feature_losses.append(nn.ModuleDict({n: build_loss(n, options.get(n), _supplied(self.teacher, al.widths, num_samples)) for n in names}))
         for n in names:
             if n not in self.weights: self.weights[n] = default_loss_weights(self.method, [n])[0]
 
-# %% ../nbs/04_distill.ipynb 41
+# %% ../nbs/04_distill.ipynb 45
 @patch
 def _add_stage_losses(self: Distiller, pair, lam, names, options, num_samples, shapes_s, shapes_t):
     "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
@@ -288,7 +313,7 @@ def _check_head_is_trained(self: Distiller):
                      f"would stay at its initialization); valid: a feature loss at stage 4 with a weight above 0 (e.g. loss l2+fsp for fsp), "
                      f"a logit loss, or ce_weight > 0")
 
-# %% ../nbs/04_distill.ipynb 44
+# %% ../nbs/04_distill.ipynb 48
 @torch.no_grad()
 def _teacher_outputs(teacher, x, y, need_logits):
     "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
@@ -296,7 +321,7 @@ def _teacher_outputs(teacher, x, y, need_logits):
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
-# %% ../nbs/04_distill.ipynb 45
+# %% ../nbs/04_distill.ipynb 49
 def predict(self: Distiller, feats, s_last=None):
     "Logits of the deployed path from the student's features (and the last projected map when already computed)."
     if not self.reuse_head: return self.student.head(feats.embedding)
@@ -305,14 +330,14 @@ def predict(self: Distiller, feats, s_last=None):
     h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
     return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
-# %% ../nbs/04_distill.ipynb 46
+# %% ../nbs/04_distill.ipynb 50
 def _step_inputs(loss, inputs: dict) -> dict:
     "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
     missing = [n for n in step_needs(loss) if inputs[n] is None]
     if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
     return {n: inputs[n] for n in step_needs(loss)}
 
-# %% ../nbs/04_distill.ipynb 47
+# %% ../nbs/04_distill.ipynb 51
 def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
     "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
@@ -338,7 +363,7 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
     if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
-# %% ../nbs/04_distill.ipynb 52
+# %% ../nbs/04_distill.ipynb 56
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
@@ -351,21 +376,21 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
     return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 72
+# %% ../nbs/04_distill.ipynb 76
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
-# %% ../nbs/04_distill.ipynb 73
+# %% ../nbs/04_distill.ipynb 77
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
-# %% ../nbs/04_distill.ipynb 74
+# %% ../nbs/04_distill.ipynb 78
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
     terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
-# %% ../nbs/04_distill.ipynb 75
+# %% ../nbs/04_distill.ipynb 79
 def trained_modules(distiller: Distiller) -> list:
     "The distiller's parts that the main optimizer trains: all but the teacher (unless online) and the feature and stage losses that do not need `trainable`."
     frozen = ('feature_losses', 'stage_losses') + (() if getattr(distiller, 'online', False) else ('teacher',))   # an online teacher trains
@@ -373,17 +398,17 @@ def trained_modules(distiller: Distiller) -> list:
     return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
                    for l in losses.values() if 'trainable' in l.needs]
 
-# %% ../nbs/04_distill.ipynb 76
+# %% ../nbs/04_distill.ipynb 80
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 77
+# %% ../nbs/04_distill.ipynb 81
 def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 95
+# %% ../nbs/04_distill.ipynb 101
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -393,14 +418,14 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
-# %% ../nbs/04_distill.ipynb 96
+# %% ../nbs/04_distill.ipynb 102
 def deployed_module(distiller) -> nn.Module:
     "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
     if not distiller.reuse_head: return distiller.student
     head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
     return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
 
-# %% ../nbs/04_distill.ipynb 97
+# %% ../nbs/04_distill.ipynb 103
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -410,7 +435,7 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
-# %% ../nbs/04_distill.ipynb 98
+# %% ../nbs/04_distill.ipynb 104
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
@@ -424,7 +449,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
 
-# %% ../nbs/04_distill.ipynb 105
+# %% ../nbs/04_distill.ipynb 111
 class VirtualTeacher(nn.Module):
     "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
     reads_labels = True   # `distill_step` gives it the labels, not the images
@@ -443,7 +468,7 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 112
+# %% ../nbs/04_distill.ipynb 118
 class MutualDistiller(nn.Module):
     "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
     def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
@@ -468,7 +493,7 @@ class MutualDistiller(nn.Module):
     def forward(self, x): return self.student(x)
     def step(self, x, y, indices=None, progress=None): return mutual_step(self, x, y, indices, progress)
 
-# %% ../nbs/04_distill.ipynb 113
+# %% ../nbs/04_distill.ipynb 119
 def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> StepOutput:
     "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
     logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None, 'indices': indices, 'progress': progress}
@@ -484,7 +509,7 @@ def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> Ste
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 119
+# %% ../nbs/04_distill.ipynb 125
 def online_teacher_outputs(teacher, x, y):
     "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
     feats = teacher.forward_features(x)
@@ -498,7 +523,7 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
 
-# %% ../nbs/04_distill.ipynb 124
+# %% ../nbs/04_distill.ipynb 130
 class DeployedTeacher(nn.Module):
     "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
     def __init__(self, module: nn.Module):

@@ -286,6 +286,55 @@ def test_loss_heads_train_with_the_student_and_are_not_deployed(name, teacher):
     assert all(p.grad is not None for l in heads for p in l.parameters())
 
 
+# --- no projector: CRD on a pair of different widths, each side embedded from its own width
+
+def test_crd_without_projector_on_a_pair_of_different_widths(teacher):
+    "resnet8x4 (stage 4: 256 channels) into resnet8 (64): projector 'none' leaves the student unprojected, CRD embeds 64 and 256 channels to 128."
+    torch.manual_seed(0)
+    s = student()
+    d = make_distiller('kd', s, teacher, losses=[('crd', 0.8), ('kl', 1.0)], ce_weight=1.0, layers=(4,), projector='none', num_samples=16)
+    al, crd = d.alignments[0], d.feature_losses[0]['crd']
+    assert al.widths == (64, 256) and al.width is None and isinstance(al.student_proj, nn.Identity) and al.teacher_proj is None
+    assert (crd.embed_s.weight.shape, crd.embed_t.weight.shape) == ((128, 64), (128, 256))
+    assert deployable(d).projector_params == 0 and all(l in trained_modules(d) for l in (crd,))
+    opt = torch.optim.SGD(student_parameters(d), lr=0.1)
+    x, y, idx = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), torch.tensor([5, 6, 7, 8])
+    out = d.train().step(x, y, indices=idx)
+    assert set(out.terms) == {'ce', 'kl', 'crd@4'} and [t.shape[1] for t in out.aligned[0][:2]] == [64, 256]
+    before = [p.detach().clone() for p in (*crd.parameters(), *s.parameters())]
+    opt.zero_grad(); out.total.backward(); opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, (*crd.parameters(), *s.parameters())) if p.grad is not None)
+    assert all(p.grad is not None for p in crd.parameters()) and all(p.grad is None for p in teacher.parameters())
+
+
+def test_no_projector_trains_a_run_end_to_end(tmp_path):
+    "One epoch of CRD + KD on the second pair's shapes, with no projector, through the trainer."
+    from kd_nb.data import DeviceLoader
+    from kd_nb.trainer import TrainConfig, fit
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(16) % 10
+    loader = lambda train: DeviceLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3, train)
+    torch.manual_seed(0)
+    d = make_distiller('kd', student(), get_model('resnet8x4', num_classes=10), losses=[('crd', 0.8), ('kl', 1.0)], ce_weight=1.0,
+                       layers=(4,), projector='none', num_samples=16, loss_options={'crd': {'nce_k': 8}})
+    history = fit(d, loader(True), loader(False), TrainConfig(epochs=1, lr_milestones=(), progress=False, compile='off'), tmp_path, log=lambda *a: None)
+    assert history[0]['train_crd@4'] > 0 and history[0]['train_kl'] > 0
+
+
+def test_no_projector_refuses_what_needs_one_width(teacher):
+    "A loss that compares maps of one width, a reused head, or a teacher-side direction: each refused by name where the widths differ."
+    with pytest.raises(ValueError, match=r"projector: 'none' leaves stage 4 64 channels wide in the student and 256 in the teacher, "
+                                         r"and l2, adversarial compares maps of one width; valid: a projector that maps the widths \(simkd, linear"):
+        make_distiller('kd', student(), teacher, losses=['crd', 'l2', 'adversarial'], layers=(4,), projector='none', num_samples=8)
+    with pytest.raises(ValueError, match="reused teacher head reads 256; valid: a projector that maps the widths"):
+        make_distiller('simkd', student(), teacher, losses=['rkd'], projector='none')
+    with pytest.raises(ValueError, match="direction: 'middle' projects the teacher's map, and projector 'none' projects neither side"):
+        make_distiller('kd', student(), teacher, losses=['crd'], layers=(4,), projector='none', direction='middle', num_samples=8)
+    for name in ('rkd', 'pkt', 'cc', 'vid', 'at'):   # the other losses that take each side at its own width run too
+        d = make_distiller('kd', student(), teacher, losses=[name], layers=(4,), projector='none')
+        assert torch.isfinite(d.train().step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])).total)
+
+
 # --- CRD's memory bank is part of the run's checkpoint
 
 def test_crd_bank_and_metrics_resume_exactly(tmp_path):

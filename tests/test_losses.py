@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from kd_nb.losses import (KINDS, LOSSES, MEASURED_WEIGHT, NEEDS, build_loss, check_loss, check_options, get_loss,
-                          grad_norm_ratios, list_losses, loss_options, register_loss, step_needs, AlignmentLoss)
+                          grad_norm_ratios, list_losses, loss_options, register_loss, step_needs, takes_own_widths, AlignmentLoss)
 from kd_nb.models import get_model
 
 NAMES = list_losses()       # every registered loss is tested here without naming it
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 BATCH, CLASSES, CHANNELS = 8, 10, 8
-RUN = {'channels': CHANNELS, 'num_classes': CLASSES, 'num_samples': 64, **{n: None for n, need in NEEDS.items() if need.when == 'step'}}
+RUN = {'channels': CHANNELS, 'student_channels': CHANNELS, 'teacher_channels': CHANNELS, 'num_classes': CLASSES, 'num_samples': 64, **{n: None for n, need in NEEDS.items() if need.when == 'step'}}
 
 
 def build(name): return build_loss(name, run=RUN)
@@ -123,9 +123,23 @@ def test_adversarial_aux_step_trains_only_discriminator():
 
 @pytest.mark.parametrize('name', [n for n in list_losses('feature') if LOSSES[n].match != 'shape'])
 def test_losses_that_need_no_projector(name):
-    "A loss whose `match` is looser than the whole shape accepts a student with fewer channels than the teacher."
-    loss = build(name)
+    "A loss whose `match` is looser than the whole shape accepts a student with fewer channels than the teacher (its heads built for both widths)."
+    loss = build_loss(name, run={**RUN, 'student_channels': 3})
+    assert takes_own_widths(name)
     assert torch.isfinite(loss(torch.randn(BATCH, 3, 4, 4), torch.randn(BATCH, CHANNELS, 4, 4), **step_inputs(loss)))
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if {'student_channels', 'teacher_channels'} & set(LOSSES[n].needs)])
+def test_heads_are_built_from_each_sides_width(name):
+    "A loss that embeds each side by itself (CRD, CC, VID) is built for a student width and a teacher width, and refuses other widths by name."
+    loss = build_loss(name, run={**RUN, 'student_channels': 64, 'teacher_channels': 256})
+    assert loss.widths == (64, 256)
+    s, t = torch.randn(BATCH, 64, 4, 4, requires_grad=True), torch.randn(BATCH, 256, 4, 4)
+    v = loss(s, t, **step_inputs(loss))
+    v.backward()
+    assert torch.isfinite(v) and s.grad.abs().sum() > 0 and all(p.grad is not None for p in loss.parameters())
+    with pytest.raises(ValueError, match=f"{name}: student features have 256 channels; the loss was built for student_channels=64"):
+        loss(t, t, **step_inputs(loss))
 
 
 @pytest.mark.parametrize('name', [n for n in list_losses('feature') if LOSSES[n].match == 'shape'])
@@ -157,10 +171,11 @@ def test_published_default_weights_are_their_papers():
                       ('pkt', '-b 30000'), ('vid', '-b 1'), ('cc', '-b 0.02'), ('crd', '-b 0.8'), ('fsp', '-b 50'),
                       ('dkd', 'mdistiller configs/cifar100/dkd')]:
         assert ref in LOSSES[name].weight_source, name
-    dkd, crd, vid = LOSSES['dkd'](), LOSSES['crd'](channels=4, num_samples=10), LOSSES['vid'](channels=4)
+    widths = dict(student_channels=4, teacher_channels=4)
+    dkd, crd, vid = LOSSES['dkd'](), LOSSES['crd'](**widths, num_samples=10), LOSSES['vid'](**widths)
     assert (dkd.alpha, dkd.beta, dkd.T, dkd.warmup) == (1.0, 8.0, 4.0, 20 / 240)
     assert (crd.memory.k, crd.memory.t, crd.memory.m, crd.embed_s.out_features) == (16384, 0.07, 0.5, 128)
-    assert LOSSES['cc'](channels=4).embed_s.out_features == 128
+    assert LOSSES['cc'](**widths).embed_s.out_features == 128
     assert torch.allclose(vid.variance(), torch.full((4,), 5.0))
 
 

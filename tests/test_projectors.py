@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kd_nb.projectors import (FACTORS, PROJECTORS, ConvRegProjector, align_spatial, check_projector, list_projectors,
+from kd_nb.projectors import (FACTORS, NO_PROJECTOR, PROJECTORS, ConvRegProjector, align_spatial, check_projector, list_projectors,
+                              projector_choices,
                               make_projector, projector_knobs)
 
 
@@ -100,7 +101,7 @@ def test_sizes_are_optional_and_only_convreg_resizes():
 def test_check_projector():
     for name in list_projectors():
         for f in FACTORS: check_projector(name, f)
-    with pytest.raises(ValueError, match=f"^projector: unknown 'bottleneck'; valid: {', '.join(list_projectors())}$"):
+    with pytest.raises(ValueError, match=f"^projector: unknown 'bottleneck'; valid: {', '.join(list_projectors())}, none$"):
         check_projector("bottleneck")
     with pytest.raises(ValueError, match=r"^projector_t: unknown 'x'"):
         check_projector("x", knob="projector_t")
@@ -109,3 +110,14 @@ def test_check_projector():
             check_projector("simkd", bad)
     with pytest.raises(ValueError, match="factor: got 3"):
         make_projector("linear", 8, 8, factor=3)       # make_projector validates through check_projector
+
+
+def test_none_is_a_choice_of_the_knob_but_no_module():
+    "'none' (no projector on either side) passes the knob's check and takes no knob; there is no module to make."
+    assert projector_choices() == [*list_projectors(), NO_PROJECTOR] and NO_PROJECTOR == 'none' and 'none' not in PROJECTORS
+    for f in FACTORS: check_projector('none', f)
+    assert projector_knobs('none') == ()
+    with pytest.raises(ValueError, match=r"^projector 'none' builds no module \(each side reaches the loss at its own width\); valid: simkd, identity"):
+        make_projector('none', 64, 256)
+    with pytest.raises(ValueError, match="or 'none' for a loss that takes each side at its own width"):
+        make_projector('identity', 64, 256)

@@ -21,6 +21,7 @@ AXES = (
     + [dict(projector=p) for p in list_projectors() if p != 'identity']
     + [dict(projector='simkd', factor=f) for f in (1, 4, 8)]
     + [dict(projector='identity', teacher='resnet14')]          # equal widths: identity is allowed
+    + [dict(method='kd', loss='crd+kl', loss_weight='0.8,1', layers='4', projector='none')]   # no projector: CRD embeds 64 and 256 channels
     + [dict(direction=d) for d in ('down', 'middle')]
     + [dict(direction='middle', layers='all', projector='linear')]
 )
@@ -68,6 +69,7 @@ def test_adversarial_discriminator_is_trained(synthetic_cifar100, tmp_path):
     (dict(layer_weights='steep'), 'layer_weights'),
     (dict(layers='3,4', layer_losses='l2'), 'layer_losses'),
     (dict(projector='identity'), 'needs equal widths'),
+    (dict(projector='none'), "projector: 'none' leaves stage 4 64 channels wide in the student and 256 in the teacher, and l2"),
     (dict(direction='sideways'), 'up, down, middle'),
     (dict(loss='l2+huber'), "loss: unknown 'huber'"),
     (dict(loss_options='{"smooth_l1": {"gamma": 1}}', loss='smooth_l1'), 'gamma'),
