@@ -156,6 +156,7 @@ def test_report_html_names_everything_in_full_without_index(rendered):
         assert heading in html
     assert html.count('src="data:image/png;base64,') >= 8 and '<link' not in html and 'load_runs(' not in html
     assert 'kd-sweep report --runs' not in html                          # notes for whoever renders it stay out
+    assert 'runs that logged the pull of their losses' in html and 'Figure <code>pull</code>' not in html   # no run logged a pull
 
 
 def test_report_writes_tables_and_figures_for_a_paper(rendered):
@@ -194,6 +195,26 @@ def test_report_shows_the_deployment_figure_and_table(tmp_path):
     assert html_table(deploy_table(rows), deploy_caption(rows)) in text and "runs deployed by `kd-deploy study`" not in text
 
 
+def test_report_shows_how_hard_each_loss_pulls(tmp_path):
+    "Runs that logged the pull of their loss get the pull figure and a table of its first and last epoch: the mean of the seeds' CSV values."
+    runs = tmp_path / 'runs'
+    pulls = {'simkd': ({}, [[0.5, 0.25], [1.0, 0.5]]), 'w25': ({'loss_weight': 25}, [[8.0, 4.0], [16.0, 8.0]])}
+    for key, (knobs, per_seed) in pulls.items():
+        for seed, values in enumerate(per_seed):
+            write_run(runs / 'study', f'{key}-s{seed}', 60.0 + seed, seed, **knobs)
+            csv = runs / 'study' / f'{key}-s{seed}' / 'metrics.csv'
+            pd.read_csv(csv).assign(**{'train_pull_l2@4': values}).to_csv(csv, index=False)
+    write_run(runs / 'study', 'scratch-s0', 50.0, method='scratch')
+    out = tmp_path / 'report' / 'index.html'
+    assert main(['report', '--runs', str(runs), '--out', str(out), '--tables', str(tmp_path / 'paper')]) == 0
+    text = text_of(json.loads(out.with_suffix('.ipynb').read_text()))
+    assert 'Figure `pull`: the pull' in text and 'runs that logged the pull of their losses' not in text
+    assert '<tr><td>simkd loss_weight=25</td><td>l2@4</td><td>2</td><td>1 → 2</td><td>12</td><td>6</td><td>0.50</td></tr>' in text
+    assert '<tr><td>simkd</td><td>l2@4</td><td>2</td><td>1 → 2</td><td>0.75</td><td>0.375</td><td>0.50</td></tr>' in text
+    assert {'pull.pdf', 'pull.png', 'table-pull.md', 'table-pull.tex'} <= {p.name for p in (tmp_path / 'paper').iterdir()}
+    assert_valid_latex((tmp_path / 'paper' / 'table-pull.tex').read_text())
+
+
 def test_readme_tables_come_from_runs(known_runs):
     text = runs_tables(known_runs, ('scratch',))
     assert text.count('| setting | n |') == 2 and '| kd | 3 | 57.00 ± 1.73 | +5.00 [+2.52, +7.48] |' in text
@@ -228,6 +249,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
     assert 'Quick sweep' in text and 'resnet14 → resnet8' in text and 'Which alignment loss' in text and 'Which layers' in text
     assert '<td>simkd layers=3,4 layer_weights=increasing</td>' in text and '<td>fitnet</td>' in text
     assert text.count(NONE_YET) == 3                                     # one budget, no speed settings, nothing deployed
+    assert 'Figure `pull`' in text                                       # trained by eager steps on the CPU: the pull logged
     assert 'No incomplete or failed runs' in text
     html = out.read_text()
     assert '<table' in html and 'Δ vs scratch [95% CI]' in html and 'resnet14 → resnet8' in html
@@ -240,7 +262,7 @@ def test_report_of_quick_sweep_renders_figures_table_and_html(quick_runs, tmp_pa
 def test_summary_on_empty_runs_dir(tmp_path):
     nb = execute_summary(tmp_path / 'no-runs-yet', tmp_path / 'out.ipynb')
     text = text_of(nb)
-    assert text.count(NONE_YET) == 8 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
+    assert text.count(NONE_YET) == 9 and '0 runs, 0 finished' in text and 'No incomplete or failed runs' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
 
@@ -260,7 +282,7 @@ def test_summary_with_some_kinds_of_runs_and_failures(quick_runs, tmp_path):
     nb = execute_summary(runs, tmp_path / 'out.ipynb')
     text = text_of(nb)
     assert '4 runs, 2 finished' in text
-    assert text.count(NONE_YET) == 7                                     # only scratch runs finished: nothing to compare or deployed
+    assert text.count(NONE_YET) == 8                                     # only scratch runs finished: nothing to compare, deployed or pulled
     assert 'RuntimeError: CUDA out of memory' in text and 'ValueError: data_dir: no CIFAR-100 here' in text
     assert not [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
 
