@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 from kd_nb.experiment import SCHEME_KNOBS, resolve_config, run_experiment
-from kd_nb.run_table import axis_of, load_runs
+from kd_nb.run_table import QUANT_KNOBS, axis_of, load_runs
 from kd_nb.stats import study_stats, research_axes
 from kd_nb.sweep import expand, launch_waves, load_sweep, run_slurm, run_sweep, teacher_runs, validate
 from conftest import ROOT
@@ -58,7 +58,8 @@ def test_slurm_jobs_depend_on_their_teacher_runs_job(monkeypatch, tmp_path):
 
 
 def test_scheme_knobs_sit_on_the_scheme_axis():
-    assert all(axis_of((k,), 'simkd') == 'scheme' for k in SCHEME_KNOBS)
+    assert all(axis_of((k,), 'simkd') == 'scheme' for k in SCHEME_KNOBS if k not in QUANT_KNOBS)
+    assert [axis_of((k,), m) for k in QUANT_KNOBS for m in ('scratch', 'simkd')] == ['quantization'] * 2   # training precision: its own axis
     assert [axis_of((), m) for m in ('scratch', 'kd', 'simkd', 'tf_reg', 'tf_self', 'dml')] == ['method'] * 3 + ['scheme'] * 3
 
 
