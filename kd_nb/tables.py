@@ -351,9 +351,10 @@ def _evidence_text(c: dict) -> str:
 
 def findings_text(path, root=None) -> str:
     "The findings of `path` as a numbered Markdown list, each comparison measured from its runs (under `root`)."
-    root, cache, items = Path(root) if root else project_root(), {}, []
-    for i, f in enumerate(load_findings(root / path if not Path(path).is_absolute() else path)):
-        stats = lambda runs: cache.setdefault(runs, study_stats(load_runs(root / runs)))
+    from functools import cache
+    root, items = Path(root) if root else project_root(), []
+    stats = cache(lambda runs: study_stats(load_runs(root / runs)))   # each runs folder read once, however many findings cite it
+    for i, f in enumerate(load_findings(root / path)):
         own = lambda e: {k: e.get(k, f[k]) for k in ('better', 'than', 'expect')}   # an item may compare other labels, or expect otherwise
         cs = [{**comparison(stats(e['runs']), **own(e), pair=e.get('pair'), images=e.get('images')), **own(e)} for e in f['evidence']]
         scope = [f'on {n} only' for n, k in (('one pair', 'pair'), ('one budget', 'images_seen')) if len({c[k] for c in cs}) == 1]
