@@ -365,17 +365,21 @@ def finished_runs(runs_dir) -> tuple[list, list]:
     return ready, left
 
 # %% ../nbs/17_deploy.ipynb 56
+def _recorded(report: dict, int8: bool) -> dict | None:
+    "The `export.json` entry of the run's int8 file (`int8`) or of its exported model (fp32, or trained quantized)."
+    return report.get('int8') if int8 else report.get('fp32') or report.get('qat')
+
 def _export_step(folder: Path, int8: bool, calibration_images: int) -> tuple[str, str]:
     "Write the run's `model.int8.onnx` (`int8`) or `model.onnx` unless it is there and recorded; (action, what happened)."
     path = deploy_dir(folder) / (INT8_MODEL if int8 else MODEL)
     if path.exists():
         report = read_json(deploy_dir(folder) / REPORT) or {}
-        e = report.get('int8') if int8 else report.get('fp32') or report.get('qat')
+        e = _recorded(report, int8)
         if not e or e['file'] != path.name:
             raise DeployError(f"{path}: there, but {REPORT} records no top-1 for it; export it again: kd-deploy export {folder} --force" + (' --int8' if int8 else ''))
         return 'kept', f"kept {path.name} (already there): top-1 {e['top1']:.2f}%"
     r = int8_run(folder, calibration_images=calibration_images) if int8 else export_run(folder)
-    e = r['int8'] if int8 else r['fp32'] or r['qat']
+    e = _recorded(r, int8)
     return 'done', f"wrote {path.name}: top-1 {e['top1']:.2f}% on {e['test_images']} test images (run: {r['recorded_top1']:.2f}%), {e['bytes'] / 1000:,.1f} KB"
 
 def _bench_step(folder: Path, calls: int) -> tuple[str, str]:
