@@ -19,11 +19,11 @@ from .quantize import weight_bits, freeze_quantizers, dequantized
 
 # %% auto 0
 __all__ = ['DEPLOY_DIR', 'MODEL', 'INT8_MODEL', 'REPORT', 'TOLERANCE', 'OPSET', 'INPUT', 'OUTPUT', 'CALIBRATION_IMAGES',
-           'MIN_CALLS', 'QUIET', 'PRECISIONS', 'BENCH_FILES', 'TIMED', 'RECORD_COLUMNS', 'DeployError', 'run_model',
-           'run_loaders', 'recorded_top1', 'export_onnx', 'onnx_session', 'onnx_top1', 'check_top1', 'deploy_dir',
-           'export_run', 'check_calibration_images', 'quantize_onnx', 'int8_run', 'check_calls', 'time_onnx',
-           'teacher_module', 'bench_models', 'other_work', 'bench_run', 'runtime_ops', 'latest_bench', 'deployed_files',
-           'deploy_records', 'example_deploy', 'finished_runs', 'study_runs']
+           'MIN_CALLS', 'THROUGHPUT_BATCHES', 'QUIET', 'PRECISIONS', 'BENCH_FILES', 'TIMED', 'RECORD_COLUMNS',
+           'DeployError', 'run_model', 'run_loaders', 'recorded_top1', 'export_onnx', 'onnx_session', 'onnx_top1',
+           'check_top1', 'deploy_dir', 'export_run', 'check_calibration_images', 'quantize_onnx', 'int8_run',
+           'check_calls', 'time_onnx', 'teacher_module', 'bench_models', 'other_work', 'bench_run', 'runtime_ops',
+           'latest_bench', 'deployed_files', 'deploy_records', 'example_deploy', 'finished_runs', 'study_runs']
 
 # %% ../nbs/17_deploy.ipynb 5
 DEPLOY_DIR, MODEL, INT8_MODEL, REPORT = 'deploy', 'model.onnx', 'model.int8.onnx', 'export.json'
@@ -196,6 +196,7 @@ def int8_run(folder, out=None, force: bool = False, calibration_images: int = CA
 
 # %% ../nbs/17_deploy.ipynb 30
 MIN_CALLS = 200
+THROUGHPUT_BATCHES = 50
 
 def check_calls(calls) -> int:
     "`calls`, the timed batch-1 calls, if there are enough for a median and a 95th percentile; else a `DeployError` naming it."
@@ -203,8 +204,8 @@ def check_calls(calls) -> int:
         raise DeployError(f"calls: at least {MIN_CALLS} for a median and a 95th percentile, got {calls!r}")
     return calls
 
-def time_onnx(path, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64, batches: int = 10, input_size: int = 32) -> dict:
-    "Batch-1 latency (ms, median and p95 over `calls` calls, 1 thread) and batch-`batch` throughput (images/s, all threads) of `path`."
+def time_onnx(path, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64, batches: int = THROUGHPUT_BATCHES, input_size: int = 32) -> dict:
+    "Batch-1 latency (ms, median and p95 over `calls` calls, 1 thread) and batch-`batch` throughput (images/s over the median of `batches` batches, all threads) of `path`."
     check_calls(calls)
     one, many = (np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32) for b in (1, batch))
     sess, times = onnx_session(path, threads=1), []
@@ -213,10 +214,11 @@ def time_onnx(path, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64, b
         if i >= warmup: times.append(1000 * t)
     sess = onnx_session(path, threads=0)
     for _ in range(2): sess.run(None, {INPUT: many})
-    t0 = time.perf_counter()
-    for _ in range(batches): sess.run(None, {INPUT: many})
+    per_batch = []
+    for _ in range(batches):
+        t0 = time.perf_counter(); sess.run(None, {INPUT: many}); per_batch.append(time.perf_counter() - t0)
     return dict(bytes=Path(path).stat().st_size, latency_ms_median=statistics.median(times),
-                latency_ms_p95=float(np.percentile(times, 95)), throughput_images_per_s=batch * batches / (time.perf_counter() - t0))
+                latency_ms_p95=float(np.percentile(times, 95)), throughput_images_per_s=batch / statistics.median(per_batch))
 
 # %% ../nbs/17_deploy.ipynb 31
 def teacher_module(params: dict):
@@ -270,7 +272,7 @@ def bench_run(folder, out=None, calls: int = MIN_CALLS, json_path=None) -> dict:
                   git_commit=git_commit(), host=socket.gethostname(), cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
                   load_average=dict(before=load_before, after=os.getloadavg()),   # other work on the machine around the timing
                   other_cpu_cores=other,                                          # and during it, in cores (see other_work)
-                  config=dict(calls=calls, warmup=20, latency_threads=1, throughput_batch=64, throughput_threads='all', teacher=teacher),
+                  config=dict(calls=calls, warmup=20, latency_threads=1, throughput_batch=64, throughput_batches=THROUGHPUT_BATCHES, throughput_threads='all', teacher=teacher),
                   models=models,
                   teacher_over_student={n: dict(latency=ratio('latency_ms_median', n), bytes=ratio('bytes', n)) for n in models if n != 'teacher'})
     path = Path(json_path) if json_path else deploy_dir(folder, out) / f"bench-cpu-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -53,11 +53,11 @@ def test_every_committed_run_folder_says_how_it_ran():
     assert not missing, missing
 
 
-LAYERS = ['run_table', 'stats', ('tables', 'figures'), 'report']   # from run folders to the page
+LAYERS = ['run_table', 'stats', 'findings', ('tables', 'figures'), 'report']   # from run folders to the page
 
 
 def test_results_modules_import_one_way():
-    "Each results module imports only those before it: reading runs <- statistics <- tables and figures <- report."
+    "Each results module imports only those before it: reading runs <- statistics <- findings <- tables and figures <- report."
     order = {m: i for i, layer in enumerate(LAYERS) for m in ([layer] if isinstance(layer, str) else layer)}
     for module, rank in order.items():
         text = (ROOT / 'kd_nb' / f'{module}.py').read_text()

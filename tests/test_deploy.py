@@ -114,8 +114,8 @@ def files_of(folder) -> dict:
 @pytest.mark.slow
 def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(synthetic_cifar100, tmp_path, capsys):
     from kd_nb.run_table import load_runs, load_deploy
-    from kd_nb.stats import deploy_stats, seed_interval, paired_interval
-    from kd_nb.tables import deploy_table, deploy_caption, fill_tables, markdown_table
+    from kd_nb.stats import deploy_stats, seed_interval, paired_interval, difference_text
+    from kd_nb.tables import deploy_table, deploy_caption, deploy_reading, fill_tables, markdown_table
     from kd_nb.figures import deploy_figure
     runs = tmp_path / 'study'
     for seed in (0, 1):
@@ -163,7 +163,9 @@ def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(s
     ax = deploy_figure(stats).axes[0]
     assert len(ax.containers) == 3 and [c.lines[0].get_marker() for c in ax.containers] == ['o', 's', '^']
     page = fill_tables('<!-- deploy: study -->\n<!-- /deploy -->\n', tmp_path)
-    assert markdown_table(table) in page and page.endswith('*\n<!-- /deploy -->\n')
+    assert markdown_table(table) in page and page.endswith(f'*\n\n{deploy_reading(stats)}\n<!-- /deploy -->\n')
+    pooled = difference_text(stats['vs fp32'][1])                                          # one method: pooled = its own paired interval
+    assert f"**int8 (PTQ) against fp32**: top-1 {pooled} pooled over the seeds of 1 method setting (n=2); scratch {pooled}." in deploy_reading(stats)
 
     r = json.loads((runs / 'scratch-s1' / 'deploy' / REPORT).read_text())                # a file export.json does not record
     (runs / 'scratch-s1' / 'deploy' / REPORT).write_text(json.dumps({**r, 'int8': None}))
