@@ -249,8 +249,8 @@ def deploy_caption(rows) -> str:
             f"ONNX Runtime on the {_listed(rows, 'test_images')} test images, mean over n seeds [95% t interval, n−1 dof]; Δ vs fp32: paired "
             "per-seed difference against the same setting's fp32 file in points [95% paired t interval]; int8 (PTQ): the fp32 file quantized "
             f"after training by ONNX Runtime's static quantization ({_listed(rows, 'calibration_images')} calibration images); QAT b-bit: trained "
-            "with b-bit weights and 8-bit activations, deployed as int8 by the same quantizer from the levels it learned; size in KB of 1,000 "
-            "bytes; latency at batch 1 on one thread, median / 95th percentile of at least 200 calls; images/s at batch 64 on all threads, from the median of 50 batches; "
+            "with b-bit weights and 8-bit activations, deployed as int8 by the same quantizer from the levels it learned (ONNX Runtime has no "
+            "4-bit convolution, so a 4-bit file is stored and run in int8, as large as an 8-bit one); size in KB of 1,000 bytes; latency at batch 1 on one thread, median / 95th percentile of at least 200 calls; images/s at batch 64 on all threads, from the median of 50 batches; "
             f"timings are means over the seeds' files; teacher ÷ latency: {teacher}, over the row's median.")
     if len(set(d for ds in rows.devices for d in ds)) > 1: text += " The timings come from different CPUs: compare only rows timed on one."
     if rows.other_cpu_cores.notna().any():
