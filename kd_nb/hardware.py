@@ -107,9 +107,9 @@ def precision_name(dtype) -> str:
 # %% ../nbs/05_hardware.ipynb 23
 def ieee_fp32():
     "Compute CUDA's fp32 matrix products and convolutions in IEEE fp32, never in TF32."
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, 'fp32_precision'): matmul.fp32_precision = conv.conv.fp32_precision = 'ieee'  # torch >= 2.9
-    else: matmul.allow_tf32 = conv.allow_tf32 = False
+    # the flags every torch version has: torch.export reads cudnn.allow_tf32, which raises once cuDNN's per-operator
+    # fp32_precision flags (torch >= 2.9) disagree, so setting only the conv one would break a later ONNX export
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 # %% ../nbs/05_hardware.ipynb 24
 def autocast(device, dtype):

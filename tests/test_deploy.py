@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import quick_params
 from kd_nb.cli import deploy_main
-from kd_nb.deploy import BEST, MODEL, INT8_MODEL, REPORT, BENCH_FILES, run_loaders, run_model, onnx_session, runtime_ops
+from kd_nb.deploy import BEST, MODEL, INT8_MODEL, REPORT, BENCH_FILES, INPUT, run_loaders, run_model, onnx_session, runtime_ops
 from kd_nb.distill import deployed_module
 from kd_nb.experiment import RUN_KEYS, build_distiller, resolve_config, run_experiment
 from kd_nb.models import get_model
@@ -173,3 +173,17 @@ def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(s
     out = capsys.readouterr().out
     assert f"scratch-s1: int8: {runs / 'scratch-s1' / 'deploy' / INT8_MODEL}: there, but export.json records no top-1 for it" in out
     assert out.count(': bench: kept ') == 3                                                 # the other runs went on
+
+
+def test_a_process_that_turned_tf32_off_still_exports(tmp_path):
+    "A run turns TF32 off before it trains (`ieee_fp32`); an export later in the same process must still pass torch.export's flag check."
+    from kd_nb.deploy import export_onnx
+    from kd_nb.hardware import ieee_fp32
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        ieee_fp32()
+        model, x = get_model('resnet8', 10).eval(), torch.randn(2, 3, 32, 32)
+        got = onnx_session(export_onnx(model, tmp_path / 'm.onnx')).run(None, {INPUT: x.numpy()})[0]
+        np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
