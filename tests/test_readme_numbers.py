@@ -208,3 +208,21 @@ def test_converged_reading_quotes_the_committed_runs():
     assert assert_quotes_hold(text, at_b) >= 4
     early = study_stats(runs[runs.epochs == 1], baselines=('simkd',)).set_index('label')
     assert f"led by {early.loc['simkd loss=cosine', 'vs simkd']['mean']:.0f} points" in text
+
+
+DEPLOY_NAMES = {'scratch': 'scratch', 'KD': 'kd', 'SimKD-L2': 'simkd', 'SimKD-smooth L1': 'simkd loss=smooth_l1'}
+
+
+def test_deploy_retrains_quote_their_runs():
+    "Each fp32 retrain the deployment study quotes, and the committed run it repeats, is read back from the two run folders."
+    from kd_nb.run_table import load_runs
+    text = section('### The deployment study', '<!-- deploy:')
+    quoted = re.findall(r'(' + '|'.join(DEPLOY_NAMES) + r')\s+(\d+\.\d\d)\s+\(committed (\d+\.\d\d)\)', text)
+    assert {name for name, *_ in quoted} == set(DEPLOY_NAMES), quoted
+    top1 = lambda runs, label: runs[(runs.label == DEPLOY_NAMES[label]) & (runs.seed == 0) & (runs.epochs == 8)].best_test_acc
+    retrains = load_runs(CONVERGED / 'deploy')
+    everything = load_runs(CONVERGED)
+    committed = everything[~everything.run.str.startswith('deploy/')]
+    for name, again, before in quoted:
+        assert list(top1(retrains, name)) == [float(again)], name
+        assert float(before) in set(top1(committed, name)), name
