@@ -10,7 +10,7 @@ from .experiment import project_root, project_path
 from .run_table import SETTING, load_runs, load_deploy, dedupe, execution, _precision, _on, _missing
 from .stats import (mean_std, _seed_difference, aggregate, seed_interval, paired_interval, verdict, difference_text, study_stats,
                          budget_rows, choose_budget, deploy_stats)
-from .deploy import QUIET, PRECISIONS
+from .deploy import QUIET, PRECISIONS, MIN_CALLS, THROUGHPUT_BATCHES
 from .findings import findings_text
 
 # %% auto 0
@@ -127,6 +127,11 @@ def speed_table(df, metric='best_test_acc'):
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 # %% ../nbs/13_tables.ipynb 30
+def _one_setting(rows, name: str = 'rows'):
+    "`rows` if they are the rows of one setting; else a ValueError naming the settings found."
+    if rows.setting.nunique() > 1: raise ValueError(f"{name}: expected the rows of one setting, got {sorted(rows.setting.unique())}")
+    return rows
+
 def top1_text(row, digits: int = 2) -> str:
     "Top-1 of a row of `study_stats` as mean ± std; `mean (single seed)` for one seed."
     return f"{row['mean']:.{digits}f} (single seed)" if row['n'] == 1 else mean_std(row['mean'], row['std'], digits=digits)
@@ -135,7 +140,7 @@ def top1_text(row, digits: int = 2) -> str:
 def study_table(stats, baselines=('simkd',)):
     "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters."
     import pandas as pd
-    if stats.setting.nunique() > 1: raise ValueError(f"stats: expected the rows of one setting, got {sorted(stats.setting.unique())}")
+    _one_setting(stats, 'stats')
     rows = stats.sort_values(['mean', 'label'], ascending=[False, True])
     table = pd.DataFrame({'setting': rows.label, 'n': rows.n, 'top-1 (%)': [top1_text(r) for r in rows.to_dict('records')]})
     for b in baselines:
@@ -223,7 +228,7 @@ def _timing(r, text) -> str: return '—' if _missing(r['latency_ms_median']) el
 def deploy_table(rows):
     "The rows of one setting of `deploy_stats`: per method setting and precision, n, top-1 with its interval, the difference against fp32, size, latency, throughput, the teacher's latency over the row's."
     import pandas as pd
-    if rows.setting.nunique() > 1: raise ValueError(f"rows: expected the rows of one setting, got {sorted(rows.setting.unique())}")
+    _one_setting(rows)
     recs = rows.to_dict('records')
     ratio = lambda r: '—' if _missing(r['teacher_latency_ms_median']) or _missing(r['latency_ms_median']) else f"{r['teacher_latency_ms_median'] / r['latency_ms_median']:.1f}×"
     return pd.DataFrame({'setting': rows.label.values, 'precision': rows.precision.values, 'n': rows.n.values,
@@ -250,7 +255,9 @@ def deploy_caption(rows) -> str:
             "per-seed difference against the same setting's fp32 file in points [95% paired t interval]; int8 (PTQ): the fp32 file quantized "
             f"after training by ONNX Runtime's static quantization ({_listed(rows, 'calibration_images')} calibration images); QAT b-bit: trained "
             "with b-bit weights and 8-bit activations, deployed as int8 by the same quantizer from the levels it learned (ONNX Runtime has no "
-            "4-bit convolution, so a 4-bit file is stored and run in int8, as large as an 8-bit one); size in KB of 1,000 bytes; latency at batch 1 on one thread, median / 95th percentile of at least 200 calls; images/s at batch 64 on all threads, from the median of 50 batches; "
+            "4-bit convolution, so a 4-bit file is stored and run in int8, as large as an 8-bit one); size in KB of 1,000 bytes; latency at "
+            f"batch 1 on one thread, median / 95th percentile of at least {MIN_CALLS} calls; images/s at batch 64 on all threads, from the "
+            f"median of {THROUGHPUT_BATCHES} batches; "
             f"timings are means over the seeds' files; teacher ÷ latency: {teacher}, over the row's median.")
     if len(set(d for ds in rows.devices for d in ds)) > 1: text += " The timings come from different CPUs: compare only rows timed on one."
     if rows.other_cpu_cores.notna().any():
@@ -259,8 +266,6 @@ def deploy_caption(rows) -> str:
     return text
 
 # %% ../nbs/13_tables.ipynb 60
-def _change(new, old, unit: str = '') -> str: return f"{new:,.3g}{unit} ({new / old - 1:+.0%})"
-
 def _ranged(values, fmt) -> str:
     "The range of `values` (NaN left out) written with `fmt`: 'a' when they agree to it, 'a–b' otherwise; '—' when none is known."
     v = sorted(x for x in values if not _missing(x))
@@ -271,7 +276,7 @@ def _ranged(values, fmt) -> str:
 def deploy_reading(rows, baseline: str = 'scratch') -> str:
     "The reading of the rows of one setting of `deploy_stats`: what each method setting costs at deployment in fp32 against `baseline` (size, latency, top-1), and what each quantized precision costs against fp32, per method setting and pooled."
     import pandas as pd
-    if rows.setting.nunique() > 1: raise ValueError(f"rows: expected the rows of one setting, got {sorted(rows.setting.unique())}")
+    _one_setting(rows)
     recs = rows.to_dict('records')
     fp32 = {r['label']: r for r in recs if r['precision'] == 'fp32'}
     ms = lambda r: '—' if _missing(r['latency_ms_median']) else f"{r['latency_ms_median']:.3f} ms"
