@@ -162,7 +162,7 @@ def data_main(argv=None) -> int:
     return 0
 
 # %% ../nbs/18_cli.ipynb 24
-from .deploy import DeployError, CALIBRATION_IMAGES, MIN_CALLS, export_run, int8_run, bench_run, study_runs
+from .deploy import DeployError, CALIBRATION_IMAGES, MIN_CALLS, ROUNDS, export_run, int8_run, bench_run, study_runs
 
 def deploy_parser() -> argparse.ArgumentParser:
     "The arguments of `kd-deploy`."
@@ -179,11 +179,14 @@ def deploy_parser() -> argparse.ArgumentParser:
     bench.add_argument('run', help='a run folder exported by kd-deploy export')
     bench.add_argument('--out', help='the folder export wrote to (default: RUN/deploy)')
     bench.add_argument('--calls', type=int, default=MIN_CALLS, help=f'timed batch-1 calls (default and minimum: {MIN_CALLS})')
-    bench.add_argument('--json', help='result file (default: RUN/deploy/bench-cpu-<host>-<time>.json)')
+    bench.add_argument('--rounds', type=int, default=ROUNDS, help=f'rounds the files are timed in, interleaved; each figure the median over them (default: {ROUNDS})')
+    bench.add_argument('--json', help='result file, never replaced (default: RUN/deploy/bench-cpu-<host>-<time>.json)')
     study = sub.add_parser('study', help='export (fp32 and int8) and time every finished run of a folder, keeping the files there')
     study.add_argument('runs_dir', help='a folder of runs, e.g. runs/<sweep>')
     study.add_argument('--calibration-images', type=int, default=CALIBRATION_IMAGES, help=f'as for export (default: {CALIBRATION_IMAGES})')
     study.add_argument('--calls', type=int, default=MIN_CALLS, help=f'as for bench (default and minimum: {MIN_CALLS})')
+    study.add_argument('--rounds', type=int, default=ROUNDS, help=f"rounds every run's files are timed in together (default: {ROUNDS})")
+    study.add_argument('--retime', action='store_true', help='time the study again even where one bench already times every file as it is')
     return p
 
 # %% ../nbs/18_cli.ipynb 25
@@ -197,14 +200,14 @@ def deploy_main(argv=None) -> int:
     args = deploy_parser().parse_args(argv)
     try:
         if args.command == 'study':
-            steps = study_runs(args.runs_dir, args.calibration_images, args.calls)
+            steps = study_runs(args.runs_dir, args.calibration_images, args.calls, args.rounds, args.retime)
             return 1 if any(s['action'] == 'failed' for s in steps) else 0
         if args.command == 'export':
             r = export_run(args.run, args.out, args.force)
             if args.int8: r = int8_run(args.run, args.out, args.force, args.calibration_images)
             _print_export(r)
         else:
-            r = bench_run(args.run, args.out, args.calls, args.json)
+            r = bench_run(args.run, args.out, args.calls, args.json, args.rounds)
             for name, m in r['models'].items():
                 print(f"{name:<13} batch 1: {m['latency_ms_median']:.2f} ms median, {m['latency_ms_p95']:.2f} ms p95; "
                       f"batch 64: {m['throughput_images_per_s']:.0f} images/s; {m['bytes'] / 1e6:.2f} MB")

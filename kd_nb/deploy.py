@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_deploy.ipynb 3
 from __future__ import annotations
-import contextlib, io, os, socket, statistics, tempfile, time
+import contextlib, datetime, io, os, socket, statistics, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,11 +19,12 @@ from .quantize import weight_bits, freeze_quantizers, dequantized
 
 # %% auto 0
 __all__ = ['DEPLOY_DIR', 'MODEL', 'INT8_MODEL', 'REPORT', 'TOLERANCE', 'OPSET', 'INPUT', 'OUTPUT', 'CALIBRATION_IMAGES',
-           'MIN_CALLS', 'THROUGHPUT_BATCHES', 'QUIET', 'PRECISIONS', 'BENCH_FILES', 'TIMED', 'RECORD_COLUMNS',
+           'MIN_CALLS', 'THROUGHPUT_BATCHES', 'ROUNDS', 'TIMED', 'QUIET', 'PRECISIONS', 'BENCH_FILES', 'RECORD_COLUMNS',
            'DeployError', 'run_model', 'run_loaders', 'recorded_top1', 'export_onnx', 'onnx_session', 'onnx_top1',
            'check_top1', 'deploy_dir', 'export_run', 'check_calibration_images', 'quantize_onnx', 'int8_run',
-           'check_calls', 'time_onnx', 'teacher_module', 'bench_models', 'other_work', 'bench_run', 'runtime_ops',
-           'latest_bench', 'deployed_files', 'deploy_records', 'example_deploy', 'finished_runs', 'study_runs']
+           'check_calls', 'check_rounds', 'interleaved_order', 'time_onnx', 'teacher_module', 'other_work',
+           'bench_runs', 'bench_run', 'runtime_ops', 'latest_bench', 'deployed_files', 'deploy_records',
+           'example_deploy', 'finished_runs', 'study_runs']
 
 # %% ../nbs/17_deploy.ipynb 5
 DEPLOY_DIR, MODEL, INT8_MODEL, REPORT = 'deploy', 'model.onnx', 'model.int8.onnx', 'export.json'
@@ -197,6 +198,7 @@ def int8_run(folder, out=None, force: bool = False, calibration_images: int = CA
 # %% ../nbs/17_deploy.ipynb 30
 MIN_CALLS = 200
 THROUGHPUT_BATCHES = 50
+ROUNDS = 10   # rounds a bench interleaves its files over
 
 def check_calls(calls) -> int:
     "`calls`, the timed batch-1 calls, if there are enough for a median and a 95th percentile; else a `DeployError` naming it."
@@ -204,46 +206,80 @@ def check_calls(calls) -> int:
         raise DeployError(f"calls: at least {MIN_CALLS} for a median and a 95th percentile, got {calls!r}")
     return calls
 
-def time_onnx(path, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64, batches: int = THROUGHPUT_BATCHES, input_size: int = 32) -> dict:
-    "Batch-1 latency (ms, median and p95 over `calls` calls, 1 thread) and batch-`batch` throughput (images/s over the median of `batches` batches, all threads) of `path`."
-    check_calls(calls)
-    one, many = (np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32) for b in (1, batch))
-    sess, times = onnx_session(path, threads=1), []
-    for i in range(warmup + calls):
-        t0 = time.perf_counter(); sess.run(None, {INPUT: one}); t = time.perf_counter() - t0
-        if i >= warmup: times.append(1000 * t)
-    sess = onnx_session(path, threads=0)
-    for _ in range(2): sess.run(None, {INPUT: many})
-    per_batch = []
-    for _ in range(batches):
-        t0 = time.perf_counter(); sess.run(None, {INPUT: many}); per_batch.append(time.perf_counter() - t0)
-    return dict(bytes=Path(path).stat().st_size, latency_ms_median=statistics.median(times),
-                latency_ms_p95=float(np.percentile(times, 95)), throughput_images_per_s=batch / statistics.median(per_batch))
+def check_rounds(rounds) -> int:
+    "`rounds`, the rounds a bench interleaves its files over, if a whole number of at least 1; else a `DeployError` naming it."
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise DeployError(f"rounds: a whole number of rounds, at least 1, got {rounds!r}")
+    return rounds
 
-# %% ../nbs/17_deploy.ipynb 31
+def interleaved_order(names: list, rounds: int, seed: int = 0) -> list[list]:
+    "The order a bench visits `names` in each of `rounds` rounds: every name once a round, in a new random order each round."
+    rng = np.random.default_rng(seed)
+    return [[names[i] for i in rng.permutation(len(names))] for _ in range(rounds)]
+
+# %% ../nbs/17_deploy.ipynb 32
+def _latencies(sess, one, calls: int, warmup: int) -> list[float]:
+    "`calls` batch-1 latencies (ms) of the session `sess` after `warmup` untimed calls."
+    for _ in range(warmup): sess.run(None, {INPUT: one})
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter(); sess.run(None, {INPUT: one}); times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+def time_onnx(paths: dict, rounds: int = ROUNDS, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64,
+              batches: int = THROUGHPUT_BATCHES, input_size: int = 32, seed: int = 0) -> dict:
+    "Batch-1 latency (ms, median and p95 of `calls` calls, 1 thread) and batch-`batch` throughput (images/s from the median of `batches` batches, all threads) of each file in `paths` (name: path), timed together in `rounds` interleaved rounds: medians over the rounds."
+    check_calls(calls); check_rounds(rounds)
+    one, many = (np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32) for b in (1, batch))
+    single = {n: onnx_session(p, threads=1) for n, p in paths.items()}
+    multi = {n: onnx_session(p, threads=0) for n, p in paths.items()}
+    lat, per_batch = {n: [] for n in paths}, {n: [] for n in paths}
+    for order in interleaved_order(list(paths), rounds, seed):
+        for n in order: lat[n].append(_latencies(single[n], one, calls, warmup))
+        for n in order: per_batch[n].append(statistics.median(_latencies(multi[n], many, batches, 2)) / 1000)
+    med = statistics.median
+    return {n: dict(bytes=Path(p).stat().st_size, latency_ms_median=med(med(t) for t in lat[n]),
+                    latency_ms_p95=med(float(np.percentile(t, 95)) for t in lat[n]),
+                    throughput_images_per_s=batch / med(per_batch[n]), latency_ms_rounds=[med(t) for t in lat[n]])
+            for n, p in paths.items()}
+
+# %% ../nbs/17_deploy.ipynb 33
 def teacher_module(params: dict):
     "The run's teacher network for timing (untrained weights; a `teacher_run`'s deployed model), or None when the method has none."
     if not needs_teacher(params['method']): return None
     nc = dataset_info(params['dataset']).num_classes
     return run_teacher(project_path(params['teacher_run']), nc, load=False).module if params.get('teacher_run') else get_model(params['teacher'], nc)
 
-# %% ../nbs/17_deploy.ipynb 32
-def bench_models(folder, out=None, calls: int = MIN_CALLS) -> tuple[dict, str | None]:
-    "The timings of the run's exported files (with their recorded top-1) and of its teacher, and what the teacher is."
-    d = deploy_dir(folder, out)
-    files = {'student': d / MODEL, 'student_int8': d / INT8_MODEL}
-    if not files['student'].is_file(): raise DeployError(f"{files['student']}: nothing to time; run kd-deploy export first")
-    _, params = run_model(folder)
-    models = {name: time_onnx(p, calls) for name, p in files.items() if p.is_file()}
-    teacher = teacher_module(params)
-    if teacher is not None:
-        with tempfile.TemporaryDirectory() as tmp: models['teacher'] = time_onnx(export_onnx(teacher, Path(tmp) / 'teacher.onnx'), calls)
-    report = read_json(d / REPORT) or {}
-    for name, key in (('student', 'fp32'), ('student', 'qat'), ('student_int8', 'int8')):
-        if report.get(key) and name in models: models[name]['top1'] = report[key]['top1']
-    return models, None if teacher is None else (params.get('teacher_run') or params['teacher'])
-
 # %% ../nbs/17_deploy.ipynb 34
+TIMED = {MODEL: 'student', INT8_MODEL: 'student_int8'}   # each file's name among a bench's models
+
+def _teacher_name(params: dict) -> str | None:
+    "What the run's teacher is: its `teacher_run`, else its architecture; None for a method without one."
+    return (params.get('teacher_run') or params['teacher']) if needs_teacher(params['method']) else None
+
+def _time_runs(folders: list, out, calls: int, rounds: int) -> list[tuple]:
+    "(models, teacher name) of each run in `folders`: its exported files (with their recorded top-1) and its teacher, all timed in one `time_onnx` (a teacher shared by runs: once)."
+    files, teachers, names = {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, folder in enumerate(folders):
+            d = deploy_dir(folder, out)
+            if not (d / MODEL).is_file(): raise DeployError(f"{d / MODEL}: nothing to time; run kd-deploy export first")
+            files.update({(i, name): d / f for f, name in TIMED.items() if (d / f).is_file()})
+            params = run_model(folder)[1]
+            names.append(_teacher_name(params))
+            if names[-1] is not None and names[-1] not in teachers:
+                teachers[names[-1]] = export_onnx(teacher_module(params), Path(tmp) / f'teacher{len(teachers)}.onnx')
+        timed = time_onnx({**files, **{('teacher', n): p for n, p in teachers.items()}}, rounds, calls)
+    runs = []
+    for i, (folder, teacher) in enumerate(zip(folders, names)):
+        models, report = {name: timed[(j, name)] for j, name in files if j == i}, read_json(deploy_dir(folder, out) / REPORT) or {}
+        for name, key in (('student', 'fp32'), ('student', 'qat'), ('student_int8', 'int8')):
+            if report.get(key) and name in models: models[name]['top1'] = report[key]['top1']
+        if teacher is not None: models['teacher'] = timed[('teacher', teacher)]
+        runs.append((models, teacher))
+    return runs
+
+# %% ../nbs/17_deploy.ipynb 36
 QUIET = 0.1   # share of the cores other work may use while timing before a table marks the timings
 
 def _machine_busy_s() -> float | None:
@@ -260,27 +296,39 @@ def other_work(timed) -> tuple:
     other = (_machine_busy_s() - busy) - (time.process_time() - own)
     return result, max(other, 0.0) / (time.perf_counter() - t0)
 
-# %% ../nbs/17_deploy.ipynb 37
-def bench_run(folder, out=None, calls: int = MIN_CALLS, json_path=None) -> dict:
-    "Time the run's exported files and its teacher on this CPU; write and return the results (`json_path`, else one file per machine in the deploy folder)."
+# %% ../nbs/17_deploy.ipynb 39
+def bench_runs(folders, out=None, calls: int = MIN_CALLS, rounds: int = ROUNDS, json_path=None) -> list[dict]:
+    "Time the exported files of the runs in `folders` and their teachers together on this CPU (`time_onnx`); write and return one result per run (`json_path` for a single run, else a file per machine and time in each deploy folder)."
     import onnx, onnxruntime as ort
-    folder, load_before = Path(folder), os.getloadavg()
-    (models, teacher), other = other_work(lambda: bench_models(folder, out, calls))
-    ratio = lambda k, name: models['teacher'][k] / models[name][k] if 'teacher' in models else None
-    result = dict(benchmark='deploy', run=project_relative(folder), device='cpu', device_name=device_name('cpu'),
-                  onnxruntime=ort.__version__, onnx=onnx.__version__, torch=torch.__version__, kd_nb=kd_nb.__version__,
-                  git_commit=git_commit(), host=socket.gethostname(), cpu_count=os.cpu_count(), timestamp=time.strftime('%Y-%m-%dT%H:%M:%S'),
-                  load_average=dict(before=load_before, after=os.getloadavg()),   # other work on the machine around the timing
-                  other_cpu_cores=other,                                          # and during it, in cores (see other_work)
-                  config=dict(calls=calls, warmup=20, latency_threads=1, throughput_batch=64, throughput_batches=THROUGHPUT_BATCHES, throughput_threads='all', teacher=teacher),
-                  models=models,
-                  teacher_over_student={n: dict(latency=ratio('latency_ms_median', n), bytes=ratio('bytes', n)) for n in models if n != 'teacher'})
-    path = Path(json_path) if json_path else deploy_dir(folder, out) / f"bench-cpu-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(result, path)
-    return {**result, 'path': str(path)}
+    folders, load_before = [Path(f) for f in folders], os.getloadavg()
+    if json_path and len(folders) != 1: raise DeployError(f"json_path: one result file names one run, got {len(folders)} runs")
+    timed, other = other_work(lambda: _time_runs(folders, out, calls, rounds))
+    now, load_after, files = datetime.datetime.now(), os.getloadavg(), sum(len(m) - ('teacher' in m) for m, _ in timed) + len({t for _, t in timed if t})
+    paths = [Path(json_path) if json_path else deploy_dir(f, out) / f"bench-cpu-{socket.gethostname()}-{now:%Y%m%d-%H%M%S-%f}.json" for f in folders]
+    for p in paths:
+        if p.exists(): raise DeployError(f"{p}: already there; a bench never replaces one (name another --json)")
+    results = []
+    for folder, path, (models, teacher) in zip(folders, paths, timed):
+        ratio = lambda k, name: models['teacher'][k] / models[name][k] if 'teacher' in models else None
+        result = dict(benchmark='deploy', run=project_relative(folder), device='cpu', device_name=device_name('cpu'),
+                      onnxruntime=ort.__version__, onnx=onnx.__version__, torch=torch.__version__, kd_nb=kd_nb.__version__,
+                      git_commit=git_commit(), host=socket.gethostname(), cpu_count=os.cpu_count(), timestamp=now.isoformat(timespec='microseconds'),
+                      load_average=dict(before=load_before, after=load_after),   # other work on the machine around the timing
+                      other_cpu_cores=other,                                     # and during it, in cores (see other_work)
+                      config=dict(calls=calls, warmup=20, latency_threads=1, throughput_batch=64, throughput_batches=THROUGHPUT_BATCHES,
+                                  throughput_threads='all', rounds=rounds, runs_timed_together=len(folders), files_timed_together=files, teacher=teacher),
+                      models=models,
+                      teacher_over_student={n: dict(latency=ratio('latency_ms_median', n), bytes=ratio('bytes', n)) for n in models if n != 'teacher'})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(result, path)
+        results.append({**result, 'path': str(path)})
+    return results
 
-# %% ../nbs/17_deploy.ipynb 45
+def bench_run(folder, out=None, calls: int = MIN_CALLS, json_path=None, rounds: int = ROUNDS) -> dict:
+    "`bench_runs` of the one run in `folder`."
+    return bench_runs([folder], out, calls, rounds, json_path)[0]
+
+# %% ../nbs/17_deploy.ipynb 47
 def runtime_ops(path) -> set:
     "The operators ONNX Runtime runs for the ONNX file `path` on the CPU after its graph optimizations (`QLinearConv`: int8 kernels; `Conv`: float)."
     import onnx, onnxruntime as ort
@@ -291,13 +339,12 @@ def runtime_ops(path) -> set:
         ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
         return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
 
-# %% ../nbs/17_deploy.ipynb 46
+# %% ../nbs/17_deploy.ipynb 48
 PRECISIONS = ('fp32', 'int8 (PTQ)', 'QAT 8-bit', 'QAT 4-bit')
 BENCH_FILES = 'bench-cpu-*.json'
-TIMED = {MODEL: 'student', INT8_MODEL: 'student_int8'}   # each file's name among a bench's models
 RECORD_COLUMNS = ('precision', 'file', 'bytes', 'top1', 'test_images', 'calibration_images', 'onnxruntime', 'bench', 'device_name',
                   'cpu_count', 'latency_ms_median', 'latency_ms_p95', 'throughput_images_per_s', 'timed_teacher', 'teacher_latency_ms_median',
-                  'other_cpu_cores')
+                  'other_cpu_cores', 'rounds')
 
 def latest_bench(folder, out=None) -> tuple:
     "The newest bench of the run in `folder` (by its timestamp) and its file name; (None, None) without one."
@@ -309,7 +356,7 @@ def deployed_files(report: dict) -> list:
     if report.get('qat'): return [(f"QAT {report['qat']['weight_bits']}-bit", report.get('int8'))]
     return [('fp32', report.get('fp32')), ('int8 (PTQ)', report.get('int8'))]
 
-# %% ../nbs/17_deploy.ipynb 47
+# %% ../nbs/17_deploy.ipynb 49
 def _timings(bench: dict | None, name, timed: dict | None) -> dict:
     "A file's timings in the bench `name`, the teacher's there, and the other work on the CPU meanwhile (cores; a bench that could not measure it: its 1-minute load average before)."
     if not timed: return dict(bench=None)
@@ -317,7 +364,8 @@ def _timings(bench: dict | None, name, timed: dict | None) -> dict:
     return dict(bench=name, device_name=bench['device_name'], cpu_count=bench['cpu_count'], latency_ms_median=timed['latency_ms_median'],
                 latency_ms_p95=timed['latency_ms_p95'], throughput_images_per_s=timed['throughput_images_per_s'],
                 timed_teacher=bench['config'].get('teacher'), teacher_latency_ms_median=teacher.get('latency_ms_median'),
-                other_cpu_cores=bench['load_average']['before'][0] if other is None else other)
+                other_cpu_cores=bench['load_average']['before'][0] if other is None else other,
+                rounds=bench['config'].get('rounds', 1))   # a bench before interleaving timed its files in one round
 
 def deploy_records(folder, out=None) -> list[dict]:
     "One record per file the run in `folder` deploys: precision, file, size, ONNX Runtime top-1 (`export.json`) and timings (newest bench)."
@@ -334,7 +382,7 @@ def deploy_records(folder, out=None) -> list[dict]:
                             calibration_images=entry.get('calibration_images'), onnxruntime=report.get('onnxruntime'), **_timings(bench, name, timed)))
     return records
 
-# %% ../nbs/17_deploy.ipynb 50
+# %% ../nbs/17_deploy.ipynb 52
 def example_deploy(folder, top1: float, int8_top1: float, bits: int | None = None, ms=(1.0, 0.4), kb=(300.0, 90.0),
                    teacher_ms: float | None = 3.0, other: float = 0.0, when: str = '2026-01-01T00:00:00') -> Path:
     "The deploy folder of the run in `folder` as `kd-deploy study` leaves it, with these top-1s, batch-1 medians `ms` and sizes `kb` (fp32 or QAT file, then int8)."
@@ -348,10 +396,10 @@ def example_deploy(folder, top1: float, int8_top1: float, bits: int | None = Non
     models = {'student': timed(ms[0], kb[0]), 'student_int8': timed(ms[1], kb[1]), **({'teacher': timed(teacher_ms, 1000)} if teacher_ms else {})}
     write_json(dict(benchmark='deploy', run=str(folder), device='cpu', device_name='Example CPU', onnxruntime='1.0', host='example',
                     cpu_count=2, timestamp=when, load_average=dict(before=[other] * 3, after=[other] * 3), other_cpu_cores=other,
-                    config=dict(calls=MIN_CALLS, teacher=RunFolder(folder).params.get('teacher') if teacher_ms else None), models=models), d / f'bench-cpu-example-{when[:10]}.json')
+                    config=dict(calls=MIN_CALLS, rounds=ROUNDS, teacher=RunFolder(folder).params.get('teacher') if teacher_ms else None), models=models), d / f'bench-cpu-example-{when[:10]}.json')
     return d
 
-# %% ../nbs/17_deploy.ipynb 55
+# %% ../nbs/17_deploy.ipynb 57
 def finished_runs(runs_dir) -> tuple[list, list]:
     "The run folders under `runs_dir` that finished and kept their `best.pt`, and (folder, why) for each of the others."
     root = project_path(runs_dir)
@@ -366,7 +414,7 @@ def finished_runs(runs_dir) -> tuple[list, list]:
         else: ready.append(f.path)
     return ready, left
 
-# %% ../nbs/17_deploy.ipynb 56
+# %% ../nbs/17_deploy.ipynb 58
 def _recorded(report: dict, int8: bool) -> dict | None:
     "The `export.json` entry of the run's int8 file (`int8`) or of its exported model (fp32, or trained quantized)."
     return report.get('int8') if int8 else report.get('fp32') or report.get('qat')
@@ -384,33 +432,45 @@ def _export_step(folder: Path, int8: bool, calibration_images: int) -> tuple[str
     e = _recorded(r, int8)
     return 'done', f"wrote {path.name}: top-1 {e['top1']:.2f}% on {e['test_images']} test images (run: {r['recorded_top1']:.2f}%), {e['bytes'] / 1000:,.1f} KB"
 
-def _bench_step(folder: Path, calls: int) -> tuple[str, str]:
-    "Time the run's files unless its newest bench times every one of them as it is; (action, what happened)."
+def _bench_of(folder: Path) -> tuple:
+    "The run's newest bench and its file name if that bench times every ONNX file of the deploy folder as it is (same sizes), else (None, None)."
     bench, name = latest_bench(folder)
     there = {TIMED[p.name]: p.stat().st_size for p in deploy_dir(folder).glob('*.onnx') if p.name in TIMED}
-    if bench and all((bench['models'].get(m) or {}).get('bytes') == size for m, size in there.items()):
-        return 'kept', f"kept {name} (it times every file there)"
-    r = bench_run(folder, calls=calls)
-    other, cores = r['other_cpu_cores'], r['cpu_count']
-    busy = '' if other is None or other <= QUIET * cores else '; busy: the tables mark these timings'
-    return 'done', f"wrote {Path(r['path']).name}" + ('' if other is None else f"; other work used {other:.2f} of {cores} cores while timing{busy}")
+    return (bench, name) if bench and all((bench['models'].get(m) or {}).get('bytes') == size for m, size in there.items()) else (None, None)
 
-# %% ../nbs/17_deploy.ipynb 57
-def study_runs(runs_dir, calibration_images: int = CALIBRATION_IMAGES, calls: int = MIN_CALLS, log=print) -> list[dict]:
-    "Export, quantize, then time every finished run under `runs_dir`, keeping the files already there; a record per run and step (run, step, action, detail)."
-    check_calibration_images(calibration_images); check_calls(calls)   # before any run, not at its bench
+def _bench_steps(folders: list, calls: int, rounds: int, retime: bool) -> list[tuple[str, str]]:
+    "Time the runs in `folders` together unless one bench already times all their files as they are (or `retime`); (action, what happened) of each."
+    benches = [_bench_of(f) for f in folders]
+    if not retime and all(b for b, _ in benches) and len({b['timestamp'] for b, _ in benches}) == 1:
+        return [('kept', f"kept {name} (one bench times every file of the study as it is)") for _, name in benches]
+    results = bench_runs(folders, calls=calls, rounds=rounds)
+    other, cores = results[0]['other_cpu_cores'], results[0]['cpu_count']
+    busy = '' if other is None or other <= QUIET * cores else '; busy: the tables mark these timings'
+    said = f"; {len(folders)} run{'s' * (len(folders) > 1)} timed together in {rounds} interleaved rounds"
+    said += '' if other is None else f"; other work used {other:.2f} of {cores} cores while timing{busy}"
+    return [('done', f"wrote {Path(r['path']).name}{said}") for r in results]
+
+# %% ../nbs/17_deploy.ipynb 59
+def study_runs(runs_dir, calibration_images: int = CALIBRATION_IMAGES, calls: int = MIN_CALLS, rounds: int = ROUNDS,
+               retime: bool = False, log=print) -> list[dict]:
+    "Export, quantize, then time together every finished run under `runs_dir`, keeping the files already there (and the bench, unless `retime`); a record per run and step (run, step, action, detail)."
+    check_calibration_images(calibration_images); check_calls(calls); check_rounds(rounds)   # before any run, not at its bench
     ready, left = finished_runs(runs_dir)
     root, records, failed = project_path(runs_dir), [], set()
     def note(folder, step, action, detail):
         records.append(dict(run=folder.relative_to(root).as_posix(), step=step, action=action, detail=detail))
         log(f"{records[-1]['run']}: {step}: {detail}")
-    def attempt(folder, step, do):
-        if folder in failed: return
-        try: note(folder, step, *do())
-        except (DeployError, ValueError, FileNotFoundError) as e: failed.add(folder); note(folder, step, 'failed', str(e))
+    def attempt(folders, step, do):
+        folders = [f for f in folders if f not in failed]
+        if not folders: return
+        try: steps = do(folders)
+        except (DeployError, ValueError, FileNotFoundError) as e: steps = [('failed', str(e))] * len(folders)
+        for folder, (action, detail) in zip(folders, steps):
+            if action == 'failed': failed.add(folder)
+            note(folder, step, action, detail)
     for folder, why in left: note(folder, 'all', 'skipped', why)
     for folder in ready:
-        attempt(folder, 'export', lambda: _export_step(folder, False, calibration_images))
-        attempt(folder, 'int8', lambda: _export_step(folder, True, calibration_images))
-    for folder in ready: attempt(folder, 'bench', lambda: _bench_step(folder, calls))
+        attempt([folder], 'export', lambda f: [_export_step(f[0], False, calibration_images)])
+        attempt([folder], 'int8', lambda f: [_export_step(f[0], True, calibration_images)])
+    attempt(ready, 'bench', lambda f: _bench_steps(f, calls, rounds, retime))
     return records

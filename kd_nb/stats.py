@@ -245,7 +245,7 @@ def at_chosen_budget(stats, baseline: str = 'scratch'):
 DEPLOY_MEANS = ('bytes', 'latency_ms_median', 'latency_ms_p95', 'throughput_images_per_s')
 DEPLOY_STAT_COLUMNS = ('setting', 'pair', 'method', 'label', 'precision', 'seeds', 'values', 'n', 'mean', 'std', 'lo', 'hi', 'vs fp32',
                        *DEPLOY_MEANS, 'teacher', 'teacher_acc', 'teacher_latency_ms_median', 'other_cpu_cores', 'cpu_count', 'devices',
-                       'onnxruntime', 'calibration_images', 'test_images')
+                       'onnxruntime', 'calibration_images', 'test_images', 'rounds')
 
 def _deploy_row(r, fp32, level) -> dict:
     "The statistics of the files `r` of one method setting and precision, against its fp32 top-1 by seed `fp32`."
@@ -255,7 +255,7 @@ def _deploy_row(r, fp32, level) -> dict:
             'seeds': [int(s) for s in values.index], 'values': values.tolist(), **seed_interval(values, level),
             'vs fp32': seed_interval([]) if first['precision'] == 'fp32' else paired_interval(values, fp32, level),
             **{k: r[k].astype(float).mean() for k in DEPLOY_MEANS}, 'other_cpu_cores': r.other_cpu_cores.astype(float).max(),
-            'cpu_count': r.cpu_count.astype(float).max(), **{k: known(k) for k in ('onnxruntime', 'calibration_images', 'test_images')},
+            'cpu_count': r.cpu_count.astype(float).max(), **{k: known(k) for k in ('onnxruntime', 'calibration_images', 'test_images', 'rounds')},
             'devices': known('device_name')}
 
 # %% ../nbs/12_stats.ipynb 72

@@ -245,6 +245,14 @@ def _listed(rows, key) -> str:
     whole = lambda v: f'{int(v):,}' if isinstance(v, (int, float)) and float(v).is_integer() else str(v)
     return ', '.join(whole(v) for v in sorted({v for vs in rows[key] for v in vs})) or 'unknown'
 
+def _interleaving(rows) -> str:
+    "How the rows' files were timed against each other: in one bench's interleaved rounds (`time_onnx`), or each run on its own."
+    rounds = sorted({int(v) for vs in rows['rounds'] for v in vs})
+    if not rounds: return ''
+    if rounds == [1]: return "each run timed on its own, one file after another; "
+    return (f"all of a study's files timed in one bench, in {_listed(rows, 'rounds')} rounds that each visit every file in a new order, "
+            "each figure the median over the rounds, so the CPU's drift reaches every file alike; ")
+
 def deploy_caption(rows) -> str:
     "What the rows of one setting of `deploy_stats` share, said once: setting, runtime and CPU, calibration and test images, teacher, what the cells are, and how quiet the CPU was."
     r, busy = rows.iloc[0], [_busy(x) for x in rows.to_dict('records')]
@@ -257,7 +265,7 @@ def deploy_caption(rows) -> str:
             "with b-bit weights and 8-bit activations, deployed as int8 by the same quantizer from the levels it learned (ONNX Runtime has no "
             "4-bit convolution, so a 4-bit file is stored and run in int8, as large as an 8-bit one); size in KB of 1,000 bytes; latency at "
             f"batch 1 on one thread, median / 95th percentile of at least {MIN_CALLS} calls; images/s at batch 64 on all threads, from the "
-            f"median of {THROUGHPUT_BATCHES} batches; "
+            f"median of {THROUGHPUT_BATCHES} batches; {_interleaving(rows)}"
             f"timings are means over the seeds' files; teacher ÷ latency: {teacher}, over the row's median.")
     if len(set(d for ds in rows.devices for d in ds)) > 1: text += " The timings come from different CPUs: compare only rows timed on one."
     if rows.other_cpu_cores.notna().any():

@@ -125,7 +125,9 @@ def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(s
     assert deploy_main(['study', str(runs), '--calls', '50']) == 2                      # checked before any run
     assert 'kd-deploy: error: calls: at least 200 for a median and a 95th percentile, got 50' in capsys.readouterr().err
     assert not any(runs.rglob('*.onnx'))
-    assert deploy_main(['study', str(runs), '--calibration-images', '100']) == 0
+    assert deploy_main(['study', str(runs), '--rounds', '0']) == 2
+    assert 'kd-deploy: error: rounds: a whole number of rounds, at least 1, got 0' in capsys.readouterr().err
+    assert deploy_main(['study', str(runs), '--calibration-images', '100', '--rounds', '2']) == 0
     out = capsys.readouterr().out
     assert 'cut: all: not finished (status running)' in out and out.count(': bench: wrote bench-cpu-') == 4
     names = ['scratch-q8-s0', 'scratch-q8-s1', 'scratch-s0', 'scratch-s1']
@@ -159,6 +161,8 @@ def test_study_deploys_a_folder_and_the_table_figure_and_readme_read_its_files(s
     assert stats['vs fp32'][2] == paired_interval(pd.Series(stats['values'][2], index=[0, 1]), fp32)
     assert table['teacher ÷ latency'].tolist() == ['—'] * 3                              # runs trained alone: no teacher timed
     assert deploy_caption(stats).count(bench['scratch-s0']['device_name']) == 1
+    assert len({b['timestamp'] for b in bench.values()}) == 1                              # the study timed in one bench
+    assert "all of a study's files timed in one bench, in 2 rounds that each visit every file in a new order" in deploy_caption(stats)
 
     ax = deploy_figure(stats).axes[0]
     assert len(ax.containers) == 3 and [c.lines[0].get_marker() for c in ax.containers] == ['o', 's', '^']
