@@ -151,10 +151,14 @@ def export_run(folder, out=None, force: bool = False) -> dict:
 # %% ../nbs/17_deploy.ipynb 25
 CALIBRATION_IMAGES = 1000
 
+def _whole(value, least: int, wanted: str) -> int:
+    "`value` if it is a whole number of at least `least`; else a `DeployError` saying what was `wanted` and what came."
+    if isinstance(value, bool) or not isinstance(value, int) or value < least: raise DeployError(f"{wanted}, got {value!r}")
+    return value
+
 def check_calibration_images(n) -> int:
     "`n`, the number of calibration images, if it is a whole number >= 1; else a `DeployError` naming it."
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise DeployError(f"calibration_images: must be an int >= 1, got {n!r}")
-    return n
+    return _whole(n, 1, "calibration_images: must be an int >= 1")
 
 class _Calibration:
     "The first `n` images of `loader` for `quantize_static`, one batch at a time."
@@ -202,15 +206,11 @@ ROUNDS = 10   # rounds a bench interleaves its files over
 
 def check_calls(calls) -> int:
     "`calls`, the timed batch-1 calls, if there are enough for a median and a 95th percentile; else a `DeployError` naming it."
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < MIN_CALLS:
-        raise DeployError(f"calls: at least {MIN_CALLS} for a median and a 95th percentile, got {calls!r}")
-    return calls
+    return _whole(calls, MIN_CALLS, f"calls: at least {MIN_CALLS} for a median and a 95th percentile")
 
 def check_rounds(rounds) -> int:
     "`rounds`, the rounds a bench interleaves its files over, if a whole number of at least 1; else a `DeployError` naming it."
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise DeployError(f"rounds: a whole number of rounds, at least 1, got {rounds!r}")
-    return rounds
+    return _whole(rounds, 1, "rounds: a whole number of rounds, at least 1")
 
 def interleaved_order(names: list, rounds: int, seed: int = 0) -> list[list]:
     "The order a bench visits `names` in each of `rounds` rounds: every name once a round, in a new random order each round."
