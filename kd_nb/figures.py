@@ -195,22 +195,23 @@ PRECISION_MARKERS = {'fp32': 'o', 'int8 (PTQ)': 's', 'QAT 8-bit': '^', 'QAT 4-bi
 LATENCY = 'batch-1 latency in ONNX Runtime, median, one thread (ms)'
 
 def _deploy_panel(ax, rows):
-    "A marker per row at its median latency and mean top-1 with its interval; the teacher a grey star; a legend of the precisions."
+    "A marker per row at its median latency and mean top-1 with its interval; the teacher a grey dashed line at its top-1, named with its latency; a legend of the precisions."
     from matplotlib.lines import Line2D
     _mean_points(ax, rows, rows.latency_ms_median, [PRECISION_MARKERS.get(p, 'o') for p in rows.precision])
-    t = rows.iloc[0]
-    teacher = not _missing(t['teacher_latency_ms_median']) and not _missing(t['teacher_acc'])
-    if teacher: ax.scatter([t['teacher_latency_ms_median']], [t['teacher_acc']], marker='*', s=180, color=TEACHER_COLOUR, zorder=3)
-    xs = [*rows.latency_ms_median, *([t['teacher_latency_ms_median']] if teacher else [])]
-    if max(xs) > 20 * min(xs): ax.set_xscale('log')
+    if rows.latency_ms_median.max() > 20 * rows.latency_ms_median.min(): ax.set_xscale('log')
     ax.set(xlabel=LATENCY, ylabel='top-1 in ONNX Runtime (%)'); ax.grid(alpha=0.3)
-    _label_column(ax, xs, [*rows['mean'], *([t['teacher_acc']] if teacher else [])],
-                  [f'{l}, {p} (n={n})' for l, p, n in zip(rows.label, rows.precision, rows.n)] + ([f"teacher ({t['teacher']}, as trained)"] if teacher else []))
+    xs, ys, texts = list(rows.latency_ms_median), list(rows['mean']), [f'{l}, {p} (n={n})' for l, p, n in zip(rows.label, rows.precision, rows.n)]
+    t = rows.iloc[0]
+    if not _missing(t['teacher_latency_ms_median']) and not _missing(t['teacher_acc']):
+        ax.axhline(t['teacher_acc'], ls='--', lw=1, color=TEACHER_COLOUR)
+        xs.append(ax.get_xlim()[1]); ys.append(t['teacher_acc'])
+        texts.append(f"teacher ({t['teacher']}, as trained), {t['teacher_latency_ms_median']:.3g} ms")
+    _label_column(ax, xs, ys, texts)
     handles = [Line2D([], [], ls='', marker=m, color='0.4', label=p) for p, m in PRECISION_MARKERS.items() if p in set(rows.precision)]
     ax.legend(handles=handles, loc='best', fontsize=8, title='precision', title_fontsize=8)
 
 def deploy_figure(stats):
-    "Top-1 in ONNX Runtime (mean, 95% interval) against batch-1 median latency, one panel per setting of `deploy_stats`: a marker per method setting and precision, the teacher a star; None without timings."
+    "Top-1 in ONNX Runtime (mean, 95% interval) against batch-1 median latency, one panel per setting of `deploy_stats`: a marker per method setting and precision, the teacher a dashed line at its top-1; None without timings."
     rows = stats[stats.latency_ms_median.notna()]
     if rows.empty: return None
     settings = sorted(rows.setting.unique())
