@@ -203,8 +203,7 @@ def _deploy_panel(ax, rows):
     xs, ys, texts = list(rows.latency_ms_median), list(rows['mean']), [f'{l}, {p} (n={n})' for l, p, n in zip(rows.label, rows.precision, rows.n)]
     t = rows.iloc[0]
     if not _missing(t['teacher_latency_ms_median']) and not _missing(t['teacher_acc']):
-        ax.axhline(t['teacher_acc'], ls='--', lw=1, color=TEACHER_COLOUR)
-        xs.append(ax.get_xlim()[1]); ys.append(t['teacher_acc'])
+        ax.axhline(t['teacher_acc'], ls='--', lw=1, color=TEACHER_COLOUR); xs.append(ax.get_xlim()[1]); ys.append(t['teacher_acc'])
         texts.append(f"teacher ({t['teacher']}, as trained), {t['teacher_latency_ms_median']:.3g} ms")
     _label_column(ax, xs, ys, texts)
     handles = [Line2D([], [], ls='', marker=m, color='0.4', label=p) for p, m in PRECISION_MARKERS.items() if p in set(rows.precision)]
