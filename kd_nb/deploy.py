@@ -228,7 +228,7 @@ def _latencies(sess, one, calls: int, warmup: int) -> list[float]:
 
 def time_onnx(paths: dict, rounds: int = ROUNDS, calls: int = MIN_CALLS, warmup: int = 20, batch: int = 64,
               batches: int = THROUGHPUT_BATCHES, input_size: int = 32, seed: int = 0) -> dict:
-    "Batch-1 latency (ms, median and p95 of `calls` calls, 1 thread) and batch-`batch` throughput (images/s from the median of `batches` batches, all threads) of each file in `paths` (name: path), timed together in `rounds` interleaved rounds: medians over the rounds."
+    "Batch-1 latency (ms, median and p95 of `calls` calls, 1 thread) and batch-`batch` throughput (images/s from the median of `batches` batches, all threads) of each file in `paths` (name: path), timed together in `rounds` interleaved rounds: the figures of each file's fastest round."
     check_calls(calls); check_rounds(rounds)
     one, many = (np.random.default_rng(0).standard_normal((b, 3, input_size, input_size), dtype=np.float32) for b in (1, batch))
     single = {n: onnx_session(p, threads=1) for n, p in paths.items()}
@@ -238,9 +238,9 @@ def time_onnx(paths: dict, rounds: int = ROUNDS, calls: int = MIN_CALLS, warmup:
         for n in order: lat[n].append(_latencies(single[n], one, calls, warmup))
         for n in order: per_batch[n].append(statistics.median(_latencies(multi[n], many, batches, 2)) / 1000)
     med = statistics.median
-    return {n: dict(bytes=Path(p).stat().st_size, latency_ms_median=med(med(t) for t in lat[n]),
-                    latency_ms_p95=med(float(np.percentile(t, 95)) for t in lat[n]),
-                    throughput_images_per_s=batch / med(per_batch[n]), latency_ms_rounds=[med(t) for t in lat[n]])
+    fastest = {n: min(lat[n], key=med) for n in paths}   # other work only adds time: the least disturbed round
+    return {n: dict(bytes=Path(p).stat().st_size, latency_ms_median=med(fastest[n]), latency_ms_p95=float(np.percentile(fastest[n], 95)),
+                    throughput_images_per_s=batch / min(per_batch[n]), latency_ms_rounds=[med(t) for t in lat[n]])
             for n, p in paths.items()}
 
 # %% ../nbs/17_deploy.ipynb 33

@@ -251,7 +251,7 @@ def _interleaving(rows) -> str:
     if not rounds: return ''
     if rounds == [1]: return "each run timed on its own, one file after another; "
     return (f"all of a study's files timed in one bench, in {_listed(rows, 'rounds')} rounds that each visit every file in a new order, "
-            "each figure the median over the rounds, so the CPU's drift reaches every file alike; ")
+            "each figure from the file's fastest round (other work only adds time), so the CPU's drift reaches every file alike; ")
 
 def deploy_caption(rows) -> str:
     "What the rows of one setting of `deploy_stats` share, said once: setting, runtime and CPU, calibration and test images, teacher, what the cells are, and how quiet the CPU was."
