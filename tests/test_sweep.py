@@ -216,10 +216,13 @@ def test_converged_study_sweeps():
     "The converged study: one committed teacher, the budget curve (16 epochs after the 8 it chose), and the study at its budget B = 8 epochs."
     load = lambda f: (lambda s: (s, validate(s, expand(s))))(load_sweep(ROOT / 'sweeps' / f'{f}.yaml'))
     (teacher, [t]), (budget, curve), (study, runs) = (load(f) for f in ('cifar10_teacher', 'cifar10_budget', 'cifar10_converged'))
-    assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 42, 64)
+    assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 44, 64)
     ckpt = 'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0/best.pt'
     assert (t['method'], t['student'], t['train_limit']) == ('scratch', 'resnet20', 0) and (ROOT / ckpt).is_file()
     assert {c['epochs'] * 50_000 for c in curve} == {50_000, 100_000, 200_000, 400_000, 800_000} and {c['epochs'] for c in runs} == {8}
+    at_16 = {(c['method'], '+'.join(c['loss']), tuple(c['loss_weight']), c['seed']) for c in curve if c['epochs'] == 16}
+    assert {(m, l, w) for m, l, w, _ in at_16} >= {('simkd', 'l2', (1.0,)), ('simkd', 'l2', (50.0,)), ('simkd', 'smooth_l1', (50.0,))}   # L2 at its default weight 1 and at 50 (the shape/scale sweep's best)
+    assert len(at_16) == 12 and {s for *_, s in at_16} == {0, 1}
     for c in curve + runs:   # every run distills from the committed teacher, or from a run, or from a copy of itself
         assert (c['train_limit'], c['test_limit'], c['lr_milestones']) == (0, 0, [0.625, 0.75, 0.875])
         assert c['teacher_ckpt'] == ckpt or c['teacher_run'] or c['method'] in ('scratch', 'tf_reg', 'tf_self', 'dml')
