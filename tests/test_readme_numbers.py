@@ -162,18 +162,24 @@ def test_reading_quotes_the_committed_runs():
     assert f'**{teacher:.2f}% top-1**' in section('### Early training', '| setting |')
 
 
-CONVERGED_TEACHER = ROOT / 'results' / 'cifar10-jpeg-converged' / 'teacher' / 'scratch-resnet20-s0'
+STUDY_TEACHERS = {   # each study's one committed teacher, and the README section that gives its accuracy and sha256
+    'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0': ('### The converged study', '### The second pair'),
+    'results/cifar10-jpeg-pair2/teacher/scratch-resnet8x4-s0': ('### The second pair', '### Early training'),
+}
 
 
-@pytest.mark.skipif(not (CONVERGED_TEACHER / 'best.pt').is_file(), reason='the converged study teacher is not in this checkout')
-def test_converged_teacher_is_the_committed_one():
+@pytest.mark.parametrize('folder', STUDY_TEACHERS)
+def test_study_teacher_is_the_committed_one(folder):
     "The teacher accuracy and the sha256 the README gives are those of the committed teacher run and its best.pt."
-    import hashlib
-    s = json.loads((CONVERGED_TEACHER / 'summary.json').read_text())
-    text = section('### The converged study', '### Early training')
+    import hashlib, subprocess
+    if not (ROOT / folder / 'best.pt').is_file(): pytest.skip(f'{folder} has no best.pt in this checkout')
+    s = json.loads((ROOT / folder / 'summary.json').read_text())
+    text = section(*STUDY_TEACHERS[folder])
     assert s['status'] == 'done' and f"**{s['best_test_acc']:.2f}% top-1**" in text and f"{s['final_test_acc']:.2f}% at the last" in text
-    digest = hashlib.sha256((CONVERGED_TEACHER / 'best.pt').read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / folder / 'best.pt').read_bytes()).hexdigest()
     assert f"sha256 `{digest}`" in text and s['best_sha256'] == digest
+    tracked = subprocess.run(['git', 'ls-files', '--error-unmatch', f'{folder}/best.pt'], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 0, f'{folder}/best.pt is not committed'
 
 
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
