@@ -81,19 +81,16 @@ def test_deployed_models_of_seed_0_are_committed_under_1_mb_and_the_other_seeds_
 
 def test_second_pair_reuses_the_first_pairs_scratch_runs():
     "The second pair's scratch resnet8 is the first pair's committed run, linked, not trained again: same student and recipe."
-    import yaml
+    from kd_nb.runs import RunFolder
+    from kd_nb.sweep import load_sweep, expand, validate
+    recipe = lambda c: {k: c[k] for k in ('student', 'dataset', 'preset', 'epochs', 'train_limit', 'lr_milestones', 'lr', 'batch_size')}
+    sweep = load_sweep(ROOT / 'sweeps' / 'cifar10_pair2.yaml')
+    pair2 = validate(sweep, expand(sweep))[0]
     reused = sorted((ROOT / 'results' / 'cifar10-jpeg-pair2' / 'reused').iterdir())
-    base = yaml.safe_load((ROOT / 'sweeps' / 'cifar10_pair2.yaml').read_text())['base']
     assert len(reused) == 3 and all(p.is_symlink() for p in reused)
-    seeds = set()
     for link in reused:
-        target = link.resolve()
-        assert target.is_relative_to((ROOT / 'results' / 'cifar10-jpeg-converged').resolve()), link
-        s, cfg = (json.loads((target / f).read_text()) for f in ('summary.json', 'config.json'))
-        params = cfg['params']
-        assert s['status'] == 'done' and params['method'] == 'scratch', link
-        assert {k: str(params[k]) for k in ('student', 'dataset', 'preset', 'epochs', 'train_limit')} == \
-               {k: str(base[k]) for k in ('student', 'dataset', 'preset', 'epochs', 'train_limit')}, link
-        assert params['lr_milestones'] == [float(m) for m in base['lr_milestones'].split(',')], link
-        seeds.add(params['seed'])
-    assert seeds == {0, 1, 2}
+        run = RunFolder(link.resolve())
+        assert run.path.is_relative_to((ROOT / 'results' / 'cifar10-jpeg-converged').resolve()), link
+        assert run.summary['status'] == 'done' and run.params['method'] == 'scratch', link
+        assert recipe(run.params) == recipe(pair2), link
+    assert {RunFolder(p).params['seed'] for p in reused} == {0, 1, 2}
