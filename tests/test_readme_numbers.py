@@ -182,6 +182,15 @@ def test_study_teacher_is_the_committed_one(folder):
     assert tracked.returncode == 0, f'{folder}/best.pt is not committed'
 
 
+def test_second_teacher_against_the_first():
+    "The second pair's teacher section: its size, its size over resnet20's, its lead over resnet20, its minutes and its speed, from the two teacher runs."
+    first, second = (json.loads((ROOT / f / 'summary.json').read_text()) for f in STUDY_TEACHERS)
+    text = ' '.join(section(*STUDY_TEACHERS['results/cifar10-jpeg-pair2/teacher/scratch-resnet8x4-s0']).split())
+    assert f"resnet8x4 ({second['deploy_params'] / 1e6:.2f}M parameters, {second['deploy_params'] / first['deploy_params']:.1f} times resnet20's)" in text
+    assert f"{second['best_test_acc'] - first['best_test_acc']:.2f} points above resnet20" in text
+    assert f"It took {second['wall_time_s'] / 60:.0f} minutes on the 2 CPU cores ({second['images_per_s']:.0f} images/s)" in text
+
+
 @pytest.mark.skipif(not (STUDY / 'cifar10_cpu').is_dir(), reason='the study on real pixels is not in this checkout')
 def test_study_time_is_the_runs_time():
     "The teacher's minutes, the students' range of minutes and the hours of the two-at-a-time study are those the runs recorded."
