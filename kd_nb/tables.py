@@ -138,7 +138,7 @@ def top1_text(row, digits: int = 2) -> str:
 
 # %% ../nbs/13_tables.ipynb 31
 def study_table(stats, baselines=('simkd',)):
-    "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters."
+    "The rows of one setting of `stats`, best first: setting (label), n, top-1, the difference against each of `baselines`, deployed parameters and MFLOPs per image."
     import pandas as pd
     _one_setting(stats, 'stats')
     rows = stats.sort_values(['mean', 'label'], ascending=[False, True])
@@ -146,6 +146,7 @@ def study_table(stats, baselines=('simkd',)):
     for b in baselines:
         table[f'Δ vs {b} [95% CI]'] = ['baseline' if lab == b else difference_text(d) for lab, d in zip(rows.label, rows[f'vs {b}'])]
     table['deployed params'] = rows.deploy_params.map(lambda v: '—' if _missing(v) else f'{int(v):,}')
+    table['deployed MFLOPs'] = rows.deploy_flops.map(lambda v: '—' if _missing(v) else f'{v / 1e6:.2f}')
     return table.reset_index(drop=True)
 
 # %% ../nbs/13_tables.ipynb 32
@@ -160,7 +161,8 @@ def study_caption(stats, baselines=('simkd',)) -> str:
     return (f"{r['setting']}; {seen}; {teacher}. Best test top-1 (%) over n seeds, mean ± sample std; "
             f"Δ: paired per-seed difference against {' and '.join(baselines)} in points, mean [95% paired t interval over seeds, "
             "t quantile with n−1 dof]; "
-            "within noise: the interval covers 0.")
+            "within noise: the interval covers 0; deployed: the model that ships (the student, with the projector where the method keeps it), "
+            "FLOPs per 32×32 image, 2 per multiply-add.")
 
 # %% ../nbs/13_tables.ipynb 38
 LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',

@@ -102,7 +102,7 @@ def test_known_numbers_in_means_differences_and_intervals(known_runs):
 def test_tables_say_n_intervals_noise_and_single_seeds(known_runs):
     st = stats_of(known_runs).reset_index()
     table = study_table(axis_rows(st, 'loss'), ('simkd',))
-    assert table.columns.tolist() == ['setting', 'n', 'top-1 (%)', 'Δ vs simkd [95% CI]', 'deployed params']
+    assert table.columns.tolist() == ['setting', 'n', 'top-1 (%)', 'Δ vs simkd [95% CI]', 'deployed params', 'deployed MFLOPs']
     rows = table.set_index('setting')
     assert rows.index.tolist() == ['simkd loss=cosine', 'simkd', 'simkd loss=l1']         # sorted by mean
     assert rows.loc['simkd loss=cosine', 'top-1 (%)'] == '70.00 (single seed)'
@@ -170,7 +170,7 @@ def test_report_writes_tables_and_figures_for_a_paper(rendered):
     assert len([p for p in tables if p.name.startswith('table-method-')]) == 2   # the method axis in both budgets
     for tex in tables: assert_valid_latex(tex.read_text())
     md = (paper / 'table-loss.md').read_text()
-    assert md.startswith('| setting | n | top-1 (%) | Δ vs simkd [95% CI] | deployed params |') and '| simkd loss=cosine | 1 |' in md
+    assert md.startswith('| setting | n | top-1 (%) | Δ vs simkd [95% CI] | deployed params | deployed MFLOPs |') and '| simkd loss=cosine | 1 |' in md
 
 
 def test_report_answers_at_the_budget_its_curve_chooses(known_runs, tmp_path):
