@@ -399,7 +399,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     if p.aux_opt is not None: p.aux_opt.load_state_dict(ck['aux_optimizer'])
     torch.set_rng_state(ck['rng'])
     if ck.get('cuda_rng') is not None and len(ck['cuda_rng']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(ck['cuda_rng'])
-    log(f"resuming from epoch {ck['epoch']} ({run_dir / LAST})")
+    log(f"resuming from epoch {ck['epoch']} of the run folder's {LAST}")   # the folder itself is logged project-relative by the caller
     return ck['history'], ck['best_acc'], ck['epoch']
 
 # %% ../nbs/07_trainer.ipynb 93
