@@ -173,7 +173,8 @@ def test_study_teacher_is_the_committed_one(folder):
     "The teacher accuracy and the sha256 the README gives are those of the committed teacher run and its best.pt."
     import hashlib, subprocess
     if not (ROOT / folder / 'best.pt').is_file(): pytest.skip(f'{folder} has no best.pt in this checkout')
-    s = json.loads((ROOT / folder / 'summary.json').read_text())
+    from kd_nb.runs import RunFolder
+    s = RunFolder(ROOT / folder).summary
     text = section(*STUDY_TEACHERS[folder])
     assert s['status'] == 'done' and f"**{s['best_test_acc']:.2f}% top-1**" in text and f"{s['final_test_acc']:.2f}% at the last" in text
     digest = hashlib.sha256((ROOT / folder / 'best.pt').read_bytes()).hexdigest()
@@ -184,8 +185,9 @@ def test_study_teacher_is_the_committed_one(folder):
 
 def test_second_teacher_against_the_first():
     "The second pair's teacher section: its size, its size over resnet20's, its lead over resnet20, its minutes and its speed, from the two teacher runs."
-    first, second = (json.loads((ROOT / f / 'summary.json').read_text()) for f in STUDY_TEACHERS)
-    text = ' '.join(section(*STUDY_TEACHERS['results/cifar10-jpeg-pair2/teacher/scratch-resnet8x4-s0']).split())
+    from kd_nb.runs import RunFolder
+    (_, first), (second_folder, second) = ((f, RunFolder(ROOT / f).summary) for f in STUDY_TEACHERS)
+    text = ' '.join(section(*STUDY_TEACHERS[second_folder]).split())
     assert f"resnet8x4 ({second['deploy_params'] / 1e6:.2f}M parameters, {second['deploy_params'] / first['deploy_params']:.1f} times resnet20's)" in text
     assert f"{second['best_test_acc'] - first['best_test_acc']:.2f} points above resnet20" in text
     assert f"It took {second['wall_time_s'] / 60:.0f} minutes on the 2 CPU cores ({second['images_per_s']:.0f} images/s)" in text
