@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_experiment.ipynb 3
 from __future__ import annotations
-import json, platform, socket, subprocess, sys, time
+import json, linecache, platform, socket, subprocess, sys, time, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +26,12 @@ from .quantize import check_quant_bits, quantize_distiller, weight_bits
 __all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'PATH_KNOBS', 'FAST_PATH_KNOBS', 'SCHEME_KNOBS',
            'SCHEME_OFF', 'RUN_KEYS', 'SCRATCH_KNOBS', 'TEACHER_KEYS', 'parse_bool', 'parse_int', 'parse_list',
            'parse_milestones', 'check_choice', 'loss_choices', 'registered', 'parse_layers', 'project_root',
-           'project_path', 'project_relative', 'recorded_paths', 'train_config', 'build_distiller', 'parse_float',
-           'TeacherRunPending', 'TeacherCheckpointMissing', 'find_teacher_run', 'teacher_chain', 'run_teacher',
-           'resolve_config', 'run_identity', 'git_commit', 'environment', 'teacher_params', 'teacher_dir', 'Teacher',
-           'prepare_teacher', 'run_figures', 'Experiment', 'setup', 'load_data', 'watch_failures', 'start_run',
-           'get_teacher', 'build_student', 'train', 'finish', 'plot_learning_curves', 'run_experiment', 'parse_knobs',
-           'main']
+           'project_path', 'project_relative', 'recorded_paths', 'source_name', 'relative_warnings', 'train_config',
+           'build_distiller', 'parse_float', 'TeacherRunPending', 'TeacherCheckpointMissing', 'find_teacher_run',
+           'teacher_chain', 'run_teacher', 'resolve_config', 'run_identity', 'git_commit', 'environment',
+           'teacher_params', 'teacher_dir', 'Teacher', 'prepare_teacher', 'run_figures', 'Experiment', 'setup',
+           'load_data', 'watch_failures', 'start_run', 'get_teacher', 'build_student', 'train', 'finish',
+           'plot_learning_curves', 'run_experiment', 'parse_knobs', 'main']
 
 # %% ../nbs/09_experiment.ipynb 5
 DEFAULT_KNOBS = dict(
@@ -138,6 +138,25 @@ def recorded_paths(cfg: dict) -> dict:
     return {**cfg, **{k: project_relative(cfg[k]) for k in PATH_KNOBS if cfg.get(k)}}
 
 # %% ../nbs/09_experiment.ipynb 37
+def source_name(filename: str) -> str:
+    "A warning's source file from the project root, else from the `sys.path` folder it lies in; else as given."
+    if not Path(filename).is_absolute(): return filename
+    if not Path(name := project_relative(filename)).is_absolute(): return name
+    p = Path(filename).resolve()
+    folders = sorted({Path(s).resolve() for s in sys.path if Path(s).is_absolute()}, key=lambda f: -len(f.parts))
+    return next((str(p.relative_to(f)) for f in folders if p.is_relative_to(f)), filename)
+
+# %% ../nbs/09_experiment.ipynb 38
+def relative_warnings():
+    "From now on, print this process's warnings with their source named by `source_name` (once; calling again changes nothing)."
+    if getattr(warnings.formatwarning, 'relative', False): return
+    plain = warnings.formatwarning
+    def formatwarning(message, category, filename, lineno, line=None):
+        return plain(message, category, source_name(filename), lineno, linecache.getline(filename, lineno) if line is None else line)
+    formatwarning.relative = True
+    warnings.formatwarning = formatwarning
+
+# %% ../nbs/09_experiment.ipynb 43
 FAST_PATH_KNOBS = ('channels_last', 'amp', 'fused_optimizer', 'compile', 'compile_mode', 'deterministic')
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -146,7 +165,7 @@ def train_config(cfg: dict) -> TrainConfig:
                        weight_decay=float(cfg['weight_decay']), lr_milestones=tuple(cfg['lr_milestones']),
                        seed=int(cfg['seed']), progress=cfg['progress'], **{k: cfg[k] for k in FAST_PATH_KNOBS})
 
-# %% ../nbs/09_experiment.ipynb 38
+# %% ../nbs/09_experiment.ipynb 44
 def build_distiller(cfg: dict, student, teacher=None, num_samples=None):
     "The `Distiller` that the resolved configuration `cfg` describes, for a training set of `num_samples` images (its deployed parts fake-quantized with `quant_bits`)."
     d = make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'], num_samples=num_samples,
@@ -157,12 +176,12 @@ def build_distiller(cfg: dict, student, teacher=None, num_samples=None):
                           teacher_mode=cfg.get('teacher_mode'), online_warmup=cfg.get('online_warmup'))
     return quantize_distiller(d, cfg.get('quant_bits'))
 
-# %% ../nbs/09_experiment.ipynb 39
+# %% ../nbs/09_experiment.ipynb 45
 def _virtual(cfg: dict) -> dict | None:
     "The virtual teacher's settings (`tf_reg`), None for other methods."
     return None if cfg.get('tf_correct_prob') is None else dict(a=cfg['tf_correct_prob'], T=cfg['tf_temperature'])
 
-# %% ../nbs/09_experiment.ipynb 42
+# %% ../nbs/09_experiment.ipynb 48
 def _resolve_losses(k: dict, m: dict, given: dict):
     "loss, loss_weight, layer_losses and loss_options of `k`, checked and completed."
     k['loss'] = parse_list(k['loss'], 'loss') or [n for n, _ in m['losses']]
@@ -181,7 +200,7 @@ def _resolve_losses(k: dict, m: dict, given: dict):
     own = m.get('loss_options', {})   # a method's own options (Tf-KD's temperatures) over each loss's defaults
     k['loss_options'] = json.loads(json.dumps({n: {**loss_option_defaults(n), **own.get(n, {}), **opts.get(n, {})} for n in used}, default=list))
 
-# %% ../nbs/09_experiment.ipynb 44
+# %% ../nbs/09_experiment.ipynb 50
 def parse_float(value, knob: str) -> float:
     "`value` as a float (numbers, or text of one); anything else raises naming `knob`."
     try:
@@ -189,7 +208,7 @@ def parse_float(value, knob: str) -> float:
         return float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError): raise ValueError(f"{knob}: expected a number, got {value!r}") from None
 
-# %% ../nbs/09_experiment.ipynb 45
+# %% ../nbs/09_experiment.ipynb 51
 def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
     "`knob` of `k` cast by `cast` (its `default` when unset) where it `applies`; elsewhere None, and refused when set."
     v = k[knob]
@@ -198,14 +217,14 @@ def _scheme_knob(k: dict, knob: str, applies: bool, default, cast, where: str):
         return None
     return cast(default if v in (None, '') else v, knob)
 
-# %% ../nbs/09_experiment.ipynb 48
+# %% ../nbs/09_experiment.ipynb 54
 class TeacherRunPending(ValueError):
     "A `teacher_run` that has not finished (yet): no folder, or no `done` summary."
 
 class TeacherCheckpointMissing(TeacherRunPending):
     "A `teacher_run` that finished, but whose `best.pt` is not in its folder (results are kept without checkpoints)."
 
-# %% ../nbs/09_experiment.ipynb 49
+# %% ../nbs/09_experiment.ipynb 55
 def find_teacher_run(name: str, runs_dir) -> Path:
     "The folder `name` names, from the project root or under `runs_dir`, if it holds a finished run whose `best.pt` has its deployed model."
     folder = next((f for f in (project_path(name), project_path(runs_dir) / name) if f.is_dir()), None)
@@ -219,13 +238,13 @@ def find_teacher_run(name: str, runs_dir) -> Path:
         raise ValueError(f"teacher_run: {str(folder / BEST)!r} has no deployed model (written before runs saved it); run it again")
     return folder
 
-# %% ../nbs/09_experiment.ipynb 50
+# %% ../nbs/09_experiment.ipynb 56
 def teacher_chain(folder) -> list:
     "The teacher runs from the one in `folder` up: each `{'run': path, 'sha256': of its best.pt}`, nearest first."
     link = {'run': project_relative(folder), 'sha256': source_sha256(Path(folder) / BEST)}
     return [link, *(RunFolder(folder).params.get('teacher_chain') or [])]
 
-# %% ../nbs/09_experiment.ipynb 51
+# %% ../nbs/09_experiment.ipynb 57
 def _resolve_teacher_run(k: dict):
     "`teacher_run` as the project-relative folder of a finished run, `teacher` as its architecture, and `teacher_chain`."
     k['teacher_run'], k['teacher_chain'] = k['teacher_run'] or '', None
@@ -237,7 +256,7 @@ def _resolve_teacher_run(k: dict):
     k['teacher_run'], k['teacher_chain'] = project_relative(folder), teacher_chain(folder)
     k['teacher'] = RunFolder(folder).params['student']
 
-# %% ../nbs/09_experiment.ipynb 52
+# %% ../nbs/09_experiment.ipynb 58
 def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
     "The model the run in `folder` deployed, rebuilt from its `config.json` (its own teacher run's, recursively) and, with `load`, its `best.pt`."
     params = RunFolder(folder).params
@@ -247,7 +266,7 @@ def run_teacher(folder, num_classes: int, load: bool = True) -> DeployedTeacher:
     if load: module.load_state_dict(torch.load(Path(folder) / BEST, map_location='cpu', weights_only=False)['deployed'])
     return DeployedTeacher(module).requires_grad_(False).eval()
 
-# %% ../nbs/09_experiment.ipynb 56
+# %% ../nbs/09_experiment.ipynb 62
 SCHEME_KNOBS = ('tf_correct_prob', 'tf_temperature', 'peers', 'teacher_mode', 'online_warmup', 'teacher_run', 'quant_bits')
 SCHEME_OFF = {'teacher_mode': 'frozen'}   # a knob's value that is no scheme (the classic runs, recorded without one)
 
@@ -260,7 +279,7 @@ def _resolve_online(k: dict):
     k['online_warmup'] = _scheme_knob(k, 'online_warmup', mode == 'online', max(1, round(k['epochs'] / 10)),
                                       lambda v, n: parse_int(v, n, 0), "teacher_mode 'online'")
 
-# %% ../nbs/09_experiment.ipynb 57
+# %% ../nbs/09_experiment.ipynb 63
 def _resolve_scheme(k: dict, m: dict):
     "The scheme knobs of `k` checked against its method `m`, and `scheme`: those in use (None when none is)."
     virtual, tf = m.get('teacher_from') == 'virtual', m.get('virtual', {})
@@ -276,7 +295,7 @@ def _resolve_scheme(k: dict, m: dict):
     scheme = {n: k[n] for n in SCHEME_KNOBS if k[n] not in (None, '') and k[n] != SCHEME_OFF.get(n)}
     k['scheme'] = {**scheme, 'teacher_chain': k['teacher_chain']} if k['teacher_chain'] else scheme or None
 
-# %% ../nbs/09_experiment.ipynb 58
+# %% ../nbs/09_experiment.ipynb 64
 def _resolve_choices(k: dict) -> tuple:
     "Step 1: the data set, method, device and models named, and the switches; the data set's info and the method's defaults."
     info = dataset_info(k['dataset'])
@@ -290,7 +309,7 @@ def _resolve_choices(k: dict) -> tuple:
     if isinstance(k['compile'], str) and k['compile'].lower() in _TRUE + _FALSE: k['compile'] = parse_bool(k['compile'], 'compile')
     return info, m
 
-# %% ../nbs/09_experiment.ipynb 59
+# %% ../nbs/09_experiment.ipynb 65
 def _resolve_recipe(k: dict):
     "Step 2: the training recipe, the preset's values where a knob is unset, the teacher's from the student's, as the trainer checks them."
     preset = check_preset(k['preset'])
@@ -311,7 +330,7 @@ def _resolve_recipe(k: dict):
     TrainConfig(epochs=k['teacher_epochs'], lr_milestones=k['teacher_lr_milestones'])   # checks them against the epochs as the trainer will
     k.update({n: getattr(train_config(k), n) for n in ('amp', 'compile', 'deterministic')})  # the trainer checks its knobs
 
-# %% ../nbs/09_experiment.ipynb 60
+# %% ../nbs/09_experiment.ipynb 66
 def _resolve_distillation(k: dict, m: dict, knobs: dict):
     "Step 3: losses, learning scheme, aligned layers, projector and direction, from the method's defaults `m` where unset."
     if k['method'] == 'scratch' and (knobs.get('loss') or knobs.get('layers')):
@@ -330,7 +349,7 @@ def _resolve_distillation(k: dict, m: dict, knobs: dict):
     if k['ce_weight'] in (None, ''): k['ce_weight'] = 1.0 if (k['direction'] != 'up' and m['reuse_head']) else m['ce_weight']
     k['ce_weight'] = float(k['ce_weight'])
 
-# %% ../nbs/09_experiment.ipynb 61
+# %% ../nbs/09_experiment.ipynb 67
 def _check_buildable(k: dict, info):
     "Step 4: the teacher checkpoint loads, the data set is there, and the distiller builds (on the meta device: no memory, no time)."
     if k['teacher_ckpt']:
@@ -343,7 +362,7 @@ def _check_buildable(k: dict, info):
                         _teacher_model(k, info.num_classes) if needs_teacher(k['method']) else None,
                         num_samples=1)
 
-# %% ../nbs/09_experiment.ipynb 62
+# %% ../nbs/09_experiment.ipynb 68
 def resolve_config(**knobs) -> dict:
     "Validate the knobs of `run_experiment.ipynb` and fill the unset ones from the preset and the method."
     unknown = [n for n in knobs if n not in DEFAULT_KNOBS]
@@ -355,12 +374,12 @@ def resolve_config(**knobs) -> dict:
     _check_buildable(k, info)
     return k
 
-# %% ../nbs/09_experiment.ipynb 63
+# %% ../nbs/09_experiment.ipynb 69
 def _teacher_model(k: dict, num_classes: int):
     "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
     return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
 
-# %% ../nbs/09_experiment.ipynb 80
+# %% ../nbs/09_experiment.ipynb 86
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
             'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
@@ -372,7 +391,7 @@ def run_identity(params: dict) -> dict:
     params = {k: v for k, v in params.items() if v is not None}
     return {**params, 'loss_options': complete_options(params.get('loss_options'))} if params.get('loss_options') else params
 
-# %% ../nbs/09_experiment.ipynb 82
+# %% ../nbs/09_experiment.ipynb 88
 def _commit_of(folder) -> str | None:
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=folder, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
@@ -382,7 +401,7 @@ def git_commit(root=None) -> str | None:
     if root: return _commit_of(root)
     return _commit_of(Path(kd_nb.__file__).parent) or _commit_of(project_root())
 
-# %% ../nbs/09_experiment.ipynb 84
+# %% ../nbs/09_experiment.ipynb 90
 def environment(device, amp='auto') -> dict:
     "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
@@ -391,14 +410,14 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 89
+# %% ../nbs/09_experiment.ipynb 95
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
                      teacher_chain=None, **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
-# %% ../nbs/09_experiment.ipynb 90
+# %% ../nbs/09_experiment.ipynb 96
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
     own = dict(seed=cfg['teacher_seed'], epochs=cfg['teacher_epochs'], lr_milestones=cfg['teacher_lr_milestones'],
@@ -406,7 +425,7 @@ def teacher_params(cfg: dict) -> dict:
     return {**cfg, **SCRATCH_KNOBS, 'student': cfg['teacher'], **own, **{f'teacher_{k}': v for k, v in own.items()},
             'lr': recipe_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])}
 
-# %% ../nbs/09_experiment.ipynb 91
+# %% ../nbs/09_experiment.ipynb 97
 TEACHER_KEYS = ('dataset', 'data_source', 'student', 'seed', 'epochs', 'lr_milestones', 'train_limit', 'batch_size', 'lr',
                 'momentum', 'weight_decay', 'val_size', 'fast_data', 'amp')
 
@@ -418,7 +437,7 @@ def teacher_dir(cfg: dict) -> Path:
     digest = hashlib.sha1(json.dumps({k: t.get(k) for k in TEACHER_KEYS}, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return root / f"{t['dataset']}-{t['student']}-e{t['epochs']}-n{t['train_limit']}-s{t['seed']}-{digest}"
 
-# %% ../nbs/09_experiment.ipynb 92
+# %% ../nbs/09_experiment.ipynb 98
 @dataclass
 class Teacher:
     "A frozen teacher on the run's device, its test top-1, where it came from (relative to the project) and its checkpoint's sha256."
@@ -427,7 +446,7 @@ class Teacher:
     source: str
     sha256: str | None = None
 
-# %% ../nbs/09_experiment.ipynb 93
+# %% ../nbs/09_experiment.ipynb 99
 def _cached_teacher(tdir: Path, model) -> bool:
     "Load the cached teacher in `tdir` into `model` if it finished and its checkpoint loads; whether it did."
     if (read_json(tdir / SUMMARY) or {}).get('status') != 'done': return False
@@ -435,7 +454,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 97
+# %% ../nbs/09_experiment.ipynb 103
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     if cfg.get('teacher_run'):   # a finished run's deployed model
@@ -461,7 +480,7 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     teacher = teacher.to(device).eval()
     return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(source), source_sha256(source))
 
-# %% ../nbs/09_experiment.ipynb 98
+# %% ../nbs/09_experiment.ipynb 104
 def _teacher_loaders(cfg, loaders, device):
     "The run's loaders, or, when the teacher trains on another subset or seed, loaders of its own (same test set)."
     if (cfg['teacher_train_limit'], cfg['teacher_seed']) == (cfg['train_limit'], cfg['seed']): return loaders
@@ -470,7 +489,7 @@ def _teacher_loaders(cfg, loaders, device):
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
                         download=False, num_workers=cfg['num_workers'])
 
-# %% ../nbs/09_experiment.ipynb 99
+# %% ../nbs/09_experiment.ipynb 105
 def run_figures(history: list, distiller, data_source: str, teacher: Teacher | None = None) -> dict:
     "What a finished run's `summary.json` records beyond its knobs: top-1, the teacher's, parameters and FLOPs, speed."
     dep = deployable(distiller)
@@ -485,7 +504,7 @@ def run_figures(history: list, distiller, data_source: str, teacher: Teacher | N
         **{f'{k[:-len("_test_acc1")]}_best_test_acc': max(r[k] for r in history)   # each monitored model (peers, online teacher)
            for k in history[-1] if k.endswith('_test_acc1') and k != 'test_acc1'})
 
-# %% ../nbs/09_experiment.ipynb 100
+# %% ../nbs/09_experiment.ipynb 106
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."
     log(f"training teacher {cfg['teacher']} in {project_relative(tdir)}")
@@ -502,7 +521,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 105
+# %% ../nbs/09_experiment.ipynb 111
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -515,7 +534,7 @@ class Experiment:
     @property
     def main(self) -> bool: return self.rank == 0
 
-# %% ../nbs/09_experiment.ipynb 106
+# %% ../nbs/09_experiment.ipynb 112
 def _own_optimizer(cfg: dict) -> bool:
     "Whether a loss of `cfg` trains a part of its own with an optimizer of its own (such steps replay as no CUDA graphs)."
     return any('own_optimizer' in LOSSES[n].needs for n in [*cfg['loss'], *cfg['layer_losses']])
@@ -530,7 +549,7 @@ def setup(log=print, **knobs) -> Experiment:
     rank, size = init_distributed(device)
     return Experiment(cfg, device, rank, size, log if rank == 0 else (lambda *a, **k: None))
 
-# %% ../nbs/09_experiment.ipynb 107
+# %% ../nbs/09_experiment.ipynb 113
 def load_data(exp: Experiment):
     "Step 2: train, test (and validation) loaders of the run's data set on its device."
     c = exp.cfg
@@ -543,12 +562,12 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 111
+# %% ../nbs/09_experiment.ipynb 117
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
-# %% ../nbs/09_experiment.ipynb 112
+# %% ../nbs/09_experiment.ipynb 118
 def watch_failures(run: Run):
     "In IPython, record any exception raised by a later cell as this run's failure."
     try: ip = get_ipython()  # noqa: F821
@@ -558,7 +577,7 @@ def watch_failures(run: Run):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     ip.set_custom_exc((Exception,), handler)
 
-# %% ../nbs/09_experiment.ipynb 113
+# %% ../nbs/09_experiment.ipynb 119
 def start_run(exp: Experiment, notebook=None) -> Run | None:
     "Step 3: open or resume the run folder (rank 0 only) and write `config.json`; in a notebook, record failures and keep the executed notebook."
     c = exp.cfg
@@ -570,7 +589,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(project_relative(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 116
+# %% ../nbs/09_experiment.ipynb 122
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -578,7 +597,7 @@ def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     exp.log(f"teacher {exp.cfg['teacher']}: {t.test_acc:.2f}% top-1 ({t.source})")
     return t
 
-# %% ../nbs/09_experiment.ipynb 117
+# %% ../nbs/09_experiment.ipynb 123
 def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     "Step 5: the student and its distiller, on the device."
     torch.manual_seed(exp.cfg['seed'])
@@ -587,20 +606,20 @@ def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     exp.log(f"loss terms: {list(d.weights)}; layers: {list(d.layers)}; projector: {exp.cfg['projector']} ({exp.cfg['direction']})")
     return d
 
-# %% ../nbs/09_experiment.ipynb 118
+# %% ../nbs/09_experiment.ipynb 124
 def train(exp: Experiment, run: Run | None, distiller, loaders) -> list[dict]:
     "Step 6: `fit` into the run folder, recording after every epoch that the run is alive."
     run_dir = broadcast_object(str(run.path) if exp.main else None)
     beat = (lambda epoch, row: run.heartbeat()) if run is not None else None
     return fit(distiller, loaders.train, loaders.test, train_config(exp.cfg), run_dir, log=exp.log, on_epoch_end=beat)
 
-# %% ../nbs/09_experiment.ipynb 119
+# %% ../nbs/09_experiment.ipynb 125
 def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: Teacher | None = None) -> dict | None:
     "Step 7: write the finished run's `summary.json` (rank 0), with the most memory the process held (`peak_memory_mb`), and return it."
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher), peak_memory_mb=round(peak_memory_mb(exp.device), 1))
 
-# %% ../nbs/09_experiment.ipynb 124
+# %% ../nbs/09_experiment.ipynb 130
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -614,7 +633,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 127
+# %% ../nbs/09_experiment.ipynb 133
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -631,7 +650,7 @@ def run_experiment(log=print, **knobs) -> dict | None:
     finally:
         if run is not None: run.close()
 
-# %% ../nbs/09_experiment.ipynb 128
+# %% ../nbs/09_experiment.ipynb 134
 def _read_value(text: str):
     "A command-line value as papermill's `-p` reads it."
     if text in ('True', 'False', 'None'): return {'True': True, 'False': False, 'None': None}[text]
@@ -640,7 +659,7 @@ def _read_value(text: str):
         except ValueError: pass
     return text
 
-# %% ../nbs/09_experiment.ipynb 129
+# %% ../nbs/09_experiment.ipynb 135
 def parse_knobs(argv) -> dict:
     "Knobs from `-p NAME VALUE` triples; an unknown name raises a ValueError listing the valid ones."
     knobs, args = {}, list(argv)
@@ -653,7 +672,7 @@ def parse_knobs(argv) -> dict:
         knobs[name] = _read_value(value)
     return knobs
 
-# %% ../nbs/09_experiment.ipynb 130
+# %% ../nbs/09_experiment.ipynb 136
 def main(argv=None):
     "`python -m kd_nb.experiment -p KNOB VALUE ...` (also under torchrun)."
     argv = sys.argv[1:] if argv is None else argv
@@ -663,6 +682,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 134
+# %% ../nbs/09_experiment.ipynb 140
 #| eval: false
 if __name__ == '__main__': main()

@@ -12,7 +12,7 @@ from kd_nb.models import get_model
 from kd_nb.distill import METHOD_DEFAULTS, make_distiller, student_parameters, teacher_from
 from kd_nb.losses import LOSSES, list_losses
 from kd_nb.trainer import TrainConfig, TrainStep, fit, train_step, make_optimizer, trainable_state
-from kd_nb.hardware import as_input
+from kd_nb.hardware import as_input, available_cores
 from kd_nb.reference import ReferenceSimKD
 
 
@@ -258,8 +258,13 @@ def test_papermill_switches_reach_the_run(synthetic_cifar100, tmp_path):
     args = [sys.executable, '-m', 'papermill', str(NOTEBOOK), str(tmp_path / 'o.ipynb'), '--cwd', str(ROOT), '--no-progress-bar']
     args += sum((['-p', k, str(v)] for k, v in params.items()), [])
     args += ['-p', 'amp', 'off', '-p', 'compile', 'off', '-p', 'channels_last', 'false', '-p', 'fused_optimizer', 'False',
-             '-p', 'eval_batch_size', '100', '-p', 'fast_data', 'no', '-p', 'num_workers', '0']
+             '-p', 'eval_batch_size', '100', '-p', 'fast_data', 'no', '-p', 'num_workers', '0',
+             '-p', 'threads', str(available_cores() + 1)]   # more threads than cores: set_threads warns
     subprocess.run(args, check=True, capture_output=True)
+    printed = ''.join(''.join(o.get('text', '')) for c in json.loads((tmp_path / 'o.ipynb').read_text())['cells']
+                      for o in c.get('outputs', []))
+    assert 'kd_nb/experiment.py:' in printed and 'UserWarning: threads:' in printed   # the warning, named from the root
+    assert str(ROOT) not in printed, printed
     p = json.loads((tmp_path / 'eager' / 'config.json').read_text())['params']
     assert (p['amp'], p['compile'], p['channels_last'], p['fused_optimizer'], p['eval_batch_size'], p['fast_data']) == \
         ('off', 'off', False, False, 100, False)
