@@ -264,3 +264,23 @@ def test_failed_slurm_query_is_unknown_never_running(failure, tmp_path, monkeypa
     assert counts([state['status']]) == '1 unknown'
     (folder / 'summary.json').write_text(json.dumps({'status': 'done'}))
     assert run_state(folder, {'cluster': 'slurm', 'folder': str(tmp_path), 'job_id': '42'})['status'] == 'done'
+
+
+def test_published_and_second_pair_sweeps():
+    "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, 256 channels into 64, its own teacher)."
+    load = lambda f: validate(s := load_sweep(ROOT / 'sweeps' / f'{f}.yaml'), expand(s))
+    published, pair2 = load('cifar10_published'), load('cifar10_pair2')
+    assert (len(published), len(pair2)) == (12, 32)
+    method = lambda c: ('+'.join(c['loss']), c['ce_weight'], tuple(c['loss_weight']), c['loss_options'].get('kl', {}).get('standardize', False))
+    seeds = lambda runs: {m: sorted(c['seed'] for c in runs if method(c) == m) for m in {method(c) for c in runs}}
+    assert seeds(published) == {('dkd', 1.0, (1.0,), False): [0, 1, 2], ('kl', 0.1, (9.0,), True): [0, 1, 2],
+                                ('crd', 1.0, (0.8,), False): [0, 1, 2], ('crd+kl', 1.0, (0.8, 1.0), False): [0, 1, 2]}
+    assert {(c['method'], c['teacher'], c['student'], c['epochs'], c['teacher_ckpt']) for c in published} == \
+        {('kd', 'resnet20', 'resnet8', 8, 'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0/best.pt')}
+    ckpt = 'results/cifar10-jpeg-pair2/teacher/scratch-resnet8x4-s0/best.pt'
+    assert {(c['teacher'], c['student'], c['epochs'], c['teacher_ckpt']) for c in pair2} == {('resnet8x4', 'resnet8', 8, ckpt)}
+    assert (ROOT / ckpt).is_file() and {c['seed'] for c in pair2} == {0, 1}
+    assert {c['direction'] for c in pair2} == {'up', 'down', 'middle'}
+    assert {(c['projector'], c['factor']) for c in pair2 if c['method'] == 'simkd'} == {('simkd', 1), ('simkd', 2), ('simkd', 4), ('linear', 2)}
+    assert {c['projector'] for c in pair2 if 'crd' in c['loss']} == {'none'}   # each network embedded from its own width
+    assert set(seeds([c for c in pair2 if c['method'] == 'kd'])) == set(seeds(published)) | {('kl', 0.1, (0.9,), False)}   # and plain KD
