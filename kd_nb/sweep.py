@@ -368,8 +368,8 @@ def run_spec(sweep, cfg: dict, runs_root='runs') -> dict:
 
 # %% ../nbs/10_sweep.ipynb 75
 def papermill_command(spec: dict) -> list[str]:
-    "The papermill command line of a run spec, its notebooks named from the project root (its working directory), as the executed notebook records them."
-    return [sys.executable, '-m', 'papermill', project_relative(spec['notebook']), project_relative(spec['out']), '--cwd', spec['cwd'], '--no-progress-bar',
+    "The papermill command line of a run spec, run in `spec['cwd']` (the project root): notebooks and working directory named from there, as the executed notebook and the log record them."
+    return [sys.executable, '-m', 'papermill', project_relative(spec['notebook']), project_relative(spec['out']), '--cwd', '.', '--no-progress-bar',
             '--log-output', '-y', json.dumps(spec['params'], default=str)]
 
 # %% ../nbs/10_sweep.ipynb 79

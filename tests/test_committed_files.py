@@ -45,6 +45,15 @@ def test_results_and_benchmarks_name_no_folder_of_a_machine():
     assert not found, found
 
 
+def test_sweep_logs_name_no_folder_of_a_machine():
+    "A run's sweep log (papermill's lines and the run's own output) names the notebooks, the working directory and each warning's source from the project root."
+    logs = sorted((ROOT / 'results').rglob('_sweep/*.log'))
+    assert len(logs) > 100
+    found = {str(p.relative_to(ROOT)): hits[:3] for p in logs
+             if (hits := [line for line in p.read_text(errors='replace').splitlines() if MACHINE_FOLDER.search(line)])}
+    assert not found, found
+
+
 def test_every_committed_run_folder_says_how_it_ran():
     "Each folder under results/ with a summary.json (students and cached teachers alike) has its config.json."
     summaries = sorted((ROOT / 'results').rglob('summary.json'))
