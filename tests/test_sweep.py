@@ -212,10 +212,15 @@ def test_shipped_sweeps_expand_and_validate(name):
         assert {c['method'] for c in resolved} == {'scratch', 'kd', 'fitnet', 'simkd'}
 
 
+def shipped(name: str) -> tuple:
+    "The sweep file `sweeps/<name>.yaml` and its configurations, validated."
+    sweep = load_sweep(ROOT / 'sweeps' / f'{name}.yaml')
+    return sweep, validate(sweep, expand(sweep))
+
+
 def test_converged_study_sweeps():
     "The converged study: one committed teacher, the budget curve (16 epochs after the 8 it chose), and the study at its budget B = 8 epochs."
-    load = lambda f: (lambda s: (s, validate(s, expand(s))))(load_sweep(ROOT / 'sweeps' / f'{f}.yaml'))
-    (teacher, [t]), (budget, curve), (study, runs) = (load(f) for f in ('cifar10_teacher', 'cifar10_budget', 'cifar10_converged'))
+    (teacher, [t]), (budget, curve), (study, runs) = (shipped(f) for f in ('cifar10_teacher', 'cifar10_budget', 'cifar10_converged'))
     assert (teacher.name, budget.name, study.name, len(curve), len(runs)) == ('teacher', 'budget', 'converged', 44, 64)
     ckpt = 'results/cifar10-jpeg-converged/teacher/scratch-resnet20-s0/best.pt'
     assert (t['method'], t['student'], t['train_limit']) == ('scratch', 'resnet20', 0) and (ROOT / ckpt).is_file()
@@ -268,8 +273,7 @@ def test_failed_slurm_query_is_unknown_never_running(failure, tmp_path, monkeypa
 
 def test_published_and_second_pair_sweeps():
     "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, 256 channels into 64, its own teacher)."
-    load = lambda f: validate(s := load_sweep(ROOT / 'sweeps' / f'{f}.yaml'), expand(s))
-    published, pair2 = load('cifar10_published'), load('cifar10_pair2')
+    (_, published), (_, pair2) = shipped('cifar10_published'), shipped('cifar10_pair2')
     assert (len(published), len(pair2)) == (12, 32)
     method = lambda c: ('+'.join(c['loss']), c['ce_weight'], tuple(c['loss_weight']), c['loss_options'].get('kl', {}).get('standardize', False))
     seeds = lambda runs: {m: sorted(c['seed'] for c in runs if method(c) == m) for m in {method(c) for c in runs}}
