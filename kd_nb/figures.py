@@ -298,7 +298,7 @@ def budget_figure(stats):
             ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
         teacher = r.teacher_acc.dropna()
         if len(teacher):
-            ax.axhline(teacher.mean(), color=TEACHER_COLOUR, ls=':', lw=1.5)
+            ax.plot([r.images_seen.min() / 1.2, r.images_seen.max()], [teacher.mean()] * 2, color=TEACHER_COLOUR, ls=':', lw=1.5)   # clear of the lines' names
             ax.text(r.images_seen.min(), teacher.mean(), f'teacher {teacher.mean():.1f}%', color='#555555', fontsize=8, va='bottom')
         ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.2, r.images_seen.max() * 1.8)
         ax.set_xticks(sorted(r.images_seen.unique())); ax.xaxis.set_minor_locator(NullLocator())   # a tick at each budget run
