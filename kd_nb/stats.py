@@ -14,7 +14,7 @@ __all__ = ['NAN', 'INTERVAL_METHOD', 'BASELINES', 'TRAIN_IMAGES', 'STAT_COLUMNS'
            'DEPLOY_STAT_COLUMNS', 'EXPECTATIONS', 'mean_std', 'aggregate', 't_quantile', 'seed_interval',
            'paired_interval', 'verdict', 'difference_text', 'images_seen', 'study_stats', 'research_axes', 'axis_rows',
            'far_below', 'budget_family', 'budget_rows', 'curve_budgets', 'budget_steps', 'choose_budget',
-           'at_chosen_budget', 'deploy_stats', 'stats_row', 'comparison']
+           'chosen_budgets', 'at_chosen_budget', 'deploy_stats', 'stats_row', 'comparison']
 
 # %% ../nbs/12_stats.ipynb 6
 def mean_std(mean, std=None, n=None, digits=2, signed=False) -> str:
@@ -230,15 +230,22 @@ def choose_budget(rows, tolerance: float = 1.0, baseline: str = 'scratch') -> di
     return {'budget': chosen, 'converged': bool(len(ok)), 'tolerance': tolerance, 'table': steps}
 
 # %% ../nbs/12_stats.ipynb 67
+def chosen_budgets(stats, baseline: str = 'scratch') -> dict:
+    "Per family of `stats` with a budget curve (`budget_rows`), what `choose_budget` picks; a curve without `baseline` picks nothing."
+    picks = {}
+    for f, r in budget_rows(stats).groupby('family'):
+        try: picks[f] = choose_budget(r, baseline=baseline)
+        except ValueError: pass
+    return picks
+
 def at_chosen_budget(stats, baseline: str = 'scratch'):
-    "`stats` without the settings of a budget curve at budgets other than the one `choose_budget` picks for their family."
+    "`stats` without the settings that hold only a budget curve's labels, at budgets other than the one `choose_budget` picks for their family."
     import pandas as pd
-    rows, family = budget_rows(stats), pd.Series(budget_family(stats), index=stats.index)
-    keep = pd.Series(True, index=stats.index)
-    for f, r in rows.groupby('family'):
-        try: chosen = choose_budget(r, baseline=baseline)['budget']
-        except ValueError: continue   # no baseline on the curve: no budget chosen, every budget kept
-        keep &= (family != f) | (stats.images_seen == chosen)
+    family, keep = pd.Series(budget_family(stats), index=stats.index), pd.Series(True, index=stats.index)
+    curve_labels = budget_rows(stats).groupby('family').label.agg(set)
+    for f, pick in chosen_budgets(stats, baseline).items():
+        only_curve = stats.groupby('setting').label.transform(lambda labels: set(labels) <= curve_labels[f])
+        keep &= (family != f) | (stats.images_seen == pick['budget']) | ~only_curve
     return stats[keep]
 
 # %% ../nbs/12_stats.ipynb 71
