@@ -291,6 +291,7 @@ def budget_figure(stats):
     fig, axes = _setting_axes(families, [4.6] * len(families))
     for ax, f in zip(axes[:, 0], families):
         r, ends = rows[rows.family == f], []
+        left, right = r.images_seen.min() / 1.2, r.images_seen.max()   # the x axis from just before the first budget; names past the last
         lines = list(r.sort_values('images_seen').groupby('label'))
         for (label, g), (colour, style, marker) in zip(lines, _line_looks([g.method.iloc[0] for _, g in lines])):
             ax.plot(g.images_seen, g['mean'], color=colour, ls=style, marker=marker, ms=4, lw=1.8)
@@ -298,9 +299,9 @@ def budget_figure(stats):
             ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
         teacher = r.teacher_acc.dropna()
         if len(teacher):
-            ax.plot([r.images_seen.min() / 1.2, r.images_seen.max()], [teacher.mean()] * 2, color=TEACHER_COLOUR, ls=':', lw=1.5)   # clear of the lines' names
+            ax.plot([left, right], [teacher.mean()] * 2, color=TEACHER_COLOUR, ls=':', lw=1.5)   # clear of the lines' names
             ax.text(r.images_seen.min(), teacher.mean(), f'teacher {teacher.mean():.1f}%', color='#555555', fontsize=8, va='bottom')
-        ax.set_xscale('log'); ax.set_xlim(r.images_seen.min() / 1.2, r.images_seen.max() * 1.8)
+        ax.set_xscale('log'); ax.set_xlim(left, right * 1.8)
         ax.set_xticks(sorted(r.images_seen.unique())); ax.xaxis.set_minor_locator(NullLocator())   # a tick at each budget run
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set(xlabel='images seen in training (epochs × training images, log scale)', ylabel=TOP1); ax.grid(alpha=0.3)
