@@ -228,6 +228,15 @@ def _line_looks(methods) -> list:
     return [(method_colour(m), LINE_STYLES[list(methods[:i]).count(m) % len(LINE_STYLES)], MARKERS[i % len(MARKERS)])
             for i, m in enumerate(methods)]
 
+def _draw_lines(ax, lines, x, band) -> list:
+    "Each (name, rows) of `lines` against `rows[x]` in its method's look (`_line_looks`): the mean as a line, `band(rows)` shaded unless None; the ends for `_end_labels`."
+    ends = []
+    for (name, g), (colour, style, marker) in zip(lines, _line_looks([g.method.iloc[0] for _, g in lines])):
+        ax.plot(g[x], g['mean'], color=colour, ls=style, marker=marker, ms=4, lw=1.8)
+        if (b := band(g)) is not None: ax.fill_between(g[x], *b, color=colour, alpha=0.15, lw=0)
+        ends.append((g[x].iloc[-1], g['mean'].iloc[-1], name, colour))
+    return ends
+
 # %% ../nbs/14_figures.ipynb 46
 def setting_metrics(runs, metrics, metric='best_test_acc'):
     "`metrics` (of `load_metrics`) with the setting, label and method of each finished run (a scratch run in each of its pairs)."
@@ -290,13 +299,9 @@ def budget_figure(stats):
     families = sorted(rows.family.unique())
     fig, axes = _setting_axes(families, [4.6] * len(families))
     for ax, f in zip(axes[:, 0], families):
-        r, ends = rows[rows.family == f], []
+        r = rows[rows.family == f]
         left, right = r.images_seen.min() / 1.2, r.images_seen.max()   # the x axis from just before the first budget; names past the last
-        lines = list(r.sort_values('images_seen').groupby('label'))
-        for (label, g), (colour, style, marker) in zip(lines, _line_looks([g.method.iloc[0] for _, g in lines])):
-            ax.plot(g.images_seen, g['mean'], color=colour, ls=style, marker=marker, ms=4, lw=1.8)
-            ax.fill_between(g.images_seen, *drawn_interval(g.lo, g.hi), color=colour, alpha=0.15, lw=0)
-            ends.append((g.images_seen.iloc[-1], g['mean'].iloc[-1], label, colour))
+        ends = _draw_lines(ax, list(r.sort_values('images_seen').groupby('label')), 'images_seen', lambda g: drawn_interval(g.lo, g.hi))
         teacher = r.teacher_acc.dropna()
         if len(teacher):
             ax.plot([left, right], [teacher.mean()] * 2, color=TEACHER_COLOUR, ls=':', lw=1.5)   # clear of the lines' names
@@ -355,12 +360,8 @@ def _log_values(ax):
 
 def _pull_panel(ax, rows):
     "A line per label and term of `rows` (of `pull_rows`): mean pull per epoch on a log axis, the seed range as a band where n > 1, named at its end."
-    lines = list(rows.sort_values('epoch').groupby(['label', 'term']))
-    ends = []
-    for ((label, term), g), (colour, style, marker) in zip(lines, _line_looks([g.method.iloc[0] for _, g in lines])):
-        ax.plot(g.epoch, g['mean'], color=colour, ls=style, marker=marker, ms=4, lw=1.8)
-        if g.n.max() > 1: ax.fill_between(g.epoch, g.lo, g.hi, color=colour, alpha=0.15, lw=0)
-        ends.append((g.epoch.iloc[-1], g['mean'].iloc[-1], f'{label} · {term} (n={g.n.max()})', colour))
+    lines = [(f'{label} · {term} (n={g.n.max()})', g) for (label, term), g in rows.sort_values('epoch').groupby(['label', 'term'])]
+    ends = _draw_lines(ax, lines, 'epoch', lambda g: (g.lo, g.hi) if g.n.max() > 1 else None)
     ax.set_yscale('log'); _epoch_axis(ax, rows.epoch.min(), rows.epoch.max(), room=0.8)
     _log_values(ax); ax.set_ylabel(f'pull {PULL_FORMULA} (log scale)'); ax.grid(alpha=0.3, which='both')
     _end_labels(ax, ends)
@@ -377,8 +378,6 @@ def pull_figure(runs, metrics, setting=None):
     return fig
 
 # %% ../nbs/14_figures.ipynb 73
-def _pull_text(v) -> str: return f'{v:.3g}'
-
 def pull_table(runs, metrics, setting=None):
     "Per label and term of `setting` (None: the one setting that logged a pull): n, the mean pull over seeds at the first and last epoch, and last / first."
     import pandas as pd
@@ -389,7 +388,7 @@ def pull_table(runs, metrics, setting=None):
                                                                      a=('mean', 'first'), b=('mean', 'last')).reset_index()
     ends = ends.sort_values(['b', 'label'], ascending=[False, True])
     return pd.DataFrame({'setting': ends.label, 'term': ends.term, 'n': ends.n, 'epochs': [f'{a} → {b}' for a, b in zip(ends['first'], ends['last'])],
-                         'pull, first epoch': ends.a.map(_pull_text), 'pull, last epoch': ends.b.map(_pull_text),
+                         'pull, first epoch': ends.a.map('{:.3g}'.format), 'pull, last epoch': ends.b.map('{:.3g}'.format),
                          'last / first': (ends.b / ends.a).map(lambda v: f'{v:.2f}')}).reset_index(drop=True)
 
 # %% ../nbs/14_figures.ipynb 78
