@@ -249,3 +249,25 @@ def test_deploy_retrains_quote_their_runs():
             assert float(before) in set(top1(committed, name, int(seed))), (seed, name)
             gaps.append(abs(float(again) - float(before)))
     assert f'within about {max(gaps):.1f} points' in text
+
+
+PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
+
+
+@pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
+def test_second_pair_reading_quotes_its_runs():
+    "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs, and KD leads scratch on every seed as it says."
+    from kd_nb.run_table import load_runs
+    runs = load_runs(PAIR2)
+    text = section('So far, on 2 seeds each', '### Early training')
+    assert assert_quotes_hold(text, runs[runs.epochs == 8]) >= 2
+    acc = runs[runs.epochs == 8].pivot_table(index='seed', columns='method', values='best_test_acc')
+    assert 'KD leads scratch on both seeds' in text and (acc.kd.dropna() > acc.scratch[acc.kd.dropna().index]).all()
+
+
+@pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
+def test_budget_reading_quotes_the_committed_runs():
+    "Every accuracy, difference and interval quoted in the reading of the budget curve is computed from the study's runs at some budget."
+    from kd_nb.run_table import load_runs
+    text = section('SimKD with its L2 loss climbs fastest', '\n\n')
+    assert assert_quotes_hold(text, load_runs(CONVERGED)) >= 2
