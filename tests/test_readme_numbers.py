@@ -256,15 +256,18 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs, and KD leads scratch on every seed as it says."
+    "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs, and KD and SimKD lead scratch, and KD SimKD, on every seed as it says."
     from kd_nb.run_table import load_runs
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
     text = section('So far, on 2 seeds each', '### Early training')
     assert assert_quotes_hold(text, at_b) >= 2
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
-    kd = acc['kd'].dropna()
+    kd, simkd = acc['kd'].dropna(), acc['simkd'].dropna()
+    text = ' '.join(text.split())   # phrases read across the README's line breaks
     assert 'KD leads scratch on both seeds' in text and len(kd) == 2 and (kd > acc['scratch'][kd.index]).all()
+    assert 'and so does SimKD (L2 at weight 1)' in text and len(simkd) == 2 and (simkd > acc['scratch'][simkd.index]).all()
+    assert 'KD leads SimKD here, on both seeds' in text and (kd > simkd[kd.index]).all()
 
 
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
