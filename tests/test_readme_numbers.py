@@ -268,6 +268,12 @@ def test_second_pair_reading_quotes_its_runs():
     assert 'KD leads scratch on both seeds' in text and len(kd) == 2 and (kd > acc['scratch'][kd.index]).all()
     assert 'and so does SimKD (L2 at weight 1)' in text and len(simkd) == 2 and (simkd > acc['scratch'][simkd.index]).all()
     assert 'KD leads SimKD here, on both seeds' in text and (kd > simkd[kd.index]).all()
+    import pandas as pd
+    last_pull = lambda folders: pd.concat([pd.read_csv(f / 'metrics.csv').tail(1) for f in folders])['train_pull_l2@4'].mean()
+    pair1 = last_pull(sorted((CONVERGED / 'shape_scale').glob('simkd-resnet20-resnet8-s[0-9]')))   # the runs of L2 at weight 1 that log it
+    weight_1, weight_50 = (last_pull(sorted((PAIR2 / 'pair2').glob(f'simkd-resnet8x4-resnet8-{w}s[0-9]'))) for w in ('', 'loss_weight_50-'))
+    assert f'the pull ends training at {weight_1:.4f} here against {pair1:.3f} on the first pair, a third' in text
+    assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
 
 
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
