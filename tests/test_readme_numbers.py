@@ -257,7 +257,7 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
     "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs, and KD and SimKD lead scratch, and KD SimKD, on every seed as it says."
-    from kd_nb.run_table import load_runs
+    from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
     text = section('So far, on 2 seeds each', '### Early training')
@@ -268,10 +268,13 @@ def test_second_pair_reading_quotes_its_runs():
     assert 'KD leads scratch on both seeds' in text and len(kd) == 2 and (kd > acc['scratch'][kd.index]).all()
     assert 'and so does SimKD (L2 at weight 1)' in text and len(simkd) == 2 and (simkd > acc['scratch'][simkd.index]).all()
     assert 'KD leads SimKD here, on both seeds' in text and (kd > simkd[kd.index]).all()
-    import pandas as pd
-    last_pull = lambda folders: pd.concat([pd.read_csv(f / 'metrics.csv').tail(1) for f in folders])['train_pull_l2@4'].mean()
-    pair1 = last_pull(sorted((CONVERGED / 'shape_scale').glob('simkd-resnet20-resnet8-s[0-9]')))   # the runs of L2 at weight 1 that log it
-    weight_1, weight_50 = (last_pull(sorted((PAIR2 / 'pair2').glob(f'simkd-resnet8x4-resnet8-{w}s[0-9]'))) for w in ('', 'loss_weight_50-'))
+    def last_pull(folder, runs, label):
+        "The mean over the runs of `label` of the L2 term's pull in their last epoch."
+        curves = load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run')
+        return curves.loc[runs.run[runs.label == label], 'train_pull_l2@4'].mean()
+    pair1 = load_runs(CONVERGED)
+    pair1 = last_pull(CONVERGED, pair1[pair1.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
+    weight_1, weight_50 = (last_pull(PAIR2, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
     assert f'the pull ends training at {weight_1:.4f} here against {pair1:.3f} on the first pair, a third' in text
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
 
