@@ -268,6 +268,8 @@ def test_second_pair_reading_quotes_its_runs():
     assert 'KD leads scratch on both seeds' in text and len(kd) == 2 and (kd > acc['scratch'][kd.index]).all()
     assert 'and so does SimKD (L2 at weight 1)' in text and len(simkd) == 2 and (simkd > acc['scratch'][simkd.index]).all()
     assert 'KD leads SimKD here, on both seeds' in text and (kd > simkd[kd.index]).all()
+    middle, down = acc['simkd direction=middle'].dropna(), acc['simkd direction=down'].dropna()
+    assert 'ahead of down on both seeds' in text and len(middle) == 2 and (middle > down[middle.index]).all()
     def last_pull(folder, runs, label):
         "The mean over the runs of `label` of the L2 term's pull in their last epoch."
         curves = load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run')
