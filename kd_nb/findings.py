@@ -39,16 +39,16 @@ def _evidence_text(c: dict) -> str:
 def _inside(folder: Path, runs: Path) -> bool: return folder.resolve().is_relative_to(runs.resolve())
 
 def findings_text(path, root=None, runs=None) -> str:
-    "The findings of `path` as a numbered Markdown list, each comparison measured from its runs (under `root`); with `runs`, only the evidence from runs folders inside that folder, and only the findings that have some."
+    "The findings of `path` as a Markdown list, each under its number in the file, each comparison measured from its runs (under `root`); with `runs`, only the evidence from runs folders inside that folder, and only the findings that have some."
     from functools import cache
     root, items = Path(root) if root else project_root(), []
     stats = cache(lambda runs: study_stats(load_runs(root / runs)))   # each runs folder read once, however many findings cite it
-    for f in load_findings(root / path):
+    for number, f in enumerate(load_findings(root / path), 1):
         evidence = [e for e in f['evidence'] if runs is None or _inside(root / e['runs'], root / runs)]
         if not evidence: continue
         own = lambda e: {k: e.get(k, f[k]) for k in ('better', 'than', 'expect')}   # an item may compare other labels, or expect otherwise
         cs = [{**comparison(stats(e['runs']), **own(e), pair=e.get('pair'), images=e.get('images')), **own(e)} for e in evidence]
         scope = [f'on {n} only' for n, k in (('one pair', 'pair'), ('one budget', 'images_seen')) if len({c[k] for c in cs}) == 1]
-        items.append(f"{len(items) + 1}. **{f['claim']}** " + '; '.join(map(_evidence_text, cs)) + '.'
+        items.append(f"- **{number}. {f['claim']}** " + '; '.join(map(_evidence_text, cs)) + '.'
                      + (f" *Evidence {' and '.join(scope)}.*" if scope else '') + f" Would overturn it: {f['overturn']}")
     return '\n'.join(items)
