@@ -272,15 +272,19 @@ def test_second_pair_reading_quotes_its_runs():
     assert f'KD leads SimKD here, on {every(both)}' in text and (kd[both] > simkd[both]).all()
     middle, down = acc['simkd direction=middle'].dropna(), acc['simkd direction=down'].dropna()
     assert f'ahead of down on {every(middle)}' in text and (middle > down[middle.index]).all()
-    def last_pull(folder, runs, label):
-        "The mean over the runs of `label` of the L2 term's pull in their last epoch."
+    smooth, l2_50 = acc['simkd loss=smooth_l1'].dropna(), acc['simkd loss_weight=50']
+    assert f'behind it on {every(smooth)}' in text and (smooth < l2_50[smooth.index]).all()
+    def last_pull(folder, runs, label, loss='l2'):
+        "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
         curves = load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run')
-        return curves.loc[runs.run[runs.label == label], 'train_pull_l2@4'].mean()
+        return curves.loc[runs.run[runs.label == label], f'train_pull_{loss}@4'].mean()
     pair1 = load_runs(CONVERGED)
     pair1 = last_pull(CONVERGED, pair1[pair1.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
     weight_1, weight_50 = (last_pull(PAIR2, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
     assert f'the pull ends training at {weight_1:.4f} here against {pair1:.3f} on the first pair, a third' in text
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
+    smooth = last_pull(PAIR2, at_b, 'simkd loss=smooth_l1', 'smooth_l1')
+    assert f'its pull ends training at {smooth:.3f}, half of' in text and abs(smooth / weight_50 - 1 / 2) < 0.05
 
 
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
