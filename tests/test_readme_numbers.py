@@ -263,24 +263,23 @@ def test_second_pair_reading_quotes_its_runs():
     text = section('So far, on 2 seeds each', '### Early training')
     assert assert_quotes_hold(text, at_b) >= 2
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
-    kd, simkd = acc['kd'].dropna(), acc['simkd'].dropna()
     text = ' '.join(text.split())   # phrases read across the README's line breaks
-    every = lambda seeds: 'both seeds' if len(seeds) == 2 else f'all {len(seeds)} seeds'
-    assert f'KD leads scratch on {every(kd)}' in text and (kd > acc['scratch'][kd.index]).all()
-    assert f'and so does SimKD (L2 at weight 1), on {every(simkd)}' in text and (simkd > acc['scratch'][simkd.index]).all()
-    both = kd.index.intersection(simkd.index)
-    assert f'KD leads SimKD here, on {every(both)}' in text and (kd[both] > simkd[both]).all()
-    middle, down = acc['simkd direction=middle'].dropna(), acc['simkd direction=down'].dropna()
-    assert f'ahead of down on {every(middle)}' in text and (middle > down[middle.index]).all()
-    smooth, l2_50 = acc['simkd loss=smooth_l1'].dropna(), acc['simkd loss_weight=50'].dropna()
-    both = smooth.index.intersection(l2_50.index)
-    assert f'behind it on {every(both)}' in text and (smooth[both] < l2_50[both]).all()
+    def ahead(better, worse):
+        "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
+        a, b = acc[better].dropna(), acc[worse].dropna()
+        both = a.index.intersection(b.index)
+        return 'both seeds' if len(both) == 2 else f'all {len(both)} seeds', (a[both] > b[both]).all()
+    for phrase, better, worse in [('KD leads scratch on', 'kd', 'scratch'), ('and so does SimKD (L2 at weight 1), on', 'simkd', 'scratch'),
+                                  ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
+                                  ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1')]:   # smooth L1 behind L2 at weight 50
+        seeds, holds = ahead(better, worse)
+        assert f'{phrase} {seeds}' in text and holds, (phrase, seeds)
+    last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
     def last_pull(folder, runs, label, loss='l2'):
         "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
-        curves = load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run')
-        return curves.loc[runs.run[runs.label == label], f'train_pull_{loss}@4'].mean()
-    pair1 = load_runs(CONVERGED)
-    pair1 = last_pull(CONVERGED, pair1[pair1.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
+        return last[folder].loc[runs.run[runs.label == label], f'train_pull_{loss}@4'].mean()
+    converged = load_runs(CONVERGED)
+    pair1 = last_pull(CONVERGED, converged[converged.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
     weight_1, weight_50 = (last_pull(PAIR2, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
     assert f'the pull ends training at {weight_1:.4f} here against {pair1:.3f} on the first pair, a third' in text
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
