@@ -256,13 +256,14 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle and smooth L1 holds seed by seed."
+    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1 and DKD holds seed by seed."
     from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
     text = section('So far, on 2 seeds each', '### Early training')
     assert assert_quotes_hold(text, at_b) >= 2
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
+    DKD = 'kd loss=dkd ce_weight=1.0'
     text = ' '.join(text.split())   # phrases read across the README's line breaks
     def ahead(better, worse):
         "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
@@ -271,7 +272,8 @@ def test_second_pair_reading_quotes_its_runs():
         return 'both seeds' if len(both) == 2 else f'all {len(both)} seeds', (a[both] > b[both]).all()
     for phrase, better, worse in [('KD leads scratch on', 'kd', 'scratch'), ('and so does SimKD (L2 at weight 1), on', 'simkd', 'scratch'),
                                   ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
-                                  ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1')]:   # smooth L1 behind L2 at weight 50
+                                  ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1'),   # smooth L1 behind L2 at weight 50
+                                  ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD)]:
         seeds, holds = ahead(better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, seeds)
     last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
