@@ -256,7 +256,7 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1 and DKD holds seed by seed."
+    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25 and DKD holds seed by seed."
     from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
@@ -273,6 +273,7 @@ def test_second_pair_reading_quotes_its_runs():
     for phrase, better, worse in [('KD leads scratch on', 'kd', 'scratch'), ('and so does SimKD (L2 at weight 1), on', 'simkd', 'scratch'),
                                   ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
                                   ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1'),   # smooth L1 behind L2 at weight 50
+                                  ('ahead of smooth L1 on', 'simkd loss_weight=25', 'simkd loss=smooth_l1'),   # L2 at its scale
                                   ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD)]:
         seeds, holds = ahead(better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, seeds)
@@ -287,6 +288,8 @@ def test_second_pair_reading_quotes_its_runs():
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
     smooth_l1 = last_pull(PAIR2, at_b, 'simkd loss=smooth_l1', 'smooth_l1')
     assert f'its pull ends training at {smooth_l1:.3f}, half of' in text and abs(smooth_l1 / weight_50 - 1 / 2) < 0.05
+    weight_25 = last_pull(PAIR2, at_b, 'simkd loss_weight=25')
+    assert f'its pull ends training at {weight_25:.3f}, level with smooth L1' in text and abs(weight_25 / smooth_l1 - 1) < 0.05
 
 
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
