@@ -256,7 +256,7 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25 and DKD holds seed by seed."
+    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD and KD with logit standardization holds seed by seed."
     from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
@@ -264,6 +264,7 @@ def test_second_pair_reading_quotes_its_runs():
     assert assert_quotes_hold(text, at_b) >= 2
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
     DKD = 'kd loss=dkd ce_weight=1.0'
+    KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
     text = ' '.join(text.split())   # phrases read across the README's line breaks
     def ahead(better, worse):
         "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
@@ -274,7 +275,8 @@ def test_second_pair_reading_quotes_its_runs():
                                   ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
                                   ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1'),   # smooth L1 behind L2 at weight 50
                                   ('ahead of smooth L1 on', 'simkd loss_weight=25', 'simkd loss=smooth_l1'),   # L2 at its scale
-                                  ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD)]:
+                                  ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD),
+                                  ('KD is ahead of it on', 'kd', KD_LS)]:
         seeds, holds = ahead(better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, seeds)
     last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
