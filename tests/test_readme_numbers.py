@@ -143,7 +143,7 @@ def assert_quotes_hold(text: str, runs):
     for m in re.finditer(r'(\d+\.\d+)%', text): assert m[1] in means, m[0]
     ends = {x for d in diffs for x in d}
     for m in re.finditer(r'(?<![\d.])([+\-−]\d+\.\d+)(?![\d%])', text): assert f'{num(m[1]):+.{len(m[1].split(".")[1])}f}' in ends, m[0]
-    for m in re.finditer(r'by (\d+\.\d+) and (\d+\.\d+) points', text): assert {m[1], m[2]} <= gaps
+    for m in re.finditer(r'by (\d+\.\d+) (?:and|to) (\d+\.\d+) points', text): assert {m[1], m[2]} <= gaps, m[0]
     return len(quoted)
 
 
@@ -256,7 +256,7 @@ PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 @pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
 def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD and KD with logit standardization holds seed by seed."
+    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD, KD with logit standardization and CRD holds seed by seed."
     from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
@@ -265,6 +265,7 @@ def test_second_pair_reading_quotes_its_runs():
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
     DKD = 'kd loss=dkd ce_weight=1.0'
     KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
+    CRD = 'kd loss=crd ce_weight=1.0 layers=4 projector=none'
     text = ' '.join(text.split())   # phrases read across the README's line breaks
     def ahead(better, worse):
         "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
@@ -276,9 +277,13 @@ def test_second_pair_reading_quotes_its_runs():
                                   ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1'),   # smooth L1 behind L2 at weight 50
                                   ('ahead of smooth L1 on', 'simkd loss_weight=25', 'simkd loss=smooth_l1'),   # L2 at its scale
                                   ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD),
-                                  ('KD is ahead of it on', 'kd', KD_LS)]:
+                                  ('KD is ahead of it on', 'kd', KD_LS), ('CRD is ahead of scratch on', CRD, 'scratch'),
+                                  ('L2 at weight 50 leads CRD on', 'simkd loss_weight=50', CRD)] + \
+                                 [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
         seeds, holds = ahead(better, worse)
-        assert f'{phrase} {seeds}' in text and holds, (phrase, seeds)
+        assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
+    crd = acc[CRD].dropna()
+    assert f'its two seeds {crd.max() - crd.min():.2f} points apart' in text and len(crd) == 2
     last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
     def last_pull(folder, runs, label, loss='l2'):
         "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
