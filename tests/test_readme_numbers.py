@@ -266,6 +266,7 @@ def test_second_pair_reading_quotes_its_runs():
     DKD = 'kd loss=dkd ce_weight=1.0'
     KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
     CRD = 'kd loss=crd ce_weight=1.0 layers=4 projector=none'
+    CRD_KD = 'kd loss=crd,kl loss_weight=0.8,1 ce_weight=1.0 layers=4 projector=none'
     text = ' '.join(text.split())   # phrases read across the README's line breaks
     def ahead(better, worse):
         "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
@@ -278,12 +279,15 @@ def test_second_pair_reading_quotes_its_runs():
                                   ('ahead of smooth L1 on', 'simkd loss_weight=25', 'simkd loss=smooth_l1'),   # L2 at its scale
                                   ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD),
                                   ('KD is ahead of it on', 'kd', KD_LS), ('CRD is ahead of scratch on', CRD, 'scratch'),
-                                  ('L2 at weight 50 leads CRD on', 'simkd loss_weight=50', CRD)] + \
+                                  ('L2 at weight 50 leads CRD on', 'simkd loss_weight=50', CRD),
+                                  ('CRD with KD is ahead of SimKD at weight 1 on', CRD_KD, 'simkd'), ('L2 at weight 50 leads CRD with KD on', 'simkd loss_weight=50', CRD_KD)] + \
                                  [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
         seeds, holds = ahead(better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
-    crd = acc[CRD].dropna()
-    assert f'its two seeds {crd.max() - crd.min():.2f} points apart' in text and len(crd) == 2
+    spread = lambda label: f'{acc[label].max() - acc[label].min():.2f} points apart'
+    assert f'its two seeds {spread(CRD)}' in text and f'within the noise of its seeds, {spread(CRD_KD)}' in text
+    shared = acc[[CRD_KD, 'kd']].dropna()   # CRD with KD against KD: ahead on one seed of the two they share
+    assert re.search(r'It is level with KD, \S+ \[\S+, \S+\], ahead on one seed of two', text) and (shared[CRD_KD] > shared.kd).sum() == 1 and len(shared) == 2
     last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
     def last_pull(folder, runs, label, loss='l2'):
         "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
