@@ -293,6 +293,10 @@ def test_second_pair_reading_quotes_its_runs():
     level = re.search(r'It is level with KD, \S+ \[\S+, \S+\], ahead on (\d) seeds of (\d)', text)
     assert level and (int(level[1]), int(level[2])) == (wins(CRD_KD, 'kd').sum(), len(wins(CRD_KD, 'kd')))
     assert "SimKD's best weight here leads every published method on every seed" in text
+    L1 = 'simkd loss=l1'
+    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {spread(L1)}' in text and 'L1 is behind smooth L1 at weight 50 and L2 at weights 25 and 50 on both seeds' in text
+    assert all(wins(b, L1).all() for b in ('simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50')) and len(acc[L1].dropna()) == 2
+    assert 'and ahead of SimKD at weight 1 on both seeds' in text and wins(L1, 'simkd').all()
     assert all(wins('simkd loss_weight=50', published).all() for published in (DKD, KD_LS, CRD, CRD_KD))
     last = {folder: load_metrics(folder).sort_values('epoch').groupby('run').tail(1).set_index('run') for folder in (CONVERGED, PAIR2)}
     def last_pull(folder, runs, label, loss='l2'):
@@ -305,6 +309,12 @@ def test_second_pair_reading_quotes_its_runs():
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
     smooth_l1 = last_pull(PAIR2, at_b, 'simkd loss=smooth_l1', 'smooth_l1')
     assert f'its pull ends training at {smooth_l1:.3f}, half of' in text and abs(smooth_l1 / weight_50 - 1 / 2) < 0.05
+    assert f'it ends training at {last_pull(PAIR2, at_b, L1, "l1"):.3f}, above L2\'s at weight 50' in text and last_pull(PAIR2, at_b, L1, 'l1') > weight_50
+    first_epochs = lambda folder, runs, label, epochs: load_metrics(folder).set_index('run').loc[runs.run[runs.label == label]].pivot(columns='epoch', values='test_acc1')[epochs]
+    assert 'the student sits at chance (10% top-1) through its first two epochs' in text and (first_epochs(PAIR2, at_b, L1, [1, 2]) < 11).all().all()
+    assert (first_epochs(PAIR2, at_b, L1, [3]) > 20).all().all()
+    pair1_l1 = converged[converged.run.str.startswith('converged/') & (converged.label == L1)]
+    assert 'on the first pair L1 is past 50% after one epoch on all 3 seeds' in text and len(pair1_l1) == 3 and (first_epochs(CONVERGED, pair1_l1, L1, [1]) > 50).all().all()
     weight_25 = last_pull(PAIR2, at_b, 'simkd loss_weight=25')
     assert f'its pull ends training at {weight_25:.3f}, level with smooth L1' in text and abs(weight_25 / smooth_l1 - 1) < 0.05
 
