@@ -267,6 +267,7 @@ def test_second_pair_reading_quotes_its_runs():
     KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
     CRD = 'kd loss=crd ce_weight=1.0 layers=4 projector=none'
     CRD_KD = 'kd loss=crd,kl loss_weight=0.8,1 ce_weight=1.0 layers=4 projector=none'
+    L1, COSINE = 'simkd loss=l1', 'simkd loss=cosine'
     text = ' '.join(text.split())   # phrases read across the README's line breaks
     def wins(better, worse):
         "Whether `better` is ahead of `worse`, on each seed both labels have."
@@ -283,7 +284,8 @@ def test_second_pair_reading_quotes_its_runs():
                                   ('which is ahead of it on', 'kd', DKD), ('leads DKD on', 'simkd loss_weight=50', DKD),
                                   ('KD is ahead of it on', 'kd', KD_LS), ('CRD is ahead of scratch on', CRD, 'scratch'),
                                   ('L2 at weight 50 leads CRD on', 'simkd loss_weight=50', CRD),
-                                  ('CRD with KD is ahead of SimKD at weight 1 on', CRD_KD, 'simkd'), ('L2 at weight 50 leads CRD with KD on', 'simkd loss_weight=50', CRD_KD)] + \
+                                  ('CRD with KD is ahead of SimKD at weight 1 on', CRD_KD, 'simkd'), ('L2 at weight 50 leads CRD with KD on', 'simkd loss_weight=50', CRD_KD),
+                                  ('Cosine leads SimKD at weight 1 on', COSINE, 'simkd'), ('and leads KD on', COSINE, 'kd'), ('and ahead of L1 on', COSINE, L1)] + \
                                  [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
         seeds, holds = ahead(better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
@@ -293,10 +295,14 @@ def test_second_pair_reading_quotes_its_runs():
     level = re.search(r'It is level with KD, \S+ \[\S+, \S+\], ahead on (\d) seeds of (\d)', text)
     assert level and (int(level[1]), int(level[2])) == (wins(CRD_KD, 'kd').sum(), len(wins(CRD_KD, 'kd')))
     assert "SimKD's best weight here leads every published method on every seed" in text
-    L1 = 'simkd loss=l1'
-    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {spread(L1)}' in text and 'L1 is behind smooth L1 at weight 50 and L2 at weights 25 and 50 on both seeds' in text
-    assert all(wins(b, L1).all() for b in ('simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50')) and len(acc[L1].dropna()) == 2
+    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {spread(L1)}' in text and f'reaches {acc[COSINE].mean():.2f}%' in text
+    top = ['simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50']
+    for label, opening in ((L1, 'L1 is behind'), (COSINE, 'It is behind')):
+        assert f'{opening} smooth L1 at weight 50 and L2 at weights 25 and 50 on both seeds' in text and len(acc[label].dropna()) == 2
+        assert all(wins(b, label).all() for b in top)
     assert 'and ahead of SimKD at weight 1 on both seeds' in text and wins(L1, 'simkd').all()
+    losses = [L1, COSINE] + top
+    assert "L2 at its paper's weight 1: within half a point of L1 and cosine on the first pair, behind every other loss here" in text and all(wins(b, 'simkd').all() for b in losses)
     assert all(wins('simkd loss_weight=50', published).all() for published in (DKD, KD_LS, CRD, CRD_KD))
     metrics = {folder: load_metrics(folder).set_index('run') for folder in (CONVERGED, PAIR2)}
     def label_metrics(folder, runs, label):
