@@ -312,7 +312,7 @@ def test_second_pair_reading_quotes_its_runs():
     def last_pull(folder, runs, label, loss='l2'):
         "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
         m = label_metrics(folder, runs, label)
-        return m[m.epoch == m.epoch.max()][f'train_pull_{loss}@4'].mean()
+        return m.sort_values('epoch').groupby(level='run').tail(1)[f'train_pull_{loss}@4'].mean()   # each run's own last epoch
     def epoch_acc(folder, runs, label, epochs):
         "Test top-1 of each run of `label` (rows) after each of `epochs` (columns)."
         return label_metrics(folder, runs, label).pivot(columns='epoch', values='test_acc1')[epochs]
