@@ -8,6 +8,7 @@ import json
 import re
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -254,29 +255,48 @@ def test_deploy_retrains_quote_their_runs():
 PAIR2 = ROOT / 'results' / 'cifar10-jpeg-pair2'
 
 
-@pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
-def test_second_pair_reading_quotes_its_runs():
-    "Every accuracy, difference, interval and pull quoted in the reading of the second pair's study is computed from its runs, and every 'on both seeds' or 'on all n seeds' it says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD, KD with logit standardization, CRD, CRD with KD, L1 and cosine holds seed by seed, as do the epochs L1 spends at chance."
-    from kd_nb.run_table import load_runs, load_metrics
+needs_pair2 = pytest.mark.skipif(not (PAIR2 / 'pair2').is_dir(), reason="the second pair's study is not in this checkout")
+DKD = 'kd loss=dkd ce_weight=1.0'
+KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
+CRD = 'kd loss=crd ce_weight=1.0 layers=4 projector=none'
+CRD_KD = 'kd loss=crd,kl loss_weight=0.8,1 ce_weight=1.0 layers=4 projector=none'
+L1, COSINE = 'simkd loss=l1', 'simkd loss=cosine'
+TOP = ['simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50']   # the losses that pull hardest
+
+
+@pytest.fixture(scope='module')
+def pair2():
+    "The second pair's runs at B, their top-1 by seed and label (DKD and CRD run as method kd too), and the README's reading of them, raw and on one line."
+    from kd_nb.run_table import load_runs
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
-    text = section('So far, on 2 seeds each', '### Early training')
-    assert assert_quotes_hold(text, at_b) >= 2
-    acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')   # by label: DKD and CRD run as method kd too
-    DKD = 'kd loss=dkd ce_weight=1.0'
-    KD_LS = 'kd loss_weight=9 loss_options={"kl": {"T": 2, "standardize": true}}'
-    CRD = 'kd loss=crd ce_weight=1.0 layers=4 projector=none'
-    CRD_KD = 'kd loss=crd,kl loss_weight=0.8,1 ce_weight=1.0 layers=4 projector=none'
-    L1, COSINE = 'simkd loss=l1', 'simkd loss=cosine'
-    text = ' '.join(text.split())   # phrases read across the README's line breaks
-    def wins(better, worse):
-        "Whether `better` is ahead of `worse`, on each seed both labels have."
-        both = acc[[better, worse]].dropna()
-        return both[better] > both[worse]
-    def ahead(better, worse):
-        "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
-        w = wins(better, worse)
-        return 'both seeds' if len(w) == 2 else f'all {len(w)} seeds', w.all()
+    raw = section('So far, on 2 seeds each', '### Early training')
+    acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')
+    return SimpleNamespace(runs=at_b, acc=acc, raw=raw, text=' '.join(raw.split()))
+
+
+def wins(acc, better, worse):
+    "Whether `better` is ahead of `worse`, on each seed both labels have."
+    both = acc[[better, worse]].dropna()
+    return both[better] > both[worse]
+
+
+def ahead(acc, better, worse):
+    "The seeds both labels have, as the reading counts them, and whether `better` is ahead on every one."
+    w = wins(acc, better, worse)
+    return 'both seeds' if len(w) == 2 else f'all {len(w)} seeds', w.all()
+
+
+@needs_pair2
+def test_second_pair_reading_quotes_its_runs(pair2):
+    "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs."
+    assert assert_quotes_hold(pair2.raw, pair2.runs) >= 2
+
+
+@needs_pair2
+def test_second_pair_seed_counts_hold(pair2):
+    "Every 'on both seeds' or 'on all n seeds' the reading says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD, KD with logit standardization, CRD, CRD with KD, L1 and cosine holds seed by seed, as do the spreads it quotes."
+    acc, text = pair2.acc, pair2.text
     for phrase, better, worse in [('KD leads scratch on', 'kd', 'scratch'), ('and so does SimKD (L2 at weight 1), on', 'simkd', 'scratch'),
                                   ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
                                   ('behind it on', 'simkd loss_weight=50', 'simkd loss=smooth_l1'),   # smooth L1 behind L2 at weight 50
@@ -287,24 +307,38 @@ def test_second_pair_reading_quotes_its_runs():
                                   ('CRD with KD is ahead of SimKD at weight 1 on', CRD_KD, 'simkd'), ('L2 at weight 50 leads CRD with KD on', 'simkd loss_weight=50', CRD_KD),
                                   ('Cosine leads SimKD at weight 1 on', COSINE, 'simkd'), ('and leads KD on', COSINE, 'kd'), ('and ahead of L1 on', COSINE, L1)] + \
                                  [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
-        seeds, holds = ahead(better, worse)
+        seeds, holds = ahead(acc, better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
     spread = lambda label: f'{acc[label].max() - acc[label].min():.2f} points apart'
     assert f'its two seeds {spread(CRD)}' in text and f'its third seed lies between its first two, {spread(CRD_KD)}' in text
     assert acc[CRD_KD].min() < acc[CRD_KD][2] < acc[CRD_KD].max()
     level = re.search(r'It is level with KD, \S+ \[\S+, \S+\], ahead on (\d) seeds of (\d)', text)
-    crd_kd_over_kd = wins(CRD_KD, 'kd')
+    crd_kd_over_kd = wins(acc, CRD_KD, 'kd')
     assert level and (int(level[1]), int(level[2])) == (crd_kd_over_kd.sum(), len(crd_kd_over_kd))
     assert "SimKD's best weight here leads every published method on every seed" in text
-    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {spread(L1)}' in text and f'reaches {acc[COSINE].mean():.2f}%' in text
-    top = ['simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50']
+    assert all(wins(acc, 'simkd loss_weight=50', published).all() for published in (DKD, KD_LS, CRD, CRD_KD))
+
+
+@needs_pair2
+def test_second_pair_losses_keep_their_order(pair2):
+    "L1 and cosine trail every loss that pulls hardest and lead L2 at weight 1 on each of their seeds, as the reading says."
+    acc, text = pair2.acc, pair2.text
+    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {acc[L1].max() - acc[L1].min():.2f} points apart' in text
+    assert f'reaches {acc[COSINE].mean():.2f}%' in text
     for label, opening in ((L1, 'L1 is behind'), (COSINE, 'It is behind')):
-        assert f'{opening} smooth L1 at weight 50 and L2 at weights 25 and 50 on both seeds' in text and len(acc[label].dropna()) == 2
-        assert all(wins(b, label).all() for b in top)
-    assert 'and ahead of SimKD at weight 1 on both seeds' in text and wins(L1, 'simkd').all()
-    losses = [L1, COSINE] + top
-    assert "L2 at its paper's weight 1: within half a point of L1 and cosine on the first pair, behind every other loss here" in text and all(wins(b, 'simkd').all() for b in losses)
-    assert all(wins('simkd loss_weight=50', published).all() for published in (DKD, KD_LS, CRD, CRD_KD))
+        seeds, _ = ahead(acc, TOP[0], label)
+        assert f'{opening} smooth L1 at weight 50 and L2 at weights 25 and 50 on {seeds}' in text
+        assert all(wins(acc, b, label).all() for b in TOP)
+    assert 'and ahead of SimKD at weight 1 on both seeds' in text and wins(acc, L1, 'simkd').all()
+    assert "L2 at its paper's weight 1: within half a point of L1 and cosine on the first pair, behind every other loss here" in text
+    assert all(wins(acc, b, 'simkd').all() for b in [L1, COSINE] + TOP)
+
+
+@needs_pair2
+def test_second_pair_pulls_and_epochs_are_its_runs(pair2):
+    "The pulls the reading quotes at the end of training, against the first pair's, and the epochs L1 spends at chance, are read from the runs' per-epoch metrics."
+    from kd_nb.run_table import load_runs, load_metrics
+    at_b, text = pair2.runs, pair2.text
     metrics = {folder: load_metrics(folder).set_index('run') for folder in (CONVERGED, PAIR2)}
     def label_metrics(folder, runs, label):
         "The per-epoch metrics of the runs of `label` in `folder`."
