@@ -295,7 +295,7 @@ def test_second_pair_reading_quotes_its_runs(pair2):
 
 @needs_pair2
 def test_second_pair_seed_counts_hold(pair2):
-    "Every 'on both seeds' or 'on all n seeds' the reading says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD, KD with logit standardization, CRD, CRD with KD, L1 and cosine holds seed by seed, as do the spreads it quotes."
+    "Every 'on both seeds' or 'on all n seeds' the reading says of KD, SimKD, middle, smooth L1, L2 at weight 25, DKD, KD with logit standardization, CRD, CRD with KD, L1, cosine and factor 4 holds seed by seed, as do the spreads it quotes."
     acc, text = pair2.acc, pair2.text
     for phrase, better, worse in [('KD leads scratch on', 'kd', 'scratch'), ('and so does SimKD (L2 at weight 1), on', 'simkd', 'scratch'),
                                   ('KD leads SimKD here, on', 'kd', 'simkd'), ('ahead of down on', 'simkd direction=middle', 'simkd direction=down'),
@@ -305,7 +305,8 @@ def test_second_pair_seed_counts_hold(pair2):
                                   ('KD is ahead of it on', 'kd', KD_LS), ('CRD is ahead of scratch on', CRD, 'scratch'),
                                   ('L2 at weight 50 leads CRD on', 'simkd loss_weight=50', CRD),
                                   ('CRD with KD is ahead of SimKD at weight 1 on', CRD_KD, 'simkd'), ('L2 at weight 50 leads CRD with KD on', 'simkd loss_weight=50', CRD_KD),
-                                  ('Cosine leads SimKD at weight 1 on', COSINE, 'simkd'), ('and leads KD on', COSINE, 'kd'), ('and ahead of L1 on', COSINE, L1)] + \
+                                  ('Cosine leads SimKD at weight 1 on', COSINE, 'simkd'), ('and leads KD on', COSINE, 'kd'), ('and ahead of L1 on', COSINE, L1),
+                                  ('behind factor 2 on', 'simkd', 'simkd factor=4'), ('is ahead of factor 4 on', 'simkd direction=middle', 'simkd factor=4')] + \
                                  [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
         seeds, holds = ahead(acc, better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
@@ -354,6 +355,7 @@ def test_second_pair_costs_are_its_runs(pair2):
     assert f"{ratio(middle, up, 'deploy_params'):.0%} of up's deployed parameters ({int(cost.loc[middle, 'deploy_params']):,}) and {ratio(middle, up, 'deploy_flops'):.0%} of its FLOPs" in text
     assert f"{ratio(factor_1, up, 'deploy_params'):.1f} times factor 2's parameters and {ratio(factor_1, up, 'deploy_flops'):.1f} times its FLOPs" in text
     assert f"at {ratio(up, factor_1, 'deploy_params'):.0%} of its deployed parameters" in text
+    assert f"{ratio('simkd factor=4', up, 'deploy_params'):.0%} of factor 2's parameters" in text
 
 
 @needs_pair2
