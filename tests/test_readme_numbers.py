@@ -337,15 +337,16 @@ def test_second_pair_losses_keep_their_order(pair2):
 
 @needs_pair2
 def test_second_pair_costs_are_its_runs(pair2):
-    "Every deployed parameter count and MFLOPs figure the reading quotes is one of its runs', and the other counts it gives are CRD's negatives and the weights of factor 1's 3x3 convolution at the teacher's width."
+    "Every deployed or projector parameter count and MFLOPs figure the reading quotes is one of its runs', and the other counts it gives are CRD's negatives and the weights of factor 1's 3x3 convolution at the teacher's width."
     import inspect
+    import pandas as pd
     from kd_nb.losses import CRDLoss
     from kd_nb.models import feature_shapes, get_model
     runs, text = pair2.runs, pair2.text
     width = feature_shapes(get_model('resnet8x4', num_classes=10))[-1][0]
     negatives = inspect.signature(CRDLoss).parameters['nce_k'].default
     assert f'contrasted against {negatives:,} negatives' in text and f'at {width} channels alone holding {width * width * 9:,} weights' in text
-    params = {f'{int(v):,}' for v in runs.deploy_params.dropna()}
+    params = {f'{int(v):,}' for v in pd.concat([runs.deploy_params, runs.projector_params]).dropna()}
     assert set(re.findall(r'\d{1,3}(?:,\d{3})+', text)) - {f'{negatives:,}', f'{width * width * 9:,}'} <= params
     assert set(re.findall(r'(\d+\.\d+) MFLOPs', text)) <= {f'{v / 1e6:.2f}' for v in runs.deploy_flops.dropna()}
     cost = runs.groupby('label')[['deploy_params', 'deploy_flops']].first()
@@ -355,7 +356,10 @@ def test_second_pair_costs_are_its_runs(pair2):
     assert f"{ratio(middle, up, 'deploy_params'):.0%} of up's deployed parameters ({int(cost.loc[middle, 'deploy_params']):,}) and {ratio(middle, up, 'deploy_flops'):.0%} of its FLOPs" in text
     assert f"{ratio(factor_1, up, 'deploy_params'):.1f} times factor 2's parameters and {ratio(factor_1, up, 'deploy_flops'):.1f} times its FLOPs" in text
     assert f"at {ratio(up, factor_1, 'deploy_params'):.0%} of its deployed parameters" in text
-    assert f"{ratio('simkd factor=4', up, 'deploy_params'):.0%} of factor 2's parameters" in text
+    factor_4, linear = 'simkd factor=4', 'simkd projector=linear'
+    assert f"{ratio(factor_4, up, 'deploy_params'):.0%} of factor 2's parameters" in text
+    assert f"MFLOPs, {ratio(linear, up, 'deploy_params'):.0%} of factor 2's parameters" in text
+    assert f"Factor 4, at {ratio(factor_4, linear, 'deploy_params'):.1f} times its deployed parameters" in text
 
 
 @needs_pair2
