@@ -350,16 +350,16 @@ def test_second_pair_costs_are_its_runs(pair2):
     assert set(re.findall(r'\d{1,3}(?:,\d{3})+', text)) - {f'{negatives:,}', f'{width * width * 9:,}'} <= params
     assert set(re.findall(r'(\d+\.\d+) MFLOPs', text)) <= {f'{v / 1e6:.2f}' for v in runs.deploy_flops.dropna()}
     cost = runs.groupby('label')[['deploy_params', 'deploy_flops']].first()
-    ratio = lambda a, b, col: cost.loc[a, col] / cost.loc[b, col]
-    up, down, middle, factor_1 = 'simkd', 'simkd direction=down', 'simkd direction=middle', 'simkd factor=1'
-    assert f"Up costs {ratio(up, down, 'deploy_params'):.1f} times down's deployed parameters" in text
-    assert f"{ratio(middle, up, 'deploy_params'):.0%} of up's deployed parameters ({int(cost.loc[middle, 'deploy_params']):,}) and {ratio(middle, up, 'deploy_flops'):.0%} of its FLOPs" in text
-    assert f"{ratio(factor_1, up, 'deploy_params'):.1f} times factor 2's parameters and {ratio(factor_1, up, 'deploy_flops'):.1f} times its FLOPs" in text
-    assert f"at {ratio(up, factor_1, 'deploy_params'):.0%} of its deployed parameters" in text
-    factor_4, linear = 'simkd factor=4', 'simkd projector=linear'
-    assert f"{ratio(factor_4, up, 'deploy_params'):.0%} of factor 2's parameters" in text
-    assert f"MFLOPs, {ratio(linear, up, 'deploy_params'):.0%} of factor 2's parameters" in text
-    assert f"Factor 4, at {ratio(factor_4, linear, 'deploy_params'):.1f} times its deployed parameters" in text
+    params = lambda a, b: cost.loc[a, 'deploy_params'] / cost.loc[b, 'deploy_params']   # how many times b's deployed size a is
+    flops = lambda a, b: cost.loc[a, 'deploy_flops'] / cost.loc[b, 'deploy_flops']
+    up, down, middle = 'simkd', 'simkd direction=down', 'simkd direction=middle'
+    factor_1, factor_4, linear = 'simkd factor=1', 'simkd factor=4', 'simkd projector=linear'
+    assert f"Up costs {params(up, down):.1f} times down's deployed parameters" in text
+    assert f"{params(middle, up):.0%} of up's deployed parameters ({int(cost.loc[middle, 'deploy_params']):,}) and {flops(middle, up):.0%} of its FLOPs" in text
+    assert f"{params(factor_1, up):.1f} times factor 2's parameters and {flops(factor_1, up):.1f} times its FLOPs" in text
+    assert f"at {params(up, factor_1):.0%} of its deployed parameters" in text
+    assert f"{params(factor_4, up):.0%} of factor 2's parameters" in text and f"MFLOPs, {params(linear, up):.0%} of factor 2's parameters" in text
+    assert f"Factor 4, at {params(factor_4, linear):.1f} times its deployed parameters" in text
 
 
 @needs_pair2
