@@ -287,6 +287,11 @@ def ahead(acc, better, worse):
     return 'both seeds' if len(w) == 2 else f'all {len(w)} seeds', w.all()
 
 
+def spread(acc, label):
+    "The distance between the best and the worst seed of `label`, as the reading quotes it."
+    return f'{acc[label].max() - acc[label].min():.2f} points apart'
+
+
 @needs_pair2
 def test_second_pair_reading_quotes_its_runs(pair2):
     "Every accuracy, difference and interval quoted in the reading of the second pair's study is computed from its runs."
@@ -310,8 +315,7 @@ def test_second_pair_seed_counts_hold(pair2):
                                  [('KD with logit standardization and SimKD at weight 1 on', b, CRD) for b in ('kd', DKD, KD_LS, 'simkd')]:
         seeds, holds = ahead(acc, better, worse)
         assert f'{phrase} {seeds}' in text and holds, (phrase, better, worse, seeds)
-    spread = lambda label: f'{acc[label].max() - acc[label].min():.2f} points apart'
-    assert f'its two seeds {spread(CRD)}' in text and f'its third seed lies between its first two, {spread(CRD_KD)}' in text
+    assert f'its two seeds {spread(acc, CRD)}' in text and f'its third seed lies between its first two, {spread(acc, CRD_KD)}' in text
     assert acc[CRD_KD].min() < acc[CRD_KD][2] < acc[CRD_KD].max()
     level = re.search(r'It is level with KD, \S+ \[\S+, \S+\], ahead on (\d) seeds of (\d)', text)
     crd_kd_over_kd = wins(acc, CRD_KD, 'kd')
@@ -324,7 +328,7 @@ def test_second_pair_seed_counts_hold(pair2):
 def test_second_pair_losses_keep_their_order(pair2):
     "L1 and cosine trail every loss that pulls hardest and lead L2 at weight 1 on each of their seeds, as the reading says."
     acc, text = pair2.acc, pair2.text
-    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {acc[L1].max() - acc[L1].min():.2f} points apart' in text
+    assert f'reaches {acc[L1].mean():.2f}%, its two seeds {spread(acc, L1)}' in text
     assert f'reaches {acc[COSINE].mean():.2f}%' in text
     for label, opening in ((L1, 'L1 is behind'), (COSINE, 'It is behind')):
         seeds, _ = ahead(acc, TOP[0], label)
@@ -345,9 +349,10 @@ def test_second_pair_costs_are_its_runs(pair2):
     runs, text = pair2.runs, pair2.text
     width = feature_shapes(get_model('resnet8x4', num_classes=10))[-1][0]
     negatives = inspect.signature(CRDLoss).parameters['nce_k'].default
-    assert f'contrasted against {negatives:,} negatives' in text and f'at {width} channels alone holding {width * width * 9:,} weights' in text
-    params = {f'{int(v):,}' for v in pd.concat([runs.deploy_params, runs.projector_params]).dropna()}
-    assert set(re.findall(r'\d{1,3}(?:,\d{3})+', text)) - {f'{negatives:,}', f'{width * width * 9:,}'} <= params
+    conv3x3 = width * width * 9
+    assert f'contrasted against {negatives:,} negatives' in text and f'at {width} channels alone holding {conv3x3:,} weights' in text
+    sizes = {f'{int(v):,}' for v in pd.concat([runs.deploy_params, runs.projector_params]).dropna()}
+    assert set(re.findall(r'\d{1,3}(?:,\d{3})+', text)) - {f'{negatives:,}', f'{conv3x3:,}'} <= sizes
     assert set(re.findall(r'(\d+\.\d+) MFLOPs', text)) <= {f'{v / 1e6:.2f}' for v in runs.deploy_flops.dropna()}
     cost = runs.groupby('label')[['deploy_params', 'deploy_flops']].first()
     params = lambda a, b: cost.loc[a, 'deploy_params'] / cost.loc[b, 'deploy_params']   # how many times b's deployed size a is
