@@ -367,38 +367,43 @@ def test_second_pair_costs_are_its_runs(pair2):
     assert f"Factor 4, at {params(factor_4, linear):.1f} times its deployed parameters" in text
 
 
+def label_metrics(metrics, runs, label):
+    "The per-epoch metrics of the runs of `label`, from `metrics` (their folder's, indexed by run)."
+    return metrics.loc[runs.run[runs.label == label]]
+
+
+def last_pull(metrics, runs, label, loss='l2'):
+    "The mean over the runs of `label` of the `loss` term's pull in each one's own last epoch."
+    return label_metrics(metrics, runs, label).sort_values('epoch').groupby(level='run').tail(1)[f'train_pull_{loss}@4'].mean()
+
+
+def epoch_acc(metrics, runs, label, epochs):
+    "Test top-1 of each run of `label` (rows) after each of `epochs` (columns)."
+    return label_metrics(metrics, runs, label).pivot(columns='epoch', values='test_acc1')[epochs]
+
+
 @needs_pair2
 def test_second_pair_pulls_and_epochs_are_its_runs(pair2):
     "The pulls the reading quotes at the end of training, against the first pair's, and the epochs L1 spends at chance, are read from the runs' per-epoch metrics."
     from kd_nb.run_table import load_runs, load_metrics
     at_b, text = pair2.runs, pair2.text
-    metrics = {folder: load_metrics(folder).set_index('run') for folder in (CONVERGED, PAIR2)}
-    def label_metrics(folder, runs, label):
-        "The per-epoch metrics of the runs of `label` in `folder`."
-        return metrics[folder].loc[runs.run[runs.label == label]]
-    def last_pull(folder, runs, label, loss='l2'):
-        "The mean over the runs of `label` of the `loss` term's pull in their last epoch."
-        m = label_metrics(folder, runs, label)
-        return m.sort_values('epoch').groupby(level='run').tail(1)[f'train_pull_{loss}@4'].mean()   # each run's own last epoch
-    def epoch_acc(folder, runs, label, epochs):
-        "Test top-1 of each run of `label` (rows) after each of `epochs` (columns)."
-        return label_metrics(folder, runs, label).pivot(columns='epoch', values='test_acc1')[epochs]
+    first, second = (load_metrics(folder).set_index('run') for folder in (CONVERGED, PAIR2))
     converged = load_runs(CONVERGED)
-    pair1 = last_pull(CONVERGED, converged[converged.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
-    weight_1, weight_50 = (last_pull(PAIR2, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
+    pair1 = last_pull(first, converged[converged.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
+    weight_1, weight_50 = (last_pull(second, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
     assert f'the pull ends training at {weight_1:.4f} here against {pair1:.3f} on the first pair, a third' in text
     assert abs(weight_1 / pair1 - 1 / 3) < 0.05 and f'at weight 50 at {weight_50:.2f}' in text
-    smooth_l1 = last_pull(PAIR2, at_b, 'simkd loss=smooth_l1', 'smooth_l1')
+    smooth_l1 = last_pull(second, at_b, 'simkd loss=smooth_l1', 'smooth_l1')
     assert f'its pull ends training at {smooth_l1:.3f}, half of' in text and abs(smooth_l1 / weight_50 - 1 / 2) < 0.05
-    weight_25 = last_pull(PAIR2, at_b, 'simkd loss_weight=25')
+    weight_25 = last_pull(second, at_b, 'simkd loss_weight=25')
     assert f'its pull ends training at {weight_25:.3f}, level with smooth L1' in text and abs(weight_25 / smooth_l1 - 1) < 0.05
-    l1 = last_pull(PAIR2, at_b, L1, 'l1')
+    l1 = last_pull(second, at_b, L1, 'l1')
     assert f"it ends training at {l1:.3f}, above L2's at weight 50" in text and l1 > weight_50
     assert 'the student sits at chance (10% top-1) through its first two epochs' in text
-    assert (epoch_acc(PAIR2, at_b, L1, [1, 2]) < 11).all().all() and (epoch_acc(PAIR2, at_b, L1, [3]) > 20).all().all()
+    assert (epoch_acc(second, at_b, L1, [1, 2]) < 11).all().all() and (epoch_acc(second, at_b, L1, [3]) > 20).all().all()
     pair1_l1 = converged[converged.run.str.startswith('converged/')]   # L1 at weight 50 on the first pair: the study at B, 3 seeds
     assert 'on the first pair L1 is past 50% after one epoch on all 3 seeds' in text
-    assert (pair1_l1.label == L1).sum() == 3 and (epoch_acc(CONVERGED, pair1_l1, L1, [1]) > 50).all().all()
+    assert (pair1_l1.label == L1).sum() == 3 and (epoch_acc(first, pair1_l1, L1, [1]) > 50).all().all()
 
 
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
