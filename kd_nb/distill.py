@@ -15,11 +15,11 @@ from .projectors import NO_PROJECTOR, PROJECTORS, check_projector, make_projecto
 
 # %% auto 0
 __all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
-           'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'StepOutput',
-           'num_classes', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller', 'aux_parameters',
-           'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent', 'deployed_module',
-           'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller', 'mutual_step', 'online_teacher_outputs',
-           'DeployedTeacher']
+           'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'image_share',
+           'StepOutput', 'num_classes', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller',
+           'aux_parameters', 'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent',
+           'deployed_module', 'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller', 'mutual_step',
+           'online_teacher_outputs', 'DeployedTeacher']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -129,19 +129,27 @@ class Alignment(nn.Module):
     def forward(self, f_s, f_t): return self.match(self.student_side(f_s), self.teacher_side(f_t))
 
 # %% ../nbs/04_distill.ipynb 34
+def image_share(m: torch.Tensor) -> torch.Tensor:
+    "The share of the variance of maps `m` (B, C, H, W) that differs between the images: 0 where every image has the same map."
+    if m.dim() != 4 or m.shape[0] < 2: raise ValueError(f"image_share: maps of shape (B >= 2, C, H, W), got {tuple(m.shape)}")
+    m = m.detach().float()
+    return m.var(0, unbiased=False).mean() / m.var((0, 2, 3), unbiased=False).mean().clamp_min(1e-12)
+
+# %% ../nbs/04_distill.ipynb 38
 @dataclass
 class StepOutput:
-    "One training step: the prediction, every weighted loss term, the aligned feature pairs and the student side each feature term reads."
+    "One training step: the prediction, every weighted loss term, the aligned feature pairs and the two sides each feature term reads."
     logits: torch.Tensor
     terms: dict = field(default_factory=dict)
     aligned: list = field(default_factory=list)
     features: dict = field(default_factory=dict)   # term name -> the student's aligned map it was computed from
+    targets: dict = field(default_factory=dict)    # term name -> the target map it was computed against
     pulls: dict = field(default_factory=dict)      # term name -> how hard it pulls those features (`train_step(pull=True)`)
 
     @property
     def total(self): return sum(self.terms.values())
 
-# %% ../nbs/04_distill.ipynb 35
+# %% ../nbs/04_distill.ipynb 39
 def _loss_pairs(losses, method=None) -> list:
     "`(name, weight)` pairs from loss names or pairs; a missing weight (a bare name, or None) from `default_loss_weights`."
     if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names or (name, weight) pairs, got the string {losses!r}")
@@ -155,14 +163,14 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
-# %% ../nbs/04_distill.ipynb 36
+# %% ../nbs/04_distill.ipynb 40
 STEP_INPUTS = ('labels', 'teacher', 'indices', 'progress')   # the step needs `distill_step` passes to a loss
 
 def num_classes(model) -> int:
     "Classes of a network (its head's outputs) or of a teacher that declares `num_classes`."
     return getattr(model, 'num_classes', None) or model.head.out_features
 
-# %% ../nbs/04_distill.ipynb 37
+# %% ../nbs/04_distill.ipynb 41
 def _supplied(teacher, widths=None, num_samples=None) -> dict:
     "What a distiller supplies to its losses: their build needs' values (`widths`: an alignment's (student, teacher) widths), and the step inputs it passes per batch (None here)."
     run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
@@ -171,12 +179,12 @@ def _supplied(teacher, widths=None, num_samples=None) -> dict:
     one = {'channels': widths[0]} if widths[0] == widths[1] else {}   # a loss of one width gets it only where both sides have it
     return {**one, 'student_channels': widths[0], 'teacher_channels': widths[1], **run}
 
-# %% ../nbs/04_distill.ipynb 38
+# %% ../nbs/04_distill.ipynb 42
 def stage_pairs(layers) -> list:
     "The (earlier, later) stages a `kind='stages'` loss reads at each of `layers`: the previous listed stage, or k - 1 for the first (None at stage 1)."
     return [(a, k) if a >= 1 else None for a, k in zip([layers[0] - 1, *layers[:-1]], layers)] if layers else []
 
-# %% ../nbs/04_distill.ipynb 39
+# %% ../nbs/04_distill.ipynb 43
 TEACHER_MODES = ('frozen', 'online')
 
 def _teacher_mode(teacher, mode: str) -> bool:
@@ -186,7 +194,7 @@ def _teacher_mode(teacher, mode: str) -> bool:
     if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
     return mode == 'online'
 
-# %% ../nbs/04_distill.ipynb 41
+# %% ../nbs/04_distill.ipynb 45
 def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple:
     "The aligned stages and the loss named for each (None: every feature loss of the run), checked against the losses `named`."
     layers = tuple(int(k) for k in layers)
@@ -206,7 +214,7 @@ def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple
         raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {layers}")
     return layers, per_layer
 
-# %% ../nbs/04_distill.ipynb 42
+# %% ../nbs/04_distill.ipynb 46
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
@@ -247,7 +255,7 @@ class Distiller(nn.Module):
     def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
     def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
-# %% ../nbs/04_distill.ipynb 43
+# %% ../nbs/04_distill.ipynb 47
 def _check_widths(al: Alignment, names, feeds_head: bool):
     "Refuse, where the two sides of `al` keep different widths (projector 'none'), a loss of `names` that compares maps of one width, and a reused head."
     (c_s, c_t), one = al.widths, [n for n in names if not takes_own_widths(n)]
@@ -259,7 +267,7 @@ def _check_widths(al: Alignment, names, feeds_head: bool):
     if feeds_head: raise ValueError(f"projector: {NO_PROJECTOR!r} leaves the student's stage {al.stage} {c_s} channels wide, and the reused "
                                     f"teacher head reads {c_t}; valid: a projector that maps the widths ({mapping}), or no reused head (method kd)")
 
-# %% ../nbs/04_distill.ipynb 44
+# %% ../nbs/04_distill.ipynb 48
 @patch
 def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samples, shapes, projector, factor, direction, reuse_head):
     "An `Alignment` and its feature losses per aligned stage that has a loss term (or the reused head to feed)."
@@ -276,7 +284,7 @@ def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samp
         for n in names:
             if n not in self.weights: self.weights[n] = default_loss_weights(self.method, [n])[0]
 
-# %% ../nbs/04_distill.ipynb 45
+# %% ../nbs/04_distill.ipynb 49
 @patch
 def _add_stage_losses(self: Distiller, pair, lam, names, options, num_samples, shapes_s, shapes_t):
     "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
@@ -313,7 +321,7 @@ def _check_head_is_trained(self: Distiller):
                      f"would stay at its initialization); valid: a feature loss at stage 4 with a weight above 0 (e.g. loss l2+fsp for fsp), "
                      f"a logit loss, or ce_weight > 0")
 
-# %% ../nbs/04_distill.ipynb 48
+# %% ../nbs/04_distill.ipynb 52
 @torch.no_grad()
 def _teacher_outputs(teacher, x, y, need_logits):
     "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
@@ -321,7 +329,7 @@ def _teacher_outputs(teacher, x, y, need_logits):
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
-# %% ../nbs/04_distill.ipynb 49
+# %% ../nbs/04_distill.ipynb 53
 def predict(self: Distiller, feats, s_last=None):
     "Logits of the deployed path from the student's features (and the last projected map when already computed)."
     if not self.reuse_head: return self.student.head(feats.embedding)
@@ -330,14 +338,14 @@ def predict(self: Distiller, feats, s_last=None):
     h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
     return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
-# %% ../nbs/04_distill.ipynb 50
+# %% ../nbs/04_distill.ipynb 54
 def _step_inputs(loss, inputs: dict) -> dict:
     "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
     missing = [n for n in step_needs(loss) if inputs[n] is None]
     if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
     return {n: inputs[n] for n in step_needs(loss)}
 
-# %% ../nbs/04_distill.ipynb 51
+# %% ../nbs/04_distill.ipynb 55
 def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
     "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
@@ -356,14 +364,14 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
         out.aligned.append((s, t, losses))
         for name, loss in losses.items():
             out.terms[f'{name}@{al.stage}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
-            out.features[f'{name}@{al.stage}'] = s
+            out.features[f'{name}@{al.stage}'], out.targets[f'{name}@{al.stage}'] = s, t
     for (a, b), lam, losses in zip(self.stage_pairs, self.stage_weights, self.stage_losses):
         s, t = (fs.stages[a - 1], fs.stages[b - 1]), (ft.stages[a - 1], ft.stages[b - 1])
         for name, loss in losses.items(): out.terms[f'{name}@{b}'] = self.weights[name] * lam * loss(s, t, **needed(loss))
     if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
-# %% ../nbs/04_distill.ipynb 56
+# %% ../nbs/04_distill.ipynb 60
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
@@ -376,21 +384,21 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
     return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 76
+# %% ../nbs/04_distill.ipynb 80
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
-# %% ../nbs/04_distill.ipynb 77
+# %% ../nbs/04_distill.ipynb 81
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
-# %% ../nbs/04_distill.ipynb 78
+# %% ../nbs/04_distill.ipynb 82
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
     terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
-# %% ../nbs/04_distill.ipynb 79
+# %% ../nbs/04_distill.ipynb 83
 def trained_modules(distiller: Distiller) -> list:
     "The distiller's parts that the main optimizer trains: all but the teacher (unless online) and the feature and stage losses that do not need `trainable`."
     frozen = ('feature_losses', 'stage_losses') + (() if getattr(distiller, 'online', False) else ('teacher',))   # an online teacher trains
@@ -398,17 +406,17 @@ def trained_modules(distiller: Distiller) -> list:
     return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
                    for l in losses.values() if 'trainable' in l.needs]
 
-# %% ../nbs/04_distill.ipynb 80
+# %% ../nbs/04_distill.ipynb 84
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 81
+# %% ../nbs/04_distill.ipynb 85
 def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 101
+# %% ../nbs/04_distill.ipynb 105
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -418,14 +426,14 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
-# %% ../nbs/04_distill.ipynb 102
+# %% ../nbs/04_distill.ipynb 106
 def deployed_module(distiller) -> nn.Module:
     "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
     if not distiller.reuse_head: return distiller.student
     head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
     return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
 
-# %% ../nbs/04_distill.ipynb 103
+# %% ../nbs/04_distill.ipynb 107
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -435,7 +443,7 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
-# %% ../nbs/04_distill.ipynb 104
+# %% ../nbs/04_distill.ipynb 108
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
@@ -449,7 +457,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
 
-# %% ../nbs/04_distill.ipynb 111
+# %% ../nbs/04_distill.ipynb 115
 class VirtualTeacher(nn.Module):
     "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
     reads_labels = True   # `distill_step` gives it the labels, not the images
@@ -468,7 +476,7 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 118
+# %% ../nbs/04_distill.ipynb 122
 class MutualDistiller(nn.Module):
     "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
     def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
@@ -493,7 +501,7 @@ class MutualDistiller(nn.Module):
     def forward(self, x): return self.student(x)
     def step(self, x, y, indices=None, progress=None): return mutual_step(self, x, y, indices, progress)
 
-# %% ../nbs/04_distill.ipynb 119
+# %% ../nbs/04_distill.ipynb 123
 def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> StepOutput:
     "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
     logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None, 'indices': indices, 'progress': progress}
@@ -509,7 +517,7 @@ def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> Ste
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 125
+# %% ../nbs/04_distill.ipynb 129
 def online_teacher_outputs(teacher, x, y):
     "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
     feats = teacher.forward_features(x)
@@ -523,7 +531,7 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
 
-# %% ../nbs/04_distill.ipynb 130
+# %% ../nbs/04_distill.ipynb 134
 class DeployedTeacher(nn.Module):
     "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
     def __init__(self, module: nn.Module):

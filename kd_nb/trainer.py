@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs, deployed_module
+from .distill import Distiller, trained_modules, student_parameters, aux_parameters, aux_loss, step_inputs, deployed_module, image_share
 from .hardware import (check_mode, AMP_MODES, amp_dtype, ieee_fp32, autocast, as_input, world, init_distributed, shard,
                             all_reduce_sum, barrier, sync_buffers, average_gradients)
 from .runs import LAST, BEST, EpochLog
@@ -21,9 +21,9 @@ from .runs import LAST, BEST, EpochLog
 __all__ = ['RECIPE_LR', 'LOW_LR', 'LOW_LR_STUDENTS', 'RECIPE_BATCH', 'PRESETS', 'LINEAR_LR_PRESETS', 'COMPILE_MODES',
            'TORCH_COMPILE_MODES', 'GRAPH_MODES', 'STEP_MODES', 'check_preset', 'recipe_lr', 'check_milestones',
            'schedule_steps', 'rescale_milestones', 'TrainConfig', 'seed_everything', 'resolve_deterministic',
-           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'feature_pull', 'TrainStep',
-           'train_step', 'graphable', 'step_mode', 'compile_options', 'Prepared', 'prepare', 'topk_correct', 'evaluate',
-           'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
+           'make_optimizer', 'make_aux_optimizer', 'use_compile', 'CompileFallback', 'feature_pull', 'target_shares',
+           'TrainStep', 'train_step', 'graphable', 'step_mode', 'compile_options', 'Prepared', 'prepare',
+           'topk_correct', 'evaluate', 'evaluate_all', 'trainable_state', 'load_trainable_state', 'atomic_save', 'fit']
 
 # %% ../nbs/07_trainer.ipynb 5
 RECIPE_LR, LOW_LR = 0.05, 0.01
@@ -183,6 +183,11 @@ def feature_pull(out) -> dict:
     return pulls
 
 # %% ../nbs/07_trainer.ipynb 52
+def target_shares(out) -> dict:
+    "For each feature term of the `StepOutput` `out` whose target is trained (carries a gradient): `image_share` of that target, as `target_share_<term>`."
+    return {f'target_share_{k}': image_share(t) for k, t in out.targets.items() if t.requires_grad}
+
+# %% ../nbs/07_trainer.ipynb 56
 class TrainStep(nn.Module):
     "`distiller.step(x, y)` as a module call, registering only `trained_modules`: what DDP and torch.compile wrap."
     def __init__(self, distiller: Distiller):
@@ -194,7 +199,7 @@ class TrainStep(nn.Module):
         out = self.distiller.step(x, y, indices, progress)
         return out.total, out  # the loss as a tensor of its own: DDP hooks its backward through it
 
-# %% ../nbs/07_trainer.ipynb 53
+# %% ../nbs/07_trainer.ipynb 57
 def train_step(step, x, y, opt, aux_opt=None, amp=None, pull=False, **inputs):
     "One optimization step on batch (`x`, `y`) through `step` (a `TrainStep`, wrapped or not), given the step `inputs` (`indices`, `progress`) its losses need; returns the `StepOutput`, with `feature_pull` in `out.pulls` if `pull`."
     with autocast(x.device, amp): total, out = step(x, y, **inputs)
@@ -211,7 +216,7 @@ def train_step(step, x, y, opt, aux_opt=None, amp=None, pull=False, **inputs):
             aux_opt.step()
     return out
 
-# %% ../nbs/07_trainer.ipynb 60
+# %% ../nbs/07_trainer.ipynb 64
 GRAPH_MODES = ('reduce-overhead', 'max-autotune')   # torch.compile modes that capture CUDA graphs
 STEP_MODES = ('eager', 'compiled', 'cuda_graphs')
 
@@ -219,7 +224,7 @@ def graphable(distiller) -> bool:
     "Whether the steps of `distiller` can replay as CUDA graphs: no loss trains a part of its own with an optimizer of its own."
     return not aux_parameters(distiller)
 
-# %% ../nbs/07_trainer.ipynb 61
+# %% ../nbs/07_trainer.ipynb 65
 def step_mode(cfg: TrainConfig, device, graphable: bool = True) -> str:
     "How the steps run on `device`: 'eager', 'compiled' (torch.compile) or 'cuda_graphs' (compiled in a `GRAPH_MODES` mode on CUDA, for a `graphable` method)."
     if not use_compile(cfg.compile, device): return 'eager'
@@ -230,7 +235,7 @@ def compile_options(cfg: TrainConfig, graphable: bool = True) -> dict:
     if graphable or cfg.compile_mode not in GRAPH_MODES: return {'mode': cfg.compile_mode}
     return {'mode': 'max-autotune-no-cudagraphs' if cfg.compile_mode == 'max-autotune' else 'default'}
 
-# %% ../nbs/07_trainer.ipynb 65
+# %% ../nbs/07_trainer.ipynb 69
 @dataclass
 class Prepared:
     "What `prepare` set up for training a distiller."
@@ -261,7 +266,7 @@ class Prepared:
         if self.graphs: torch.compiler.cudagraph_mark_step_begin()
 
 
-# %% ../nbs/07_trainer.ipynb 66
+# %% ../nbs/07_trainer.ipynb 70
 def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per_epoch: int = 1, mode: str | None = None) -> Prepared:
     "Seed, precision, memory format, optimizers and a schedule stepped once per optimizer step (`steps_per_epoch` of them an epoch), the step module, DDP (under torchrun) and compilation for `distiller` on `device`, as `step_mode` (`mode`, when given) says."
     device = torch.device(device)
@@ -286,13 +291,13 @@ def prepare(distiller: Distiller, cfg: TrainConfig, device, log=print, steps_per
     return Prepared(amp, opt, aux_opt, sched, eager, step, mode, options, log)
 
 
-# %% ../nbs/07_trainer.ipynb 74
+# %% ../nbs/07_trainer.ipynb 78
 def topk_correct(logits, y, ks=(1, 5)) -> torch.Tensor:
     "Number of samples whose label is among the top-k logits, for each k (capped at the number of classes), on the logits' device."
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == y[:, None]
     return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
-# %% ../nbs/07_trainer.ipynb 75
+# %% ../nbs/07_trainer.ipynb 79
 def _padded(x, size: int):
     "`x` with zero samples appended up to `size` (a static shape for CUDA graphs)."
     return x if len(x) >= size else torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
@@ -319,7 +324,7 @@ def evaluate(model, loader, prefix='test', channels_last=False, amp=None, forwar
     return {f'{prefix}_acc1': 100 * c1 / n, f'{prefix}_acc5': 100 * c5 / n, f'{prefix}_loss': loss / n}
 
 
-# %% ../nbs/07_trainer.ipynb 77
+# %% ../nbs/07_trainer.ipynb 81
 def _deployed_forward(distiller):
     "The module whose forward is the deployed path's: the chosen peer of mutual learning (chosen on the host), else the distiller."
     return distiller.student if hasattr(distiller, 'select') else distiller
@@ -334,13 +339,13 @@ def evaluate_all(distiller, loader, channels_last=False, amp=None, p: Prepared |
     return {**row, **evaluate(distiller, loader, 'test', channels_last, amp, forward, pad)}
 
 
-# %% ../nbs/07_trainer.ipynb 83
+# %% ../nbs/07_trainer.ipynb 87
 def trainable_state(distiller: Distiller) -> dict:
     "The distiller's state without the frozen teacher (an online teacher trains, so it is kept)."
     online = getattr(distiller, 'online', False)
     return {k: v for k, v in distiller.state_dict().items() if online or not k.startswith('teacher.')}
 
-# %% ../nbs/07_trainer.ipynb 84
+# %% ../nbs/07_trainer.ipynb 88
 def load_trainable_state(distiller: Distiller, state: dict):
     "Load `trainable_state` output back into `distiller`, strictly except for the teacher."
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -348,7 +353,7 @@ def load_trainable_state(distiller: Distiller, state: dict):
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-# %% ../nbs/07_trainer.ipynb 85
+# %% ../nbs/07_trainer.ipynb 89
 def atomic_save(obj, path: Path):
     "`torch.save` to a temporary name, then rename."
     path = Path(path)
@@ -356,7 +361,7 @@ def atomic_save(obj, path: Path):
     torch.save(obj, tmp)
     tmp.replace(path)
 
-# %% ../nbs/07_trainer.ipynb 90
+# %% ../nbs/07_trainer.ipynb 94
 def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
     distiller.train()
     rank, size = world()
@@ -372,15 +377,16 @@ def _train_epoch(p: Prepared, distiller, loader, cfg, desc, epoch=0):
         p.mark_step()
         out = train_step(p.step, x, y, p.opt, p.aux_opt, p.amp, pull=pull, indices=idx, progress=progress)
         p.sched.step()
-        keys = keys or ['loss', *out.terms, *(f'pull_{k}' for k in out.pulls)]
+        monitors = {**{f'pull_{k}': v for k, v in out.pulls.items()}, **(target_shares(out) if pull else {})}
+        keys = keys or ['loss', *out.terms, *monitors]
         b = len(y)
-        s = torch.stack([out.total.detach().double() * b, *(v.detach().double() * b for v in [*out.terms.values(), *out.pulls.values()]),
+        s = torch.stack([out.total.detach().double() * b, *(v.detach().double() * b for v in [*out.terms.values(), *monitors.values()]),
                          (out.logits.detach().argmax(1) == y).sum().double()])
         sums = s if sums is None else sums + s  # summed on the device: no host round trip within the epoch
     *totals, correct = all_reduce_sum(sums).tolist()
     return {**{f'train_{k}': v / n for k, v in zip(keys, totals)}, 'train_acc1': 100 * correct / n, 'train_samples': n}
 
-# %% ../nbs/07_trainer.ipynb 91
+# %% ../nbs/07_trainer.ipynb 95
 def _check_schedule(sched, saved: dict, path):
     "Raise unless the checkpoint at `path` decays the learning rate at the optimizer steps this run's schedule does."
     want, got = sorted(sched.milestones.elements()), sorted(saved['milestones'].elements())
@@ -388,7 +394,7 @@ def _check_schedule(sched, saved: dict, path):
         raise ValueError(f"{path}: its schedule decays the learning rate at steps {got}, this run's at {want}; it was "
                          f"written by another schedule (other knobs or another kd-nb version): move the run folder away to train it anew")
 
-# %% ../nbs/07_trainer.ipynb 92
+# %% ../nbs/07_trainer.ipynb 96
 def _resume(p: Prepared, distiller, run_dir, log):
     "History, best accuracy and first epoch: from `run_dir/last.pt` when there is one, else a fresh start."
     if run_dir is None or not (run_dir / LAST).exists(): return [], -1.0, 0
@@ -402,7 +408,7 @@ def _resume(p: Prepared, distiller, run_dir, log):
     log(f"resuming from epoch {ck['epoch']} of the run folder's {LAST}")   # the folder itself is logged project-relative by the caller
     return ck['history'], ck['best_acc'], ck['epoch']
 
-# %% ../nbs/07_trainer.ipynb 95
+# %% ../nbs/07_trainer.ipynb 99
 def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best: float):
     "After an epoch: `best.pt` when it beats `best` (the deployed model too, which a `teacher_run` reads), and `last.pt` to resume from."
     epoch = row['epoch']
@@ -416,7 +422,7 @@ def _checkpoint(p: Prepared, distiller, run_dir, row: dict, history: list, best:
                  'rng': torch.get_rng_state(),
                  'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, run_dir / LAST)
 
-# %% ../nbs/07_trainer.ipynb 96
+# %% ../nbs/07_trainer.ipynb 100
 def _one_batch_size(loader, log):
     "Leave out each epoch's short last batch of `loader`: one batch size, one set of CUDA graphs."
     short = loader.num_samples % loader.batch_size
@@ -424,7 +430,7 @@ def _one_batch_size(loader, log):
         loader.drop_last = True
         log(f"CUDA graphs: each epoch leaves out its last {short} images (a short batch would need graphs of its own)")
 
-# %% ../nbs/07_trainer.ipynb 97
+# %% ../nbs/07_trainer.ipynb 101
 def fit(distiller: Distiller, train_loader, test_loader, cfg: TrainConfig, run_dir=None, log=print,
         on_epoch_end=None) -> list[dict]:
     "Train `distiller` by `cfg`; with `run_dir`, log and checkpoint every epoch there and resume from its `last.pt`."
