@@ -272,9 +272,9 @@ def test_failed_slurm_query_is_unknown_never_running(failure, tmp_path, monkeypa
 
 
 def test_published_and_second_pair_sweeps():
-    "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, a third for KD, SimKD, SimKD with L2 at weights 25 and 50 and with smooth L1 and cosine, and CRD with KD; L2 at weights 1, 25 and 50, and the directions down and middle at 1 and 50; 256 channels into 64, its own teacher)."
+    "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, a third for KD, SimKD, SimKD with L2 at weights 25 and 50 and with smooth L1 and cosine, CRD with KD, and down at weight 1; L2 at weights 1, 25 and 50, and the directions down and middle at 1 and 50; 256 channels into 64, its own teacher)."
     (_, published), (_, pair2) = shipped('cifar10_published'), shipped('cifar10_pair2')
-    assert (len(published), len(pair2)) == (12, 45)
+    assert (len(published), len(pair2)) == (12, 46)
     method = lambda c: ('+'.join(c['loss']), c['ce_weight'], tuple(c['loss_weight']), c['loss_options'].get('kl', {}).get('standardize', False))
     seeds = lambda runs: {m: sorted(c['seed'] for c in runs if method(c) == m) for m in {method(c) for c in runs}}
     assert seeds(published) == {('dkd', 1.0, (1.0,), False): [0, 1, 2], ('kl', 0.1, (9.0,), True): [0, 1, 2],
@@ -284,9 +284,10 @@ def test_published_and_second_pair_sweeps():
     ckpt = 'results/cifar10-jpeg-pair2/teacher/scratch-resnet8x4-s0/best.pt'
     assert {(c['teacher'], c['student'], c['epochs'], c['teacher_ckpt']) for c in pair2} == {('resnet8x4', 'resnet8', 8, ckpt)}
     assert (ROOT / ckpt).is_file() and {c['seed'] for c in pair2} == {0, 1, 2}
-    assert sorted((c['method'], tuple(c['loss']), tuple(c['loss_weight'])) for c in pair2 if c['seed'] == 2) == \
-        [('kd', ('crd', 'kl'), (0.8, 1.0)), ('kd', ('kl',), (0.9,)), ('simkd', ('cosine',), (50.0,)), ('simkd', ('l2',), (1.0,)),
-         ('simkd', ('l2',), (25.0,)), ('simkd', ('l2',), (50.0,)), ('simkd', ('smooth_l1',), (50.0,))]
+    assert sorted((c['method'], tuple(c['loss']), tuple(c['loss_weight']), c['direction']) for c in pair2 if c['seed'] == 2) == \
+        [('kd', ('crd', 'kl'), (0.8, 1.0), 'up'), ('kd', ('kl',), (0.9,), 'up'), ('simkd', ('cosine',), (50.0,), 'up'),
+         ('simkd', ('l2',), (1.0,), 'down'), ('simkd', ('l2',), (1.0,), 'up'), ('simkd', ('l2',), (25.0,), 'up'),
+         ('simkd', ('l2',), (50.0,), 'up'), ('simkd', ('smooth_l1',), (50.0,), 'up')]
     directions = {(c['direction'], c['loss_weight'][0]) for c in pair2 if c['method'] == 'simkd' and c['loss'] == ['l2']}
     assert {d for d, _ in directions} == {'up', 'down', 'middle'} and {('down', 50.0), ('middle', 50.0)} <= directions   # and at the weight up pays at
     assert {w for _, w in directions} == {1.0, 25.0, 50.0}   # 25: smooth L1's control
