@@ -14,12 +14,12 @@ from .losses import LOSSES, AlignmentLoss, check_loss, build_loss, step_needs, l
 from .projectors import NO_PROJECTOR, PROJECTORS, check_projector, make_projector
 
 # %% auto 0
-__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS', 'TEACHER_MODES',
-           'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment', 'image_share',
-           'StepOutput', 'num_classes', 'stage_pairs', 'Distiller', 'predict', 'distill_step', 'make_distiller',
-           'aux_parameters', 'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs', 'ReusedHeadStudent',
-           'deployed_module', 'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller', 'mutual_step',
-           'online_teacher_outputs', 'DeployedTeacher']
+__all__ = ['METHOD_DEFAULTS', 'DIRECTIONS', 'TARGET_PROJS', 'LAYER_SCHEDULES', 'TEACHER_FROM', 'SCHEME_KEYS', 'STEP_INPUTS',
+           'TEACHER_MODES', 'teacher_from', 'needs_teacher', 'default_loss_weights', 'schedule_weights', 'Alignment',
+           'image_share', 'StepOutput', 'num_classes', 'stage_pairs', 'Distiller', 'predict', 'distill_step',
+           'make_distiller', 'aux_parameters', 'aux_loss', 'trained_modules', 'student_parameters', 'step_inputs',
+           'ReusedHeadStudent', 'deployed_module', 'Deployment', 'deployable', 'VirtualTeacher', 'MutualDistiller',
+           'mutual_step', 'online_teacher_outputs', 'DeployedTeacher']
 
 # %% ../nbs/04_distill.ipynb 5
 METHOD_DEFAULTS = {
@@ -29,6 +29,7 @@ METHOD_DEFAULTS = {
     'simkd':   dict(ce_weight=0.0, losses=(('l2', 1.0),), layers=(4,), projector='simkd', reuse_head=True),
 }
 DIRECTIONS = ('up', 'down', 'middle')
+TARGET_PROJS = ('trained', 'frozen')   # the teacher-side projector of down and middle: trained by the loss, or fixed at its initialization
 LAYER_SCHEDULES = ('uniform', 'increasing', 'decreasing', 'last_only')
 
 # %% ../nbs/04_distill.ipynb 7
@@ -90,14 +91,24 @@ def _aligned_widths(c_s, c_t, projector, direction) -> tuple:
                          f"valid: up (the teacher's map as it is) with {NO_PROJECTOR!r}, or a projector that maps the widths with {direction!r}")
     return c_s, c_t
 
+def _check_target_proj(target_proj, direction):
+    "Refuse an unknown `target_proj`, and one other than 'trained' where `direction` projects no teacher map."
+    if target_proj not in TARGET_PROJS:
+        raise ValueError(f"target_proj: unknown {target_proj!r}; valid: {', '.join(TARGET_PROJS)}")
+    if target_proj != 'trained' and direction == 'up':
+        raise ValueError(f"target_proj: {target_proj!r} fixes the projector of the teacher's map, and direction 'up' has none; "
+                         f"valid: trained with up, or direction down or middle")
+
 # %% ../nbs/04_distill.ipynb 23
 class Alignment(nn.Module):
     "Student stage `stage` (shape `s_shape`) and the teacher's (`t_shape`) on one grid, projected to one width (with projector 'none': each at its own)."
-    def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up', target=True):
+    def __init__(self, stage: int, s_shape, t_shape, projector='simkd', factor=2, direction='up', target=True,
+                 target_proj='trained'):
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction: unknown {direction!r}; valid: {', '.join(DIRECTIONS)}")
         check_projector(projector, factor)
+        _check_target_proj(target_proj, direction)
         (c_s, *hw_s), (c_t, *hw_t) = s_shape, t_shape
         hw_s, hw_t, cls = tuple(hw_s), tuple(hw_t), PROJECTORS.get(projector)
         self.stage, self.direction, self.s_shape, self.target = stage, direction, tuple(s_shape), bool(target)
@@ -109,19 +120,20 @@ class Alignment(nn.Module):
             self.in_hw = self.hw = tuple(_smaller(hw_s, hw_t))
         self.student_proj = (nn.Identity() if direction == 'down' or projector == NO_PROJECTOR else
                              make_projector(projector, c_s, self.width, factor, self.in_hw, self.hw))
-        trainable_target = self.target and direction != 'up'
-        self.teacher_proj = make_projector(projector, c_t, self.width, factor, self.hw, self.hw) if trainable_target else None
-        self.norm = nn.BatchNorm2d(self.width, affine=False) if trainable_target else None
+        projected = self.target and direction != 'up'
+        self.teacher_proj = make_projector(projector, c_t, self.width, factor, self.hw, self.hw) if projected else None
+        if projected and target_proj == 'frozen': self.teacher_proj.requires_grad_(False)
+        self.norm = nn.BatchNorm2d(self.width, affine=False) if projected else None
 
     def student_side(self, f_s): return self.student_proj(_pool_to(f_s, self.in_hw))
     def teacher_side(self, f_t):
-        "The target from the teacher's map: pooled, and projected by the trainable `teacher_proj` in down/middle."
+        "The target from the teacher's map: pooled, and projected by `teacher_proj` in down/middle (trained by the loss unless frozen)."
         if not self.target: raise ValueError(f"Alignment of stage {self.stage} was built with target=False: it has no teacher side")
         t = _pool_to(f_t, self.hw)
         return t if self.teacher_proj is None else self.teacher_proj(t)
 
     def match(self, s, t):
-        "`(student, target)` on one grid (and of one width unless projector 'none') for the loss, normalized when the target is trainable."
+        "`(student, target)` on one grid (and of one width unless projector 'none') for the loss, normalized when the teacher's map is projected."
         hw = _smaller(tuple(s.shape[-2:]), tuple(t.shape[-2:]))
         s, t = _pool_to(s, hw), _pool_to(t, hw)
         return (s, t) if self.norm is None else (self.norm(s), self.norm(t))
@@ -135,7 +147,7 @@ def image_share(m: torch.Tensor) -> torch.Tensor:
     m = m.detach().float()
     return m.var(0, unbiased=False).mean() / m.var((0, 2, 3), unbiased=False).mean().clamp_min(1e-12)
 
-# %% ../nbs/04_distill.ipynb 38
+# %% ../nbs/04_distill.ipynb 40
 @dataclass
 class StepOutput:
     "One training step: the prediction, every weighted loss term, the aligned feature pairs and the two sides each feature term reads."
@@ -149,7 +161,7 @@ class StepOutput:
     @property
     def total(self): return sum(self.terms.values())
 
-# %% ../nbs/04_distill.ipynb 39
+# %% ../nbs/04_distill.ipynb 41
 def _loss_pairs(losses, method=None) -> list:
     "`(name, weight)` pairs from loss names or pairs; a missing weight (a bare name, or None) from `default_loss_weights`."
     if isinstance(losses, str): raise ValueError(f"losses: expected a list of loss names or (name, weight) pairs, got the string {losses!r}")
@@ -163,14 +175,14 @@ def _loss_pairs(losses, method=None) -> list:
     filled = iter(default_loss_weights(method, [n for n, w in pairs if w is None]))
     return [(n, next(filled) if w is None else float(w)) for n, w in pairs]
 
-# %% ../nbs/04_distill.ipynb 40
+# %% ../nbs/04_distill.ipynb 42
 STEP_INPUTS = ('labels', 'teacher', 'indices', 'progress')   # the step needs `distill_step` passes to a loss
 
 def num_classes(model) -> int:
     "Classes of a network (its head's outputs) or of a teacher that declares `num_classes`."
     return getattr(model, 'num_classes', None) or model.head.out_features
 
-# %% ../nbs/04_distill.ipynb 41
+# %% ../nbs/04_distill.ipynb 43
 def _supplied(teacher, widths=None, num_samples=None) -> dict:
     "What a distiller supplies to its losses: their build needs' values (`widths`: an alignment's (student, teacher) widths), and the step inputs it passes per batch (None here)."
     run = {'num_classes': num_classes(teacher), **dict.fromkeys(STEP_INPUTS)}
@@ -179,12 +191,12 @@ def _supplied(teacher, widths=None, num_samples=None) -> dict:
     one = {'channels': widths[0]} if widths[0] == widths[1] else {}   # a loss of one width gets it only where both sides have it
     return {**one, 'student_channels': widths[0], 'teacher_channels': widths[1], **run}
 
-# %% ../nbs/04_distill.ipynb 42
+# %% ../nbs/04_distill.ipynb 44
 def stage_pairs(layers) -> list:
     "The (earlier, later) stages a `kind='stages'` loss reads at each of `layers`: the previous listed stage, or k - 1 for the first (None at stage 1)."
     return [(a, k) if a >= 1 else None for a, k in zip([layers[0] - 1, *layers[:-1]], layers)] if layers else []
 
-# %% ../nbs/04_distill.ipynb 43
+# %% ../nbs/04_distill.ipynb 45
 TEACHER_MODES = ('frozen', 'online')
 
 def _teacher_mode(teacher, mode: str) -> bool:
@@ -194,7 +206,7 @@ def _teacher_mode(teacher, mode: str) -> bool:
     if teacher is not None and mode == 'frozen': teacher.requires_grad_(False).eval()
     return mode == 'online'
 
-# %% ../nbs/04_distill.ipynb 45
+# %% ../nbs/04_distill.ipynb 47
 def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple:
     "The aligned stages and the loss named for each (None: every feature loss of the run), checked against the losses `named`."
     layers = tuple(int(k) for k in layers)
@@ -214,12 +226,12 @@ def _layer_plan(layers, layer_losses, feature_names, named, reuse_head) -> tuple
         raise ValueError(f"layers: reusing the teacher head needs stage 4 as the last aligned layer, got {layers}")
     return layers, per_layer
 
-# %% ../nbs/04_distill.ipynb 46
+# %% ../nbs/04_distill.ipynb 48
 class Distiller(nn.Module):
     "A student trained against a frozen teacher with `ce_weight`·CE plus weighted logit and feature losses."
     def __init__(self, student: CifarNet, teacher: CifarNet | None = None, *, ce_weight=1.0, losses=(),
                  layers=(), layer_weights='uniform', layer_losses=None, projector='simkd', factor=2,
-                 direction='up', reuse_head=False, loss_options=None, input_size=32, method=None, num_samples=None,
+                 direction='up', target_proj='trained', reuse_head=False, loss_options=None, input_size=32, method=None, num_samples=None,
                  teacher_mode='frozen', online_warmup=0):
         super().__init__()
         self.student, self.teacher, self.ce_weight, self.method = student, teacher, float(ce_weight), method
@@ -239,7 +251,7 @@ class Distiller(nn.Module):
             raise ValueError(f"layer_weights: all weights of layers {self.layers} are 0, so no feature loss would apply")
         shapes = (feature_shapes(student, input_size), feature_shapes(teacher, input_size)) if self.layers else None
         plan = dict(feature_names=feature_names, per_layer=per_layer, options=options, num_samples=num_samples, shapes=shapes)
-        self._add_alignments(**plan, projector=projector, factor=factor, direction=direction, reuse_head=reuse_head)
+        self._add_alignments(**plan, projector=projector, factor=factor, direction=direction, target_proj=target_proj, reuse_head=reuse_head)
         self._add_stages(**plan)
         self.reuse_head, self.direction = reuse_head, direction
         self.own_head = _own_head(self, reuse_head, direction)
@@ -255,7 +267,7 @@ class Distiller(nn.Module):
     def monitored(self) -> dict: return {'teacher': self.teacher} if self.online else {}
     def set_epoch(self, epoch: int): self.ramp = min(1.0, (epoch + 1) / (self.warmup + 1)) if self.online else 1.0
 
-# %% ../nbs/04_distill.ipynb 47
+# %% ../nbs/04_distill.ipynb 49
 def _check_widths(al: Alignment, names, feeds_head: bool):
     "Refuse, where the two sides of `al` keep different widths (projector 'none'), a loss of `names` that compares maps of one width, and a reused head."
     (c_s, c_t), one = al.widths, [n for n in names if not takes_own_widths(n)]
@@ -267,16 +279,17 @@ def _check_widths(al: Alignment, names, feeds_head: bool):
     if feeds_head: raise ValueError(f"projector: {NO_PROJECTOR!r} leaves the student's stage {al.stage} {c_s} channels wide, and the reused "
                                     f"teacher head reads {c_t}; valid: a projector that maps the widths ({mapping}), or no reused head (method kd)")
 
-# %% ../nbs/04_distill.ipynb 48
+# %% ../nbs/04_distill.ipynb 50
 @patch
-def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samples, shapes, projector, factor, direction, reuse_head):
+def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samples, shapes, projector, factor, direction,
+                    target_proj, reuse_head):
     "An `Alignment` and its feature losses per aligned stage that has a loss term (or the reused head to feed)."
     self.alignments, self.feature_losses, self.alignment_weights = nn.ModuleList(), nn.ModuleList(), []
     for k, lam, only in zip(self.layers, self.layer_weights, per_layer):
         names = ([only] if only else feature_names) if lam else []
         names = [n for n in names if LOSSES[n].kind != 'stages']
         if not names and not (reuse_head and k == self.layers[-1]): continue  # no loss term: nothing to train here
-        al = Alignment(k, shapes[0][k - 1], shapes[1][k - 1], projector, factor, direction, target=bool(names))
+        al = Alignment(k, shapes[0][k - 1], shapes[1][k - 1], projector, factor, direction, target=bool(names), target_proj=target_proj)
         _check_widths(al, names, reuse_head and k == self.layers[-1])
         self.alignments.append(al)
         self.alignment_weights.append(lam)
@@ -284,7 +297,7 @@ def _add_alignments(self: Distiller, feature_names, per_layer, options, num_samp
         for n in names:
             if n not in self.weights: self.weights[n] = default_loss_weights(self.method, [n])[0]
 
-# %% ../nbs/04_distill.ipynb 49
+# %% ../nbs/04_distill.ipynb 51
 @patch
 def _add_stage_losses(self: Distiller, pair, lam, names, options, num_samples, shapes_s, shapes_t):
     "The losses of `kind='stages'` on stages `pair` of both networks, whose widths must agree there."
@@ -321,7 +334,7 @@ def _check_head_is_trained(self: Distiller):
                      f"would stay at its initialization); valid: a feature loss at stage 4 with a weight above 0 (e.g. loss l2+fsp for fsp), "
                      f"a logit loss, or ce_weight > 0")
 
-# %% ../nbs/04_distill.ipynb 52
+# %% ../nbs/04_distill.ipynb 54
 @torch.no_grad()
 def _teacher_outputs(teacher, x, y, need_logits):
     "The frozen teacher's stage maps and logits, computed without gradient: constants for every loss (a teacher that reads labels gives logits only)."
@@ -329,7 +342,7 @@ def _teacher_outputs(teacher, x, y, need_logits):
     feats = teacher.forward_features(x)
     return feats, (teacher.head(feats.embedding) if need_logits else None)
 
-# %% ../nbs/04_distill.ipynb 53
+# %% ../nbs/04_distill.ipynb 55
 def predict(self: Distiller, feats, s_last=None):
     "Logits of the deployed path from the student's features (and the last projected map when already computed)."
     if not self.reuse_head: return self.student.head(feats.embedding)
@@ -338,14 +351,14 @@ def predict(self: Distiller, feats, s_last=None):
     h = F.adaptive_avg_pool2d(s_last, 1).flatten(1)
     return F.linear(h, head.weight.detach(), head.bias.detach()) if self.online and head is self.teacher.head else head(h)
 
-# %% ../nbs/04_distill.ipynb 54
+# %% ../nbs/04_distill.ipynb 56
 def _step_inputs(loss, inputs: dict) -> dict:
     "The step inputs `loss` declares, from `inputs`; one the step was not given raises."
     missing = [n for n in step_needs(loss) if inputs[n] is None]
     if missing: raise ValueError(f"loss {loss.name!r}: needs {', '.join(missing)} at every step; give distill_step {', '.join(missing)}")
     return {n: inputs[n] for n in step_needs(loss)}
 
-# %% ../nbs/04_distill.ipynb 55
+# %% ../nbs/04_distill.ipynb 57
 def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutput:
     "Losses and prediction for one batch (`indices`: the samples' positions in the training set; `progress`: the fraction of training done)."
     fs = self.student.forward_features(x)
@@ -371,7 +384,7 @@ def distill_step(self: Distiller, x, y, indices=None, progress=None) -> StepOutp
     if teacher_ce is not None: _online_terms(self, out, teacher_ce)
     return out
 
-# %% ../nbs/04_distill.ipynb 60
+# %% ../nbs/04_distill.ipynb 62
 def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller:
     "The `Distiller` of `method` (see `METHOD_DEFAULTS`), any of its settings overridden by keyword; weights left out from `default_loss_weights`."
     if method not in METHOD_DEFAULTS:
@@ -384,21 +397,21 @@ def make_distiller(method: str, student, teacher=None, **overrides) -> Distiller
     if source == 'virtual': teacher = VirtualTeacher(num_classes(student), **scheme.get('virtual', {}))
     return Distiller(student, teacher, method=method, **cfg)
 
-# %% ../nbs/04_distill.ipynb 80
+# %% ../nbs/04_distill.ipynb 82
 def _own_optimizer(loss) -> bool: return 'own_optimizer' in loss.needs
 
-# %% ../nbs/04_distill.ipynb 81
+# %% ../nbs/04_distill.ipynb 83
 def aux_parameters(distiller: Distiller) -> list:
     "Parameters trained by the losses' own objectives (the losses that need `own_optimizer`), not by the student's loss."
     return [p for losses in distiller.feature_losses for l in losses.values() if _own_optimizer(l) for p in l.parameters()]
 
-# %% ../nbs/04_distill.ipynb 82
+# %% ../nbs/04_distill.ipynb 84
 def aux_loss(out: StepOutput):
     "Sum of the auxiliary objectives for the aligned pairs of one step (None when no loss has one)."
     terms = [l.aux_loss(s.detach(), t.detach()) for s, t, losses in out.aligned for l in losses.values() if _own_optimizer(l)]
     return sum(terms) if terms else None
 
-# %% ../nbs/04_distill.ipynb 83
+# %% ../nbs/04_distill.ipynb 85
 def trained_modules(distiller: Distiller) -> list:
     "The distiller's parts that the main optimizer trains: all but the teacher (unless online) and the feature and stage losses that do not need `trainable`."
     frozen = ('feature_losses', 'stage_losses') + (() if getattr(distiller, 'online', False) else ('teacher',))   # an online teacher trains
@@ -406,17 +419,17 @@ def trained_modules(distiller: Distiller) -> list:
     return mods + [l for group in (distiller.feature_losses, distiller.stage_losses) for losses in group
                    for l in losses.values() if 'trainable' in l.needs]
 
-# %% ../nbs/04_distill.ipynb 84
+# %% ../nbs/04_distill.ipynb 86
 def student_parameters(distiller: Distiller) -> list:
     "What the main optimizer trains: the parameters of `trained_modules`, each once, in module order."
     return [p for p in nn.ModuleList(trained_modules(distiller)).parameters() if p.requires_grad]
 
-# %% ../nbs/04_distill.ipynb 85
+# %% ../nbs/04_distill.ipynb 87
 def step_inputs(distiller: Distiller) -> set:
     "The per-batch inputs (of `STEP_INPUTS`) that the distiller's losses declare: what the training loop must pass to `step`."
     return {n for l in distiller.modules() if isinstance(l, AlignmentLoss) for n in step_needs(l)}
 
-# %% ../nbs/04_distill.ipynb 105
+# %% ../nbs/04_distill.ipynb 107
 class ReusedHeadStudent(nn.Module):
     "Student body + projector + classifier: SimKD's inference model (the student's own head is not used)."
     def __init__(self, student, alignment, head):
@@ -426,14 +439,14 @@ class ReusedHeadStudent(nn.Module):
         s = self.alignment.student_side(self.student.forward_features(x).final)
         return self.head(F.adaptive_avg_pool2d(s, 1).flatten(1))
 
-# %% ../nbs/04_distill.ipynb 106
+# %% ../nbs/04_distill.ipynb 108
 def deployed_module(distiller) -> nn.Module:
     "The inference module of `distiller`: its student, or with a reused head the student, its last projector and that head."
     if not distiller.reuse_head: return distiller.student
     head = distiller.own_head if distiller.own_head is not None else distiller.teacher.head
     return ReusedHeadStudent(distiller.student, distiller.alignments[-1], head)
 
-# %% ../nbs/04_distill.ipynb 107
+# %% ../nbs/04_distill.ipynb 109
 @dataclass
 class Deployment:
     "The inference module of a distiller and its cost (FLOPs per 32x32 image, as counted by torch's FlopCounterMode)."
@@ -443,7 +456,7 @@ class Deployment:
     projector_params: int
     projector_flops: int
 
-# %% ../nbs/04_distill.ipynb 108
+# %% ../nbs/04_distill.ipynb 110
 def deployable(distiller: Distiller, input_size=32) -> Deployment:
     "The single inference module of `distiller`, its parameters and FLOPs, and those of its student-side projectors."
     s, was_training = distiller.student, distiller.training
@@ -457,7 +470,7 @@ def deployable(distiller: Distiller, input_size=32) -> Deployment:
     distiller.train(was_training)  # count_flops toggled the shared modules' train/eval modes
     return Deployment(module, params, flops, proj_params, proj_flops)
 
-# %% ../nbs/04_distill.ipynb 115
+# %% ../nbs/04_distill.ipynb 117
 class VirtualTeacher(nn.Module):
     "Tf-KD's hand-made teacher: probability `a` on the true class, the rest uniform, as logits `p / T` (the reference's `softmax(p / T)`)."
     reads_labels = True   # `distill_step` gives it the labels, not the images
@@ -476,7 +489,7 @@ METHOD_DEFAULTS['tf_reg'] = dict(ce_weight=0.9, losses=(('kl', 0.1),), layers=()
 METHOD_DEFAULTS['tf_self'] = dict(ce_weight=0.05, losses=(('kl', 0.475),), layers=(), projector='simkd', reuse_head=False,
                                   teacher_from='student', loss_options={'kl': {'T': 6.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 122
+# %% ../nbs/04_distill.ipynb 124
 class MutualDistiller(nn.Module):
     "Deep mutual learning: `peers` students of one architecture trained together, each by CE plus its mean logit loss (`kl`) against the others' detached predictions."
     def __init__(self, student: CifarNet, peers: int = 2, *, ce_weight=1.0, losses=(('kl', 1.0),), loss_options=None,
@@ -501,7 +514,7 @@ class MutualDistiller(nn.Module):
     def forward(self, x): return self.student(x)
     def step(self, x, y, indices=None, progress=None): return mutual_step(self, x, y, indices, progress)
 
-# %% ../nbs/04_distill.ipynb 123
+# %% ../nbs/04_distill.ipynb 125
 def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> StepOutput:
     "Every peer's CE and mean logit loss against the other peers' detached predictions; the first peer's prediction."
     logits, inputs = [p(x) for p in self.peers], {'labels': y, 'teacher': None, 'indices': indices, 'progress': progress}
@@ -517,7 +530,7 @@ def mutual_step(self: MutualDistiller, x, y, indices=None, progress=None) -> Ste
 METHOD_DEFAULTS['dml'] = dict(ce_weight=1.0, losses=(('kl', 1.0),), layers=(), projector='simkd', reuse_head=False,
                               teacher_from='peers', peers=2, loss_options={'kl': {'T': 1.0}}, axis='scheme')
 
-# %% ../nbs/04_distill.ipynb 129
+# %% ../nbs/04_distill.ipynb 131
 def online_teacher_outputs(teacher, x, y):
     "An online teacher's stage maps and logits as targets (detached), and its cross-entropy on the labels (with gradient)."
     feats = teacher.forward_features(x)
@@ -531,7 +544,7 @@ def _online_terms(self: Distiller, out: StepOutput, teacher_ce):
         if name != 'ce' and self.ramp != 1.0: out.terms[name] = out.terms[name] * self.ramp
     out.terms['teacher_ce'] = teacher_ce
 
-# %% ../nbs/04_distill.ipynb 134
+# %% ../nbs/04_distill.ipynb 136
 class DeployedTeacher(nn.Module):
     "A run's deployed model as a teacher: the stage maps of its student (the last through its projector when it reuses a head) and the head it predicts with."
     def __init__(self, module: nn.Module):

@@ -14,7 +14,7 @@ from .data import dataset_info, make_loaders, data_source, source_sha256
 from .models import get_model, check_model, list_models, load_checkpoint, count_params
 from .losses import LOSSES, check_loss, list_losses, complete_options, loss_options as loss_option_defaults
 from .projectors import check_projector, list_projectors
-from .distill import (METHOD_DEFAULTS, DIRECTIONS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
+from .distill import (METHOD_DEFAULTS, DIRECTIONS, TARGET_PROJS, LAYER_SCHEDULES, make_distiller, default_loss_weights, deployable,
                      teacher_from, needs_teacher, TEACHER_MODES, deployed_module, DeployedTeacher)
 from .hardware import (DEVICES, pick_device, set_threads, device_name, amp_dtype, precision_name, init_distributed,
                             is_main, broadcast_object, barrier, peak_memory_mb)
@@ -37,7 +37,7 @@ __all__ = ['DEFAULT_KNOBS', 'BOOL_KNOBS', 'INT_KNOBS', 'REGISTERED', 'PATH_KNOBS
 DEFAULT_KNOBS = dict(
     dataset='cifar100', data_dir='data', download=True, teacher='resnet32x4', teacher_ckpt='', teacher_seed=None,
     teacher_epochs=None, teacher_train_limit=None, teacher_lr_milestones=None, student='resnet8x4', method='simkd', loss='', loss_weight='', ce_weight=None, layers='', layer_weights='uniform',
-    layer_losses='', projector='', factor=2, direction='up', loss_options='{}', tf_correct_prob=None,
+    layer_losses='', projector='', factor=2, direction='up', target_proj=None, loss_options='{}', tf_correct_prob=None,
     tf_temperature=None, peers=None, teacher_mode='frozen', online_warmup=None,
     teacher_run='', quant_bits='none', preset='paper', epochs=None,
     batch_size=None, lr=None, lr_milestones=None, weight_decay=None, momentum=None, train_limit=None, test_limit=None,
@@ -171,7 +171,7 @@ def build_distiller(cfg: dict, student, teacher=None, num_samples=None):
     d = make_distiller(cfg['method'], student, teacher, ce_weight=cfg['ce_weight'], num_samples=num_samples,
                           losses=list(zip(cfg['loss'], cfg['loss_weight'])), layers=tuple(cfg['layers']),
                           layer_weights=cfg['layer_weights'], layer_losses=cfg['layer_losses'] or None,
-                          projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'],
+                          projector=cfg['projector'], factor=cfg['factor'], direction=cfg['direction'], target_proj=cfg.get('target_proj'),
                           loss_options=cfg['loss_options'], virtual=_virtual(cfg), peers=cfg.get('peers'),
                           teacher_mode=cfg.get('teacher_mode'), online_warmup=cfg.get('online_warmup'))
     return quantize_distiller(d, cfg.get('quant_bits'))
@@ -346,6 +346,7 @@ def _resolve_distillation(k: dict, m: dict, knobs: dict):
     k['projector'] = k['projector'] or m['projector']
     check_projector(k['projector'], k['factor'])
     check_choice(k['direction'], 'direction', DIRECTIONS)
+    k['target_proj'] = None if k['target_proj'] in (None, '', 'trained') else check_choice(k['target_proj'], 'target_proj', TARGET_PROJS)
     if k['ce_weight'] in (None, ''): k['ce_weight'] = 1.0 if (k['direction'] != 'up' and m['reuse_head']) else m['ce_weight']
     k['ce_weight'] = float(k['ce_weight'])
 
@@ -379,10 +380,10 @@ def _teacher_model(k: dict, num_classes: int):
     "The teacher network of `k`, untrained: its architecture, or the rebuilt deployed model of its `teacher_run`."
     return run_teacher(project_path(k['teacher_run']), num_classes, load=False) if k.get('teacher_run') else get_model(k['teacher'], num_classes)
 
-# %% ../nbs/09_experiment.ipynb 86
+# %% ../nbs/09_experiment.ipynb 88
 RUN_KEYS = ('dataset', 'data_source', 'teacher', 'teacher_ckpt', 'teacher_seed', 'teacher_epochs', 'teacher_train_limit',
             'teacher_lr_milestones', 'student', 'method', 'loss', 'loss_weight',
-            'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'loss_options',
+            'ce_weight', 'layers', 'layer_weights', 'layer_losses', 'projector', 'factor', 'direction', 'target_proj', 'loss_options',
             'preset', 'epochs', 'batch_size', 'lr', 'lr_milestones', 'weight_decay', 'momentum', 'train_limit',
             'test_limit', 'val_size', 'fast_data', 'seed', 'amp', 'scheme')
 
@@ -391,7 +392,7 @@ def run_identity(params: dict) -> dict:
     params = {k: v for k, v in params.items() if v is not None}
     return {**params, 'loss_options': complete_options(params.get('loss_options'))} if params.get('loss_options') else params
 
-# %% ../nbs/09_experiment.ipynb 88
+# %% ../nbs/09_experiment.ipynb 90
 def _commit_of(folder) -> str | None:
     try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=folder, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
@@ -401,7 +402,7 @@ def git_commit(root=None) -> str | None:
     if root: return _commit_of(root)
     return _commit_of(Path(kd_nb.__file__).parent) or _commit_of(project_root())
 
-# %% ../nbs/09_experiment.ipynb 90
+# %% ../nbs/09_experiment.ipynb 92
 def environment(device, amp='auto') -> dict:
     "Library versions, commit, host, device and the precision `amp` computes in there, for this run."
     import torchvision, numpy
@@ -410,14 +411,14 @@ def environment(device, amp='auto') -> dict:
                 device=str(device), device_name=device_name(device), precision=precision_name(amp_dtype(amp, device)),
                 threads=torch.get_num_threads())
 
-# %% ../nbs/09_experiment.ipynb 95
+# %% ../nbs/09_experiment.ipynb 97
 SCRATCH_KNOBS = dict(method='scratch', teacher='', teacher_ckpt='', loss=[], loss_weight=[],
                      ce_weight=METHOD_DEFAULTS['scratch']['ce_weight'], layers=[], layer_weights=DEFAULT_KNOBS['layer_weights'],
                      layer_losses=[], loss_options={}, projector=METHOD_DEFAULTS['scratch']['projector'],
                      factor=DEFAULT_KNOBS['factor'], direction=DEFAULT_KNOBS['direction'], scheme=None,
                      teacher_chain=None, **{**dict.fromkeys(SCHEME_KNOBS), **SCHEME_OFF})
 
-# %% ../nbs/09_experiment.ipynb 96
+# %% ../nbs/09_experiment.ipynb 98
 def teacher_params(cfg: dict) -> dict:
     "The configuration the teacher of `cfg` is trained with: a `scratch` run of the teacher on its own seed, epochs, milestones and images, none of the student's distillation knobs."
     own = dict(seed=cfg['teacher_seed'], epochs=cfg['teacher_epochs'], lr_milestones=cfg['teacher_lr_milestones'],
@@ -425,7 +426,7 @@ def teacher_params(cfg: dict) -> dict:
     return {**cfg, **SCRATCH_KNOBS, 'student': cfg['teacher'], **own, **{f'teacher_{k}': v for k, v in own.items()},
             'lr': recipe_lr(cfg['teacher'], cfg['batch_size'], cfg['preset'])}
 
-# %% ../nbs/09_experiment.ipynb 97
+# %% ../nbs/09_experiment.ipynb 99
 TEACHER_KEYS = ('dataset', 'data_source', 'student', 'seed', 'epochs', 'lr_milestones', 'train_limit', 'batch_size', 'lr',
                 'momentum', 'weight_decay', 'val_size', 'fast_data', 'amp')
 
@@ -437,7 +438,7 @@ def teacher_dir(cfg: dict) -> Path:
     digest = hashlib.sha1(json.dumps({k: t.get(k) for k in TEACHER_KEYS}, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return root / f"{t['dataset']}-{t['student']}-e{t['epochs']}-n{t['train_limit']}-s{t['seed']}-{digest}"
 
-# %% ../nbs/09_experiment.ipynb 98
+# %% ../nbs/09_experiment.ipynb 100
 @dataclass
 class Teacher:
     "A frozen teacher on the run's device, its test top-1, where it came from (relative to the project) and its checkpoint's sha256."
@@ -446,7 +447,7 @@ class Teacher:
     source: str
     sha256: str | None = None
 
-# %% ../nbs/09_experiment.ipynb 99
+# %% ../nbs/09_experiment.ipynb 101
 def _cached_teacher(tdir: Path, model) -> bool:
     "Load the cached teacher in `tdir` into `model` if it finished and its checkpoint loads; whether it did."
     if (read_json(tdir / SUMMARY) or {}).get('status') != 'done': return False
@@ -454,7 +455,7 @@ def _cached_teacher(tdir: Path, model) -> bool:
     except ValueError: return False
     return True
 
-# %% ../nbs/09_experiment.ipynb 103
+# %% ../nbs/09_experiment.ipynb 105
 def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     "The frozen teacher of `cfg` on `device`: loaded from `teacher_ckpt`, reused from the cache, or trained now."
     if cfg.get('teacher_run'):   # a finished run's deployed model
@@ -480,7 +481,7 @@ def prepare_teacher(cfg: dict, loaders, device, log=print) -> Teacher:
     teacher = teacher.to(device).eval()
     return Teacher(teacher, evaluate(teacher, loaders.test)['test_acc1'], project_relative(source), source_sha256(source))
 
-# %% ../nbs/09_experiment.ipynb 104
+# %% ../nbs/09_experiment.ipynb 106
 def _teacher_loaders(cfg, loaders, device):
     "The run's loaders, or, when the teacher trains on another subset or seed, loaders of its own (same test set)."
     if (cfg['teacher_train_limit'], cfg['teacher_seed']) == (cfg['train_limit'], cfg['seed']): return loaders
@@ -489,7 +490,7 @@ def _teacher_loaders(cfg, loaders, device):
                         val_size=cfg['val_size'], train_limit=cfg['teacher_train_limit'], test_limit=cfg['test_limit'],
                         download=False, num_workers=cfg['num_workers'])
 
-# %% ../nbs/09_experiment.ipynb 105
+# %% ../nbs/09_experiment.ipynb 107
 def run_figures(history: list, distiller, data_source: str, teacher: Teacher | None = None) -> dict:
     "What a finished run's `summary.json` records beyond its knobs: top-1, the teacher's, parameters and FLOPs, speed."
     dep = deployable(distiller)
@@ -504,7 +505,7 @@ def run_figures(history: list, distiller, data_source: str, teacher: Teacher | N
         **{f'{k[:-len("_test_acc1")]}_best_test_acc': max(r[k] for r in history)   # each monitored model (peers, online teacher)
            for k in history[-1] if k.endswith('_test_acc1') and k != 'test_acc1'})
 
-# %% ../nbs/09_experiment.ipynb 106
+# %% ../nbs/09_experiment.ipynb 108
 def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     "Train the teacher of `cfg` in `tdir` as a `scratch` run of its own: `config.json` and `summary.json` as every run folder has them."
     log(f"training teacher {cfg['teacher']} in {project_relative(tdir)}")
@@ -521,7 +522,7 @@ def _train_teacher(cfg, teacher, tdir, loaders, device, log):
     load_checkpoint(teacher, tdir / BEST)
     if run is not None: run.finish(**run_figures(hist, distiller, params['data_source']))
 
-# %% ../nbs/09_experiment.ipynb 111
+# %% ../nbs/09_experiment.ipynb 113
 @dataclass
 class Experiment:
     "A resolved run about to start: its configuration, device, place among torchrun's processes, and log."
@@ -534,7 +535,7 @@ class Experiment:
     @property
     def main(self) -> bool: return self.rank == 0
 
-# %% ../nbs/09_experiment.ipynb 112
+# %% ../nbs/09_experiment.ipynb 114
 def _own_optimizer(cfg: dict) -> bool:
     "Whether a loss of `cfg` trains a part of its own with an optimizer of its own (such steps replay as no CUDA graphs)."
     return any('own_optimizer' in LOSSES[n].needs for n in [*cfg['loss'], *cfg['layer_losses']])
@@ -549,7 +550,7 @@ def setup(log=print, **knobs) -> Experiment:
     rank, size = init_distributed(device)
     return Experiment(cfg, device, rank, size, log if rank == 0 else (lambda *a, **k: None))
 
-# %% ../nbs/09_experiment.ipynb 113
+# %% ../nbs/09_experiment.ipynb 115
 def load_data(exp: Experiment):
     "Step 2: train, test (and validation) loaders of the run's data set on its device."
     c = exp.cfg
@@ -562,12 +563,12 @@ def load_data(exp: Experiment):
     exp.log(f"{c['dataset']} ({c['data_source']}): {loaders.train.num_samples} train / {loaders.test.num_samples} test images on {exp.device}")
     return loaders
 
-# %% ../nbs/09_experiment.ipynb 117
+# %% ../nbs/09_experiment.ipynb 119
 def _auto_name(cfg):
     pair = f"{cfg['teacher']}-{cfg['student']}" if needs_teacher(cfg['method']) else cfg['student']
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}-{pair}-s{cfg['seed']}"
 
-# %% ../nbs/09_experiment.ipynb 118
+# %% ../nbs/09_experiment.ipynb 120
 def watch_failures(run: Run):
     "In IPython, record any exception raised by a later cell as this run's failure."
     try: ip = get_ipython()  # noqa: F821
@@ -577,7 +578,7 @@ def watch_failures(run: Run):
         shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     ip.set_custom_exc((Exception,), handler)
 
-# %% ../nbs/09_experiment.ipynb 119
+# %% ../nbs/09_experiment.ipynb 121
 def start_run(exp: Experiment, notebook=None) -> Run | None:
     "Step 3: open or resume the run folder (rank 0 only) and write `config.json`; in a notebook, record failures and keep the executed notebook."
     c = exp.cfg
@@ -589,7 +590,7 @@ def start_run(exp: Experiment, notebook=None) -> Run | None:
     exp.log(('resuming ' if exp.main and run.resumed else 'new run ') + str(broadcast_object(project_relative(run.path) if exp.main else None)))
     return run
 
-# %% ../nbs/09_experiment.ipynb 122
+# %% ../nbs/09_experiment.ipynb 124
 def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     "Step 4: the frozen teacher (None for the methods that train none: `scratch`, `tf_reg`, ...)."
     if not needs_teacher(exp.cfg['method']): return None
@@ -597,7 +598,7 @@ def get_teacher(exp: Experiment, loaders) -> Teacher | None:
     exp.log(f"teacher {exp.cfg['teacher']}: {t.test_acc:.2f}% top-1 ({t.source})")
     return t
 
-# %% ../nbs/09_experiment.ipynb 123
+# %% ../nbs/09_experiment.ipynb 125
 def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     "Step 5: the student and its distiller, on the device."
     torch.manual_seed(exp.cfg['seed'])
@@ -606,20 +607,20 @@ def build_student(exp: Experiment, loaders, teacher: Teacher | None):
     exp.log(f"loss terms: {list(d.weights)}; layers: {list(d.layers)}; projector: {exp.cfg['projector']} ({exp.cfg['direction']})")
     return d
 
-# %% ../nbs/09_experiment.ipynb 124
+# %% ../nbs/09_experiment.ipynb 126
 def train(exp: Experiment, run: Run | None, distiller, loaders) -> list[dict]:
     "Step 6: `fit` into the run folder, recording after every epoch that the run is alive."
     run_dir = broadcast_object(str(run.path) if exp.main else None)
     beat = (lambda epoch, row: run.heartbeat()) if run is not None else None
     return fit(distiller, loaders.train, loaders.test, train_config(exp.cfg), run_dir, log=exp.log, on_epoch_end=beat)
 
-# %% ../nbs/09_experiment.ipynb 125
+# %% ../nbs/09_experiment.ipynb 127
 def finish(exp: Experiment, run: Run | None, history: list, distiller, teacher: Teacher | None = None) -> dict | None:
     "Step 7: write the finished run's `summary.json` (rank 0), with the most memory the process held (`peak_memory_mb`), and return it."
     if run is None: return None
     return run.finish(**run_figures(history, distiller, exp.cfg['data_source'], teacher), peak_memory_mb=round(peak_memory_mb(exp.device), 1))
 
-# %% ../nbs/09_experiment.ipynb 130
+# %% ../nbs/09_experiment.ipynb 132
 def plot_learning_curves(run_dir, ax=None):
     "Train loss and train/test top-1 per epoch from a run's `metrics.csv`."
     import pandas as pd, matplotlib.pyplot as plt
@@ -633,7 +634,7 @@ def plot_learning_curves(run_dir, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_experiment.ipynb 133
+# %% ../nbs/09_experiment.ipynb 135
 def run_experiment(log=print, **knobs) -> dict | None:
     "Run one experiment from `knobs` (unset ones from `DEFAULT_KNOBS`), as `run_experiment.ipynb` does; the summary (None off rank 0)."
     exp = setup(log=log, **knobs)
@@ -650,7 +651,7 @@ def run_experiment(log=print, **knobs) -> dict | None:
     finally:
         if run is not None: run.close()
 
-# %% ../nbs/09_experiment.ipynb 134
+# %% ../nbs/09_experiment.ipynb 136
 def _read_value(text: str):
     "A command-line value as papermill's `-p` reads it."
     if text in ('True', 'False', 'None'): return {'True': True, 'False': False, 'None': None}[text]
@@ -659,7 +660,7 @@ def _read_value(text: str):
         except ValueError: pass
     return text
 
-# %% ../nbs/09_experiment.ipynb 135
+# %% ../nbs/09_experiment.ipynb 137
 def parse_knobs(argv) -> dict:
     "Knobs from `-p NAME VALUE` triples; an unknown name raises a ValueError listing the valid ones."
     knobs, args = {}, list(argv)
@@ -672,7 +673,7 @@ def parse_knobs(argv) -> dict:
         knobs[name] = _read_value(value)
     return knobs
 
-# %% ../nbs/09_experiment.ipynb 136
+# %% ../nbs/09_experiment.ipynb 138
 def main(argv=None):
     "`python -m kd_nb.experiment -p KNOB VALUE ...` (also under torchrun)."
     argv = sys.argv[1:] if argv is None else argv
@@ -682,6 +683,6 @@ def main(argv=None):
         return None
     return run_experiment(**parse_knobs(argv))
 
-# %% ../nbs/09_experiment.ipynb 140
+# %% ../nbs/09_experiment.ipynb 142
 #| eval: false
 if __name__ == '__main__': main()

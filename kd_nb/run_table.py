@@ -130,7 +130,8 @@ def varied_knobs(row: dict) -> tuple:
     layers = str(_flat(row.get('layers', '')))
     checks = [('loss', True), ('loss_weight', True), ('ce_weight', True), ('layers', True), ('layer_weights', ',' in layers),
               ('layer_losses', bool(layers)), ('projector', bool(layers)),
-              ('factor', bool(layers) and row.get('projector') in PROJECTORS and 'factor' in projector_knobs(row['projector'])), ('direction', bool(layers))]
+              ('factor', bool(layers) and row.get('projector') in PROJECTORS and 'factor' in projector_knobs(row['projector'])), ('direction', bool(layers)),
+              ('target_proj', bool(layers))]
     varied = [k for k, relevant in checks if relevant and k in row and not same(k)]
     if _changed_options(row.get('loss_options')): varied.append('loss_options')
     return tuple(varied) + scheme
@@ -263,7 +264,7 @@ def scratch_in_pairs(df):
 
 # %% ../nbs/11_run_table.ipynb 58
 AXIS_FAMILY = {'loss_weight': 'loss', 'loss_options': 'loss', 'layer_weights': 'layers', 'layer_losses': 'layers',
-               'factor': 'projector', **dict.fromkeys(SCHEME_KNOBS, 'scheme'),
+               'factor': 'projector', 'target_proj': 'direction', **dict.fromkeys(SCHEME_KNOBS, 'scheme'),
                **dict.fromkeys(QUANT_KNOBS, 'quantization')}
 AXIS_ORDER = ('method', 'loss', 'layers', 'projector', 'direction', 'scheme', 'quantization')
 AXIS_TITLES = {'method': 'Which method', 'loss': 'Which alignment loss', 'layers': 'Which layers to align, and their weights',

@@ -23,6 +23,7 @@ AXES = (
     + [dict(projector='identity', teacher='resnet14')]          # equal widths: identity is allowed
     + [dict(method='kd', loss='crd+kl', loss_weight='0.8,1', layers='4', projector='none')]   # no projector: CRD embeds 64 and 256 channels
     + [dict(direction=d) for d in ('down', 'middle')]
+    + [dict(direction='down', target_proj='frozen')]               # the teacher-side projector kept at its initialization
     + [dict(direction='middle', layers='all', projector='linear')]
 )
 
