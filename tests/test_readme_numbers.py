@@ -406,6 +406,20 @@ def test_second_pair_pulls_and_epochs_are_its_runs(pair2):
     assert (pair1_l1.label == L1).sum() == 3 and (epoch_acc(first, pair1_l1, L1, [1]) > 50).all().all()
 
 
+@needs_pair2
+def test_second_pair_down_at_weight_50_is_its_runs(pair2):
+    "What the reading says of down at L2's weight 50 from its second epoch on (its L2 term, that term's mean squared residual, its cross-entropy and training top-1) holds on each of its runs."
+    from kd_nb.run_table import load_metrics
+    label, weight = 'simkd loss_weight=50 direction=down', 50
+    m = label_metrics(load_metrics(PAIR2).set_index('run'), pair2.runs, label)
+    later = m[m.epoch >= 2]
+    assert (pair2.runs.label == label).sum() == 2 and m.index.nunique() == 2
+    assert 'its weighted L2 term stays under 0.05 on both seeds, a mean squared residual under 0.001' in pair2.text
+    assert later['train_l2@4'].max() < 0.05 and later['train_l2@4'].max() / weight < 0.001
+    assert 'the cross-entropy that trains its head stays above 1.7 and its training top-1 under 27%' in pair2.text
+    assert m['train_ce'].min() > 1.7 and m['train_acc1'].max() < 27
+
+
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
 def test_budget_reading_quotes_the_committed_runs():
     "Every accuracy, difference and interval quoted in the reading of the budget curve is computed from the study's runs at some budget."

@@ -272,9 +272,9 @@ def test_failed_slurm_query_is_unknown_never_running(failure, tmp_path, monkeypa
 
 
 def test_published_and_second_pair_sweeps():
-    "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, a third for KD, SimKD, SimKD with L2 at weights 25 and 50 and with smooth L1 and cosine, CRD with KD, and down at weight 1; L2 at weights 1, 25 and 50, and the directions down and middle at 1 and 50; 256 channels into 64, its own teacher)."
+    "The published methods on the first pair (3 seeds, its teacher and budget) and the second pair (2 seeds, a third for KD, SimKD, SimKD with L2 at weights 25 and 50 and with smooth L1 and cosine, CRD with KD, and down at weight 1; L2 at weights 1, 25 and 50, the directions down and middle at 1 and 50, and with their teacher-side projector frozen (down at 1 and 50, middle at 50); 256 channels into 64, its own teacher)."
     (_, published), (_, pair2) = shipped('cifar10_published'), shipped('cifar10_pair2')
-    assert (len(published), len(pair2)) == (12, 46)
+    assert (len(published), len(pair2)) == (12, 52)
     method = lambda c: ('+'.join(c['loss']), c['ce_weight'], tuple(c['loss_weight']), c['loss_options'].get('kl', {}).get('standardize', False))
     seeds = lambda runs: {m: sorted(c['seed'] for c in runs if method(c) == m) for m in {method(c) for c in runs}}
     assert seeds(published) == {('dkd', 1.0, (1.0,), False): [0, 1, 2], ('kl', 0.1, (9.0,), True): [0, 1, 2],
@@ -291,6 +291,8 @@ def test_published_and_second_pair_sweeps():
     directions = {(c['direction'], c['loss_weight'][0]) for c in pair2 if c['method'] == 'simkd' and c['loss'] == ['l2']}
     assert {d for d, _ in directions} == {'up', 'down', 'middle'} and {('down', 50.0), ('middle', 50.0)} <= directions   # and at the weight up pays at
     assert {w for _, w in directions} == {1.0, 25.0, 50.0}   # 25: smooth L1's control
+    frozen = sorted((c['direction'], c['loss_weight'][0], c['seed']) for c in pair2 if c.get('target_proj') == 'frozen')
+    assert frozen == [(d, w, s) for d, w in [('down', 1.0), ('down', 50.0), ('middle', 50.0)] for s in (0, 1)]   # the control for a collapsing target
     assert {(c['projector'], c['factor']) for c in pair2 if c['method'] == 'simkd'} == {('simkd', 1), ('simkd', 2), ('simkd', 4), ('linear', 2)}
     assert {c['projector'] for c in pair2 if 'crd' in c['loss']} == {'none'}   # each network embedded from its own width
     assert set(seeds([c for c in pair2 if c['method'] == 'kd'])) == set(seeds(published)) | {('kl', 0.1, (0.9,), False)}   # and plain KD
