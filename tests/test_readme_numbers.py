@@ -420,6 +420,21 @@ def test_second_pair_down_at_weight_50_is_its_runs(pair2):
     assert m['train_ce'].min() > 1.7 and m['train_acc1'].max() < 27
 
 
+@needs_pair2
+def test_second_pair_target_shares_are_its_runs(pair2):
+    "The share of a trained target's variance that differs between images, as the reading quotes it: middle's at weight 50 after its first epoch and from its second on, and down's at weight 1 (its third seed, the one run of it that logs the share) after its first and last epochs."
+    from kd_nb.run_table import load_metrics
+    m, share = load_metrics(PAIR2).set_index('run'), 'train_target_share_l2@4'
+    middle = label_metrics(m, pair2.runs, 'simkd loss_weight=50 direction=middle')
+    assert middle.index.nunique() == 2 and middle[share].notna().all()
+    assert 'is under 0.03 after its first epoch and under 0.005 from its second on, on both seeds' in pair2.text
+    assert middle[share].max() < 0.03 and middle[middle.epoch >= 2][share].max() < 0.005
+    down = label_metrics(m, pair2.runs, 'simkd direction=down').dropna(subset=[share]).sort_values('epoch')
+    first, last = down[share].iloc[0], down[share].iloc[-1]
+    assert down.index.nunique() == 1 and last < first
+    assert f'its third seed logs a share of {first:.2f} after the first epoch, falling to {last:.2f} at the last' in pair2.text
+
+
 @pytest.mark.skipif(not (CONVERGED / 'budget').is_dir(), reason="the converged study's budget curve is not in this checkout")
 def test_budget_reading_quotes_the_committed_runs():
     "Every accuracy, difference and interval quoted in the reading of the budget curve is computed from the study's runs at some budget."
