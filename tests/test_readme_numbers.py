@@ -266,13 +266,13 @@ TOP = ['simkd loss=smooth_l1', 'simkd loss_weight=25', 'simkd loss_weight=50']  
 
 @pytest.fixture(scope='module')
 def pair2():
-    "The second pair's runs at B, their top-1 by seed and label (DKD and CRD run as method kd too), and the README's reading of them, raw and on one line."
-    from kd_nb.run_table import load_runs
+    "The second pair's runs at B, their top-1 by seed and label (DKD and CRD run as method kd too), its per-epoch metrics indexed by run, and the README's reading of them, raw and on one line."
+    from kd_nb.run_table import load_runs, load_metrics
     runs = load_runs(PAIR2)
     at_b = runs[runs.epochs == 8]
     raw = section('So far, on 2 seeds each', '### Early training')
     acc = at_b.pivot(index='seed', columns='label', values='best_test_acc')
-    return SimpleNamespace(runs=at_b, acc=acc, raw=raw, text=' '.join(raw.split()))
+    return SimpleNamespace(runs=at_b, acc=acc, metrics=load_metrics(PAIR2).set_index('run'), raw=raw, text=' '.join(raw.split()))
 
 
 def wins(acc, better, worse):
@@ -386,8 +386,7 @@ def epoch_acc(metrics, runs, label, epochs):
 def test_second_pair_pulls_and_epochs_are_its_runs(pair2):
     "The pulls the reading quotes at the end of training, against the first pair's, and the epochs L1 spends at chance, are read from the runs' per-epoch metrics."
     from kd_nb.run_table import load_runs, load_metrics
-    at_b, text = pair2.runs, pair2.text
-    first, second = (load_metrics(folder).set_index('run') for folder in (CONVERGED, PAIR2))
+    at_b, text, first, second = pair2.runs, pair2.text, load_metrics(CONVERGED).set_index('run'), pair2.metrics
     converged = load_runs(CONVERGED)
     pair1 = last_pull(first, converged[converged.run.str.startswith('shape_scale/')], 'simkd')   # the runs of L2 at weight 1 that log it
     weight_1, weight_50 = (last_pull(second, at_b, label) for label in ('simkd', 'simkd loss_weight=50'))
@@ -409,9 +408,8 @@ def test_second_pair_pulls_and_epochs_are_its_runs(pair2):
 @needs_pair2
 def test_second_pair_down_at_weight_50_is_its_runs(pair2):
     "What the reading says of down at L2's weight 50 from its second epoch on (its L2 term, that term's mean squared residual, its cross-entropy and training top-1) holds on each of its runs."
-    from kd_nb.run_table import load_metrics
     label, weight = 'simkd loss_weight=50 direction=down', 50
-    m = label_metrics(load_metrics(PAIR2).set_index('run'), pair2.runs, label)
+    m = label_metrics(pair2.metrics, pair2.runs, label)
     later = m[m.epoch >= 2]
     assert (pair2.runs.label == label).sum() == 2 and m.index.nunique() == 2
     assert 'its weighted L2 term stays under 0.05 on both seeds, a mean squared residual under 0.001' in pair2.text
@@ -423,8 +421,7 @@ def test_second_pair_down_at_weight_50_is_its_runs(pair2):
 @needs_pair2
 def test_second_pair_target_shares_are_its_runs(pair2):
     "The share of a trained target's variance that differs between images, as the reading quotes it: middle's at weight 50 after its first epoch and from its second on, and down's at weight 1 (its third seed, the one run of it that logs the share) after its first and last epochs."
-    from kd_nb.run_table import load_metrics
-    m, share = load_metrics(PAIR2).set_index('run'), 'train_target_share_l2@4'
+    m, share = pair2.metrics, 'train_target_share_l2@4'
     middle = label_metrics(m, pair2.runs, 'simkd loss_weight=50 direction=middle')
     assert middle.index.nunique() == 2 and middle[share].notna().all()
     assert 'is under 0.03 after its first epoch and under 0.005 from its second on, on both seeds' in pair2.text
